@@ -1,0 +1,1 @@
+"""Subcommands of the lnstaging command line; each module has register(subparsers)."""
