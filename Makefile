@@ -20,11 +20,11 @@ demo: $(STAMP)
 	$(BIN)/lnstaging stage --side R 4R 7 10L
 
 test: $(STAMP)
-	$(BIN)/ruff check LymphNodeStagingLib LymphNodeStaging Testing
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check LymphNodeStagingLib LymphNodeStaging Testing
+	$(BIN)/ruff check .
 
 # Re-resolve the pinned set (needs network access to PyPI).
 lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..rules import DEFAULT_RULES, available_rule_sets, load_rules
+from ..rules import DEFAULT_RULES, available_rule_sets, load_rules, parse_side
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,6 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import emit
 
     stations = [s for arg in args.stations for s in arg.replace(",", ";").split(";") if s.strip()]
-    result = load_rules(args.rules).stage(stations, args.side)
+    result = load_rules(args.rules).stage(stations, parse_side(args.side, "--side"))
     emit(result.to_dict(), args.json, result.explanation())
     return 0
