@@ -1,0 +1,61 @@
+"""CaseResult: staging from probabilities, instant re-staging with threshold and overrides, round trips."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from LymphNodeStagingLib.errors import LNSError
+from LymphNodeStagingLib.result import ABSENT, NEGATIVE, POSITIVE, CaseResult, make_case_result
+from LymphNodeStagingLib.stations import STATION_NAMES
+
+
+def example() -> CaseResult:
+    probs = {name: 0.05 for name in STATION_NAMES}
+    probs.update({"4R": 0.8, "7": 0.55, "10L": 0.35, "11L": None})
+    return make_case_result("case1", "R", probs, threshold=0.5,
+                            suv_max={"4R": 7.5, "7": 3.1}, centre_mm={"4R": (-20.0, 10.0, 100.0)})
+
+
+def test_staging_from_probabilities():
+    r = example()
+    assert [s.name for s in r.stations] == list(STATION_NAMES)
+    assert r.positive_stations() == ["4R", "7"]
+    assert (r.n_stage, r.tnm9, r.deciding_stations) == ("N2", "N2b", ["4R", "7"])
+    assert r.station("11L").status == ABSENT and not r.station("11L").present
+    assert r.station("4r").suv_max == 7.5 and r.station("4R").centre_mm == (-20.0, 10.0, 100.0)
+
+
+def test_restage_threshold_overrides_rules():
+    r = example()
+    low = r.restage(threshold=0.3)
+    assert low.n_stage == "N3" and low.deciding_stations == ["10L"]
+    assert r.n_stage == "N2", "restage returns a new result and leaves the original alone"
+    high = r.restage(threshold=0.9)
+    assert high.n_stage == "N0"
+    ov = r.restage(overrides={"7": NEGATIVE, "1R": POSITIVE})
+    assert ov.positive_stations() == ["1R", "4R"] and ov.n_stage == "N3"
+    assert ov.restage(rules="engelson2026").n_stage == "N2"
+    cleared = ov.restage(overrides={"1R": None, "7": None})
+    assert cleared.positive_stations() == ["4R", "7"]
+    # an override survives a threshold change
+    assert ov.restage(threshold=0.99).positive_stations() == ["1R"]
+    with pytest.raises(LNSError):
+        r.restage(threshold=1.5)
+    with pytest.raises(LNSError):
+        r.restage(overrides={"4R": "maybe"})
+
+
+def test_json_and_csv_round_trip(tmp_path):
+    r = example().restage(overrides={"9": POSITIVE})
+    path = r.write_json(tmp_path / "result.json")
+    back = CaseResult.read_json(path)
+    assert back == r
+    rows = list(csv.DictReader(io.StringIO(r.to_csv())))
+    assert len(rows) == 17 and rows[7]["station"] == "4R" and rows[7]["status"] == "positive"
+    assert rows[12]["override"] == "positive" and rows[15]["present"] == "0"
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(LNSError, match="case result"):
+        CaseResult.read_json(tmp_path / "bad.json")
