@@ -52,6 +52,7 @@ class Structure:
 VERTEBRAE_T = {f"vertebrae_T{n}": 44 - n for n in range(1, 13)}  # T1 = 43 ... T12 = 32
 DEFAULT_STRUCTURES: tuple[Structure, ...] = (
     Structure("trachea", (16,)),
+    Structure("main_bronchi", (202, 203)),
     Structure("esophagus", (15,)),
     Structure("aorta", (52,)),
     Structure("heart", (51, 61)),
