@@ -442,6 +442,9 @@ def evaluate_scans(
         scans = aggregate_per_patient(scans, threshold=threshold, stage_fn=stage_fn)
     a = _arrays(scans, threshold)
     has_prob = not np.any(np.isnan(a["st_prob"]))
+    if not has_prob:
+        log.warning("%d station(s) with a known label have no probability; station AUC is left undefined",
+                    int(np.isnan(a["st_prob"]).sum()))
     st = station_metrics(a["st_true"].astype(int), a["st_prob"] if has_prob else None, a["st_pred"])
     sg = stage_metrics(a["n_true"], a["n_pred"])
     ev = Evaluation(level=level, n_scans=n_scans, n_patients=int(a["n_patients"]), station=st, stage=sg)
@@ -570,3 +573,26 @@ def evaluate_method(
         pooled[lv] = evaluate_scans(scans, level=lv, threshold=threshold, stage_fn=stage_fn, n_boot=n_boot,
                                     seed=seed, ci_level=ci_level)
     return MethodEvaluation(method, per_fold, summary, pooled, folds)
+
+
+#: The paper's table columns (Tables 4-6) followed by the extra metrics, as (key, header).
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("station.accuracy", "LNS Acc"), ("station.balanced_accuracy", "LNS BalAcc"),
+    ("station.sensitivity", "LNS Sens"), ("station.specificity", "LNS Spec"), ("station.auc", "LNS AUC"),
+    ("stage.accuracy", "N Acc"), ("stage.macro_sensitivity", "N Sens"), ("stage.macro_specificity", "N Spec"),
+    ("stage.qwk", "N QWK"), ("stage.severe_error_rate", "N err>=2"),
+)
+
+
+def markdown_table(results: Sequence[MethodEvaluation], level: str = "patient", digits: int = 2,
+                   columns: Sequence[tuple[str, str]] = TABLE_COLUMNS) -> str:
+    """Methods as rows, metrics as columns, mean ± sd over folds (the layout of the paper's Tables 4-6)."""
+    head = "| method | " + " | ".join(h for _, h in columns) + " |"
+    rule = "|---|" + "---|" * len(columns)
+    lines = [head, rule]
+    for r in results:
+        if level not in r.summary:
+            raise MetricsError(f"method {r.method!r} was not evaluated at level {level!r}")
+        cells = [r.summary[level][k].format(digits) if k in r.summary[level] else "n/a" for k, _ in columns]
+        lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from LymphNodeStagingLib.metrics import (
     confusion_matrix,
     evaluate_method,
     evaluate_scans,
+    markdown_table,
     mean_sd,
     quadratic_weighted_kappa,
     roc_auc,
@@ -287,5 +288,10 @@ def test_mean_sd_over_folds_and_evaluate_method():
     assert res.pooled["scan"].n_scans > res.pooled["patient"].n_patients == 30
     d = res.to_dict()
     assert set(d["summary"]["patient"]) >= {"station.accuracy", "station.auc", "stage.qwk", "stage.severe_error_rate"}
+    table = markdown_table([res, evaluate_method("B", random_scans(30, seed=3, folds=3), n_boot=0)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | LNS Acc | LNS BalAcc | LNS Sens | LNS Spec | LNS AUC | N Acc")
+    assert len(lines) == 4 and lines[2].startswith("| TS1 | ") and lines[3].startswith("| B | ")
+    assert res.summary["patient"]["stage.accuracy"].format() in lines[2]
     with pytest.raises(MetricsError, match="without a fold"):
         evaluate_method("x", [scan("p", "s", [0], [0.1], 0, 0, fold=None)])
