@@ -164,6 +164,7 @@ class Split:
                              "Remove the split file to make a new split, or use the cohort it was made for.")
 
     def to_dict(self) -> dict[str, Any]:
+        test_fold = {pid: f.index for f in self.folds for pid in f.test}
         return {
             "format": SPLIT_FORMAT,
             "version": self.version,
@@ -176,7 +177,7 @@ class Split:
             "stratum_counts": self.stratum_counts(),
             "patients": [
                 {"patient_id": p.patient_id, "n_stage": p.n_stage, "n_positive": p.n_positive,
-                 "stratum": self.strata[p.patient_id], "test_fold": self.test_fold_of(p.patient_id)}
+                 "stratum": self.strata[p.patient_id], "test_fold": test_fold[p.patient_id]}
                 for p in sorted(self.patients.values(), key=lambda q: q.patient_id)
             ],
             "folds": [{"fold": f.index, "train": f.train, "validation": f.validation, "test": f.test}
@@ -459,10 +460,12 @@ def split_csv_text(split: Split) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["patient_id", "n_stage", "n_positive", "stratum", "test_fold",
                 *[f"fold_{k}" for k in range(split.n_folds)]])
+    roles = [{pid: role for role in ROLES for pid in f.ids(role)} for f in split.folds]
     for pid in sorted(split.patients):
         p = split.patients[pid]
+        test_fold = next(k for k, r in enumerate(roles) if r[pid] == "test")
         w.writerow([pid, p.n_stage, "" if p.n_positive is None else p.n_positive, split.strata[pid],
-                    split.test_fold_of(pid), *[f.role(pid) for f in split.folds]])
+                    test_fold, *[r[pid] for r in roles]])
     return buf.getvalue()
 
 
