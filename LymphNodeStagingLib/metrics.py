@@ -258,6 +258,26 @@ def stage_metrics(y_true: Any, y_pred: Any) -> StageMetrics:
     )
 
 
+def best_threshold(y_true: Any, scores: Any, candidates: Sequence[float], strict: bool = True,
+                   metric: str = "balanced_accuracy") -> tuple[float, float]:
+    """The candidate threshold with the best station-level ``metric`` (positive = score > t, or >= t when not
+    ``strict``), e.g. the SUVmax threshold chosen on a training fold from {2.5, 3, ..., 5.5}. Ties go to the
+    smallest candidate; unknown labels (-1) are left out. Returns (threshold, metric value)."""
+    if not candidates:
+        raise MetricsError("best_threshold needs at least one candidate threshold")
+    if metric not in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"):
+        raise MetricsError(f"metric must be accuracy, balanced_accuracy, sensitivity or specificity, got {metric!r}")
+    s = np.asarray(scores, dtype=float).ravel()
+    best: tuple[float, float] | None = None
+    for t in sorted(float(c) for c in candidates):
+        value = getattr(station_metrics(y_true, y_pred=(s > t) if strict else (s >= t)), metric)
+        if not np.isnan(value) and (best is None or value > best[1]):
+            best = (t, float(value))
+    if best is None:
+        raise MetricsError(f"{metric} is undefined for every candidate threshold (a class is missing)")
+    return best
+
+
 # --- predictions of a method on test scans ----------------------------------------------------------------------
 
 

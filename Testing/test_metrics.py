@@ -22,6 +22,7 @@ from LymphNodeStagingLib.metrics import (
     MetricsError,
     ScanPrediction,
     aggregate_per_patient,
+    best_threshold,
     confusion_matrix,
     evaluate_method,
     evaluate_scans,
@@ -87,6 +88,18 @@ def test_auc_from_probabilities_with_ties_matches_sklearn():
     # a perfect ranking with a bad threshold: AUC 1 although the hard labels are half wrong
     m = station_metrics([0, 0, 1, 1], prob=[0.6, 0.7, 0.8, 0.9])
     assert m.auc == 1.0 and m.balanced_accuracy == 0.5
+
+
+def test_best_threshold_by_balanced_accuracy():
+    suv = [1.0, 2.0, 2.8, 3.2, 4.4, 5.0, 6.0, 3.1]
+    y = [0, 0, 0, 1, 0, 1, 1, -1]
+    # t = 3: positives 3.2, 4.4, 5, 6 -> sens 1, spec 3/4 -> 0.875; t = 4.5: sens 2/3, spec 1 -> 0.833
+    t, value = best_threshold(y, suv, [2.5, 3, 3.5, 4, 4.5, 5, 5.5])
+    assert t == 3.0 and value == pytest.approx(0.875)
+    assert best_threshold([0, 1], [3.0, 3.0], [3.0], strict=False) == (3.0, 0.5)
+    assert best_threshold([0, 1, 1], [1, 2, 3], [0.5, 1.5, 1.6])[0] == 1.5  # tie -> smallest
+    with pytest.raises(MetricsError, match="undefined for every candidate"):
+        best_threshold([0, 0], [1, 2], [1.5], metric="sensitivity")
 
 
 # --- N-stage level --------------------------------------------------------------------------------------------------
