@@ -256,9 +256,8 @@ def _mask_bounds(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     arr = sitk.GetArrayViewFromImage(mask)
     idx = np.argwhere(arr)
     lo_zyx, hi_zyx = idx.min(axis=0), idx.max(axis=0)
-    lo, hi = lo_zyx[::-1], hi_zyx[::-1]
-    corners = [mask.TransformContinuousIndexToPhysicalPoint([float(c[i]) + (-0.5 if c[i] == lo[i] else 0.5)
-                                                              for i in range(3)])
+    lo, hi = lo_zyx[::-1] - 0.5, hi_zyx[::-1] + 0.5  # voxel edges
+    corners = [mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
                for c in itertools.product(*zip(lo, hi, strict=True))]
     corners = np.array(corners)
     return corners.min(axis=0), corners.max(axis=0)
