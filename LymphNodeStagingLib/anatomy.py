@@ -134,18 +134,23 @@ def vocabulary() -> dict[int, str]:
     return dict(_VOCAB)
 
 
+_BY_NAME: dict[str, int] | None = None
+
+
 def id_of(name: str) -> int | None:
-    """The vocabulary id of a v1 or v2 structure name (None when the vocabulary has no such structure)."""
-    name = canonical_name(name)
-    for i, n in vocabulary().items():
-        if n == name:
-            return i
-    return None
+    """The vocabulary id of a v1 or v2 structure name, case-insensitive (None when the vocabulary lacks it)."""
+    global _BY_NAME
+    if _BY_NAME is None:
+        _BY_NAME = {}
+        for i, n in sorted(vocabulary().items()):
+            _BY_NAME.setdefault(n.lower(), i)
+    return _BY_NAME.get(canonical_name(name).lower())
 
 
 def canonical_name(name: str) -> str:
-    n = name.strip().lower()
-    return NAME_ALIASES.get(n, n)
+    """The vocabulary's name for a v1/v2 name (v1 heart chambers -> heart, ...)."""
+    n = name.strip()
+    return NAME_ALIASES.get(n.lower(), n)
 
 
 def ids_for(group_or_names: str | Iterable[str]) -> list[int]:
