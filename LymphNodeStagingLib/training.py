@@ -8,7 +8,7 @@
 Common: Adam (lr 5e-4, weight decay 1e-3), ReduceLROnPlateau on the validation balanced accuracy, early stopping on
 the same metric, best and last checkpoints with a manifest, resume from the last checkpoint after an interruption
 (the result is identical to an uninterrupted run: every random draw is derived from (seed, epoch, position)).
-Patch centres are drawn on the fly from the station weight maps; augmentation (random affine, elastic B-spline,
+Patch centres are drawn on the fly from the station weight maps; augmentation (random affine, elastic displacement,
 CT noise) is applied while resampling the patch from the source images, so no border is ever padded with zeros.
 """
 
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import environment_versions, load_checkpoint, save_checkpoint
 from .errors import LNSError
 from .losses import LossWeights, masked_bce, staging_loss
-from .model import ModelConfig, StagingModel, build_model, station_classifier_of
+from .model import ModelConfig, StagingModel, StationClassifier, build_model, station_classifier_of
 from .patches import DEFAULT_PATCH_SPACING, PatchError, StationSampler, crop_to_box, extract_patches
 from .rules import UNKNOWN, load_rules, parse_n_stage, parse_side, pseudo_labels
 from .stations import NUM_STATIONS, STATION_NAMES, parse_stations
@@ -135,8 +135,9 @@ class AugmentConfig:
     rotation_rad: float = 0.2  # per axis, uniform in +-
     shear: float = 0.05
     p_elastic: float = 0.5
-    elastic_mesh: int = 3  # B-spline mesh cells per axis over the patch
-    elastic_magnitude_mm: tuple[float, float] = (1.0, 4.0)  # std of control point displacements
+    elastic_grid: int = 8  # displacement control points per axis over the patch
+    elastic_sigma: float = 1.0  # smoothing of the random control displacements, in grid cells
+    elastic_magnitude_mm: tuple[float, float] = (1.0, 4.0)  # std of the smoothed displacements, drawn uniformly
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -148,9 +149,23 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
+def _random_displacement(centre_mm: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
+                         extent_mm: float) -> sitk.Transform:
+    """A smooth random displacement field over the patch (linear interpolation between control points)."""
+    from scipy.ndimage import gaussian_filter
+
+    n = max(int(cfg.elastic_grid), 2)
+    disp = gaussian_filter(rng.normal(0.0, 1.0, (n, n, n, 3)), sigma=(cfg.elastic_sigma,) * 3 + (0,), mode="nearest")
+    disp *= rng.uniform(*cfg.elastic_magnitude_mm) / max(float(disp.std()), 1e-12)
+    field_img = sitk.GetImageFromArray(disp.astype(np.float64), isVector=True)
+    field_img.SetSpacing([extent_mm / (n - 1)] * 3)
+    field_img.SetOrigin((np.asarray(centre_mm, dtype=np.float64) - extent_mm / 2).tolist())
+    return sitk.DisplacementFieldTransform(field_img)
+
+
 def random_transform(centre_mm: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, size: int,
                      spacing: float) -> sitk.Transform | None:
-    """A random affine (about the centre) and/or elastic B-spline transform of the patch grid, or None."""
+    """A random affine (about the centre) and/or smooth elastic displacement of the patch grid, or None."""
     if not cfg.enabled:
         return None
     parts: list[sitk.Transform] = []
@@ -164,14 +179,7 @@ def random_transform(centre_mm: np.ndarray, rng: np.random.Generator, cfg: Augme
         affine.SetCenter([float(v) for v in centre_mm])
         parts.append(affine)
     if rng.random() < cfg.p_elastic:
-        from .patches import patch_reference
-
-        ref = patch_reference(centre_mm, size, spacing)
-        bspline = sitk.BSplineTransformInitializer(ref, [cfg.elastic_mesh] * 3, 3)
-        magnitude = rng.uniform(*cfg.elastic_magnitude_mm)
-        n = len(bspline.GetParameters())
-        bspline.SetParameters(rng.normal(0.0, magnitude, n).tolist())
-        parts.append(bspline)
+        parts.append(_random_displacement(centre_mm, rng, cfg, size * spacing))
     if not parts:
         return None
     if len(parts) == 1:
@@ -799,3 +807,43 @@ def make_toy_case(seed: int, stations: Sequence[int] = (7, 10, 14, 2, 12), posit
     n_stage = int(load_rules(rules).stage_array(labels == 1, side))
     return CaseSample(f"toy{seed:03d}", ct_img, pet_img, StationSampler.from_label_map(st_img), side, n_stage,
                       labels)
+
+
+def measure_ts1_throughput(model_config: ModelConfig | None = None, batch_size: int = 16, steps: int = 3,
+                           spacing: float = DEFAULT_PATCH_SPACING, device: str = "cpu", seed: int = 0,
+                           augment: bool = True) -> dict:
+    """Patches per second of TS1 training steps (patch sampling + augmentation + forward/backward + Adam step)
+    on toy cases; the first step is a warm-up and is not counted. For ``lnstaging bench``."""
+    mconfig = model_config or ModelConfig()
+    cases = [make_toy_case(seed + i, stations=tuple(range(NUM_STATIONS)), size_ct=(96, 96, 48),
+                           spacing_ct=(1.5, 1.5, 3.0)) for i in range(2)]
+    ds = StationPatchDataset(cases, mconfig.patch_size, spacing, augment=AugmentConfig(enabled=augment), seed=seed)
+    dev = _device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = StationClassifier(mconfig).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=1e-3)
+    t_patch = t_step = 0.0
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        items = [ds[(0, step * batch_size + j, (step * batch_size + j) % len(ds))] for j in range(batch_size)]
+        x = torch.stack([it["patch"] for it in items]).to(dev)
+        st = torch.stack([it["station"] for it in items]).to(dev)
+        y = torch.stack([it["label"] for it in items]).to(dev)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = masked_bce(model(x, st), y)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t2 = time.perf_counter()
+        if step:
+            t_patch += t1 - t0
+            t_step += t2 - t1
+    n = steps * batch_size
+    return {"patch_size": mconfig.patch_size, "batch_size": batch_size, "steps": steps, "device": str(dev),
+            "augment": augment, "torch_threads": torch.get_num_threads(),
+            "patch_sampling_s_per_patch": round(t_patch / n, 5), "train_step_s_per_batch": round(t_step / steps, 4),
+            "patches_per_second": round(n / (t_patch + t_step), 2),
+            "patches_per_second_network_only": round(n / t_step, 2)}

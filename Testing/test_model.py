@@ -121,3 +121,21 @@ def test_freeze_encoder_and_predict_stations():
     assert m.classifier.training  # mode restored
     with pytest.raises(ModelConfigError, match="one station index"):
         predict_stations(m, x, [0])
+
+
+def test_predict_case_centroid_is_deterministic_and_tta_is_seeded():
+    from LymphNodeStagingLib.model import predict_case
+    from LymphNodeStagingLib.training import make_toy_case
+
+    case = make_toy_case(1, stations=(7, 10, 14), absent=(14,))
+    torch.manual_seed(0)
+    m = StationClassifier(ModelConfig.small(patch_size=16))
+    a = predict_case(m, case.ct, case.pet, case.sampler, spacing=2.0)
+    b = predict_case(m, case.ct, case.pet, case.sampler, spacing=2.0)
+    np.testing.assert_array_equal(a.probabilities, b.probabilities)
+    assert np.flatnonzero(a.present).tolist() == [7, 10]
+    assert np.isnan(a.probabilities[14]) and not a.positive[14]
+    t1 = predict_case(m, case.ct, case.pet, case.sampler, spacing=2.0, tta=4, seed=3)
+    t2 = predict_case(m, case.ct, case.pet, case.sampler, spacing=2.0, tta=4, seed=3)
+    np.testing.assert_array_equal(t1.probabilities, t2.probabilities)
+    assert t1.tta == 4 and (t1.tta_std[[7, 10]] >= 0).all()

@@ -63,11 +63,11 @@ def test_ts1_loss_falls_and_classes_separate(ts1, cases):
 
 
 def test_same_seed_same_weights_and_resume_after_interruption(cases, tmp_path):
-    cfg = _cfg(epochs=3)
+    cfg = _cfg(epochs=2)
     a = train_ts1(cases[:4], cases[6:], tmp_path / "a", MCFG, cfg)
 
     def kill_after_first_epoch(fraction, message):
-        if fraction >= 1 / 3:
+        if fraction >= 1 / 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -82,7 +82,7 @@ def test_same_seed_same_weights_and_resume_after_interruption(cases, tmp_path):
     c = train_ts1(cases[:4], cases[6:], tmp_path / "c", MCFG, _cfg(epochs=1, seed=6))
     assert load_checkpoint(c.last_checkpoint).manifest["weights_sha256"] != wa
     with pytest.raises(TrainingError, match="another training run"):
-        train_ts1(cases[:4], cases[6:], tmp_path / "b", MCFG, _cfg(epochs=3, lr=1e-3))
+        train_ts1(cases[:4], cases[6:], tmp_path / "b", MCFG, _cfg(epochs=2, lr=1e-3))
 
 
 def test_centres_are_drawn_on_the_fly_and_reproducibly(cases):
@@ -141,3 +141,22 @@ def test_ts2_with_stage_only_cases_and_ts3_keeps_encoder_frozen(ts1, cases, tmp_
     assert not torch.equal(m3.head[0].weight, initial.head[0].weight)
     with pytest.raises(TrainingError, match="ts3 needs"):
         train_ts3(train_set, cases[6:], tmp_path / "ts3b", MCFG, _cfg(epochs=1))
+
+
+def test_augmentation_transforms_keep_the_centre_and_are_seeded():
+    from LymphNodeStagingLib.training import AugmentConfig, random_transform
+
+    c = np.array([10.0, -20.0, 30.0])
+    affine = random_transform(c, np.random.default_rng(0), AugmentConfig(p_affine=1.0, p_elastic=0.0), 16, 1.0)
+    np.testing.assert_allclose(affine.TransformPoint(c.tolist()), c, atol=1e-9)
+    moved = np.array(affine.TransformPoint((c + [8.0, 0, 0]).tolist()))
+    assert 0.0 < np.linalg.norm(moved - c - [8.0, 0, 0]) < 8.0 * 0.5
+    cfg = AugmentConfig(p_affine=0.0, p_elastic=1.0, elastic_magnitude_mm=(2.0, 2.0))
+    e1 = random_transform(c, np.random.default_rng(1), cfg, 16, 1.0)
+    e2 = random_transform(c, np.random.default_rng(1), cfg, 16, 1.0)
+    pts = c + np.random.default_rng(2).uniform(-7, 7, (20, 3))
+    d1 = np.array([e1.TransformPoint(p.tolist()) for p in pts]) - pts
+    d2 = np.array([e2.TransformPoint(p.tolist()) for p in pts]) - pts
+    np.testing.assert_array_equal(d1, d2)
+    assert 0.0 < np.abs(d1).max() < 10.0
+    assert random_transform(c, np.random.default_rng(0), AugmentConfig(enabled=False), 16, 1.0) is None
