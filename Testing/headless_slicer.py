@@ -170,12 +170,11 @@ class OffscreenSliceView:
         self.node.SetOrientation(orientation)
         self.dm_group.SetMRMLDisplayableNode(self.node)
 
-        mapper = vtk.vtkImageMapper()
-        mapper.SetColorWindow(255)
-        mapper.SetColorLevel(127.5)
-        mapper.SetInputConnection(self.logic.GetImageDataConnection())
+        self.mapper = vtk.vtkImageMapper()
+        self.mapper.SetColorWindow(255)
+        self.mapper.SetColorLevel(127.5)
         self.image_actor = vtk.vtkActor2D()
-        self.image_actor.SetMapper(mapper)
+        self.image_actor.SetMapper(self.mapper)
         self.renderer.AddViewProp(self.image_actor)
         self.logic.ResizeSliceNode(size, size)
 
@@ -196,7 +195,10 @@ class OffscreenSliceView:
         return _Pixel(int(round(x)), int(round(self.size - 1 - y)))
 
     def save_png(self, path: str | Path) -> Path:
-        self.logic.GetImageDataConnection().GetProducer().Update()
+        # the slice logic replaces its output pipeline when layers change: connect the current one
+        connection = self.logic.GetImageDataConnection()
+        if connection is not None:
+            self.mapper.SetInputConnection(connection)
         return _save_png(self.window, path)
 
     def close(self) -> None:
@@ -290,6 +292,7 @@ def synthetic_case(size: tuple[int, int, int] = (64, 56, 40), spacing: float = 3
     ct[(x ** 2 + (y - 4) ** 2 <= 7 ** 2) & (z > -4)] = -950.0  # trachea
     ct[x ** 2 + (y - 52) ** 2 <= 12 ** 2] = 500.0  # vertebra
     pet = np.where(body, 1.2, 0.0).astype(np.float32)
+    pet[ct < -700] = 0.3  # lungs and airway
     labels = np.zeros(x.shape, dtype=np.uint8)
     centres = {}
     for name, (cx, cy, cz) in SYNTHETIC_CENTRES.items():

@@ -1,0 +1,108 @@
+"""Offscreen rendering of the result nodes through Slicer's slice logic and displayable managers (EGL).
+
+Writes the PNGs for a person to look at (in the test's tmp folder). Run as a script to refresh the README screenshot:
+``.venv/bin/python Testing/test_mrml_render.py`` writes LymphNodeStaging/Resources/Screenshots/*.png.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer")
+
+import headless_slicer  # noqa: E402
+import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+from LymphNodeStagingLib import mrml  # noqa: E402
+
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "LymphNodeStaging" / "Resources" / "Screenshots"
+
+
+def read_png(path: Path) -> np.ndarray:
+    reader = vtk.vtkPNGReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    img = reader.GetOutput()
+    w, h, _ = img.GetDimensions()
+    arr = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)
+    return arr[::-1, :, :3].astype(int)  # row 0 = top of the picture
+
+
+def render_case(out_dir: Path, size: int = 384) -> dict:
+    """Show the synthetic case and render an axial slice through 4R and a 3D view; return what the tests need."""
+    app = headless_slicer.HeadlessSlicer(out_dir / "home")
+    try:
+        case = headless_slicer.synthetic_case()
+        scene = app.scene
+        ct = mrml.volume_node_from_image(scene, case.ct, "CT")
+        pet = mrml.volume_node_from_image(scene, case.pet, "PET")
+        view = app.slice_view(size=size)
+        mrml.show_pet_over_ct(scene, ct, pet, opacity=0.35)
+        nodes = mrml.show_result(scene, case.result, case.stations, reference_node=ct)
+        view.fit()
+        ras_4r = mrml.jump_to_station(scene, case.result, "4R", nodes.segmentation)
+        axial = view.save_png(out_dir / "axial_4R.png")
+        pixels = {name: view.ras_to_pixel(mrml.lps_to_ras(case.centres_lps[name])) for name in ("4R", "4L")}
+
+        nodes.segmentation.CreateClosedSurfaceRepresentation()
+        view.node.SetSliceVisible(True)
+        three_d = app.threed_view(size=size)
+        three_d.reset_camera(elevation=20.0)
+        three_d.window.Render()
+        coord = vtk.vtkCoordinate()
+        coord.SetCoordinateSystemToWorld()
+        coord.SetValue(*ras_4r)
+        x3, y3 = coord.GetComputedDisplayValue(three_d.renderer)
+        threed = three_d.save_png(out_dir / "threed.png")
+        return {"axial": axial, "threed": threed, "pixels": pixels, "pixel_3d": (x3, size - 1 - y3), "size": size}
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    return render_case(tmp_path_factory.mktemp("render"))
+
+
+def _patch(img: np.ndarray, x: int, y: int, r: int = 1) -> np.ndarray:
+    return img[y - r:y + r + 1, x - r:x + r + 1].reshape(-1, 3).mean(axis=0)
+
+
+def test_axial_slice_shows_stations_where_they_are(rendered):
+    img = read_png(rendered["axial"])
+    assert img.shape == (rendered["size"], rendered["size"], 3)
+    p4r, p4l = rendered["pixels"]["4R"], rendered["pixels"]["4L"]
+    # radiological convention: the patient's right (4R) is on the left of the picture
+    assert p4r.x < p4l.x and abs(p4r.y - p4l.y) <= 1
+    r, g, b = _patch(img, p4r.x, p4r.y)
+    assert r > 150 and r > g + 60 and r > b + 60, (r, g, b)  # p=0.92: red fill (over hot PET)
+    r, g, b = _patch(img, p4l.x, p4l.y)
+    assert g > 120 and g > b + 40, (r, g, b)  # p=0.20: green-yellow fill
+    # outside the body: black background
+    assert _patch(img, 3, 3).max() < 30
+    # somewhere the CT shows grey tissue and the legend adds colour at the right edge
+    assert img.std() > 20
+
+
+def test_threed_view_shows_station_surfaces(rendered):
+    img = read_png(rendered["threed"])
+    x, y = (int(round(v)) for v in rendered["pixel_3d"])
+    assert 0 <= x < rendered["size"] and 0 <= y < rendered["size"]
+    r, g, b = _patch(img, x, y, 2)
+    assert r > g + 40 and r > b + 40, (r, g, b)  # the red 4R surface in front
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # a picture, not a blank window
+
+
+if __name__ == "__main__":
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    result = render_case(SCREENSHOTS / ".render", size=512)
+    for key in ("axial", "threed"):
+        target = SCREENSHOTS / f"LymphNodeStaging_{key}.png"
+        Path(result[key]).replace(target)
+        print(target, target.stat().st_size)
+    sys.exit(0)
