@@ -91,7 +91,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, manifest: dict, training
         raise CheckpointError("checkpoint manifest needs 'model_config' (the architecture of the weights)")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     man = _json_safe({**manifest, "format": FORMAT, "format_version": FORMAT_VERSION,
-                      "versions": manifest.get("versions", environment_versions()),
+                      "versions": manifest["versions"] if "versions" in manifest else environment_versions(),
                       "weights_sha256": weights_sha256(state)})
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "manifest": man, "state_dict": state,
                "training_state": training_state}

@@ -49,7 +49,7 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | 
     if mask is not None:
         keep = keep & mask.to(logits.device).bool()
     if not keep.any():
-        return logits.sum() * 0.0
+        return logits.sum() * 0.0 + 0.0
     loss = F.binary_cross_entropy_with_logits(logits[keep], labels[keep].to(logits.dtype), reduction="sum")
     return loss / keep.sum() if reduction == "mean" else loss
 
@@ -74,7 +74,7 @@ def pseudo_label_loss(group_probs: torch.Tensor, targets: torch.Tensor) -> torch
                               f"{tuple(targets.shape)} must have the same shape")
     targets = targets.to(group_probs.device)
     weights = inverse_frequency_weights(targets)
-    total = group_probs.sum() * 0.0
+    total = group_probs.sum() * 0.0 + 0.0
     for value, w in weights.items():
         sel = targets == value
         total = total + w * (float(value) - group_probs[sel]).abs().sum()
@@ -92,7 +92,7 @@ def ordinal_mse(n_logits: torch.Tensor, n_stage: torch.Tensor) -> torch.Tensor:
     n_stage = n_stage.to(n_logits.device)
     keep = n_stage != UNKNOWN
     if not keep.any():
-        return n_logits.sum() * 0.0
+        return n_logits.sum() * 0.0 + 0.0
     return F.mse_loss(expected_stage(n_logits[keep]), n_stage[keep].to(n_logits.dtype))
 
 
@@ -107,7 +107,7 @@ def rule_ordinal_bce(ordinal: torch.Tensor, n_stage: torch.Tensor, eps: float = 
     n_stage = n_stage.to(ordinal.device)
     keep = n_stage != UNKNOWN
     if not keep.any():
-        return ordinal.sum() * 0.0
+        return ordinal.sum() * 0.0 + 0.0
     p = ordinal[keep].clamp(eps, 1 - eps)
     return F.binary_cross_entropy(p, cumulative_targets(n_stage[keep]).to(p.dtype))
 
@@ -116,7 +116,7 @@ def stage_ce(n_logits: torch.Tensor, n_stage: torch.Tensor) -> torch.Tensor:
     n_stage = n_stage.to(n_logits.device)
     keep = n_stage != UNKNOWN
     if not keep.any():
-        return n_logits.sum() * 0.0
+        return n_logits.sum() * 0.0 + 0.0
     return F.cross_entropy(n_logits[keep], n_stage[keep].long())
 
 
@@ -138,7 +138,7 @@ def staging_loss(output, station_labels: torch.Tensor, n_stage: torch.Tensor, ps
         terms["pseudo"] = pseudo_label_loss(output.group_probs, pseudo_targets)
     if weights.rule_ordinal:
         terms["rule_ordinal"] = rule_ordinal_bce(output.ordinal, n_stage)
-    total = output.n_logits.sum() * 0.0
+    total = output.n_logits.sum() * 0.0 + 0.0
     for name, value in terms.items():
         total = total + getattr(weights, name) * value
     return total, {k: float(v.detach()) for k, v in terms.items()}
