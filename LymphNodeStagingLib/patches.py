@@ -214,6 +214,37 @@ class StationSampler:
             stations[int(index)] = cls._station(p, np.ones(1), p[0], np.zeros((3, 3)))
         return cls(stations)
 
+    @classmethod
+    def from_points(cls, stations: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]
+                    ) -> StationSampler:
+        """Sampler from sparse data per station index 0..16: (points_mm (n, 3), weights (n,) > 0, inference centre
+        (3,), voxel axes (3, 3) for jitter: columns = physical step along i, j, k; None = no jitter)."""
+        out: dict[int, _StationPoints] = {}
+        for index, (pts, w, centre, axes) in stations.items():
+            if not 0 <= int(index) < NUM_STATIONS:
+                raise PatchError(f"station index must be 0..{NUM_STATIONS - 1}, got {index}")
+            pts = np.asarray(pts, dtype=np.float64).reshape(-1, 3)
+            w = np.asarray(w, dtype=np.float64).reshape(-1)
+            if len(pts) == 0 or len(w) != len(pts) or not np.all(np.isfinite(w)) or w.min() < 0 or w.sum() <= 0:
+                raise PatchError(f"station index {index}: need one finite weight >= 0 per point and a positive sum")
+            ax = np.zeros((3, 3)) if axes is None else np.asarray(axes, dtype=np.float64).reshape(3, 3)
+            out[int(index)] = cls._station(pts, w, np.asarray(centre, dtype=np.float64).reshape(3), ax)
+        return cls(out)
+
+    @classmethod
+    def from_sparse_maps(cls, maps) -> StationSampler:
+        """Sampler from ``weightmap.WeightMap`` objects (any objects with label, geometry, indices, weights,
+        centre_mm), in a dict by station name or a sequence; the inference centre is the weight-map maximum."""
+        items = maps.values() if isinstance(maps, dict) else maps
+        data = {}
+        for wm in items:
+            geom = wm.geometry
+            zyx = np.stack(np.unravel_index(np.asarray(wm.indices), tuple(geom.shape)[::-1]), axis=1)
+            axes = np.asarray(geom.direction, dtype=np.float64).reshape(3, 3) * np.asarray(geom.spacing, float)[None]
+            pts = np.asarray(geom.origin, dtype=np.float64)[None, :] + zyx[:, ::-1].astype(np.float64) @ axes.T
+            data[int(wm.label) - 1] = (pts, wm.weights, wm.centre_mm, axes)
+        return cls.from_points(data)
+
     @staticmethod
     def _station(pts: np.ndarray, w: np.ndarray, centroid: np.ndarray, axes: np.ndarray) -> _StationPoints:
         cdf = np.cumsum(w, dtype=np.float64)

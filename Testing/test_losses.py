@@ -72,7 +72,7 @@ def test_rule_ordinal_bce_by_hand_and_gradient():
     ordinal = rule_ordinal(groups)  # [0.6, 0.6, 0.2]
     loss = rule_ordinal_bce(ordinal, torch.tensor([2]))  # targets [1, 1, 0]
     expected = -(2 * torch.log(torch.tensor(0.6)) + torch.log(torch.tensor(0.8))) / 3
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     loss.backward()
     assert float(groups.grad[0, 1]) != 0.0 and float(groups.grad[0, 2]) != 0.0
     assert float(groups.grad[0, 0]) == 0.0  # not the maximum of any threshold
@@ -97,7 +97,7 @@ def test_staging_loss_is_the_weighted_sum_and_skips_zero_weights():
     assert (w.ce, w.ordinal, w.pseudo, w.bce) == (0.1, 0.1, 0.02, 1.0)  # the paper's Eq. 2
     total, parts = staging_loss(out, labels, n, pseudo, w)
     assert set(parts) == {"bce", "ce", "ordinal", "pseudo"}
-    assert float(total) == pytest.approx(0.1 * parts["ce"] + 0.1 * parts["ordinal"] + 0.02 * parts["pseudo"]
+    assert float(total.detach()) == pytest.approx(0.1 * parts["ce"] + 0.1 * parts["ordinal"] + 0.02 * parts["pseudo"]
                                          + parts["bce"], rel=1e-6)
     total2, parts2 = staging_loss(out, labels, n, pseudo, LossWeights(pseudo=0.0, bce=0.0, rule_ordinal=1.0))
     assert set(parts2) == {"ce", "ordinal", "rule_ordinal"}

@@ -144,3 +144,19 @@ def test_patch_from_crop_equals_patch_from_full_image():
     crop = crop_to_box(img, c - 12, c + 12)
     assert crop.GetSize() < img.GetSize()
     np.testing.assert_allclose(resample_patch(crop, c, 16), resample_patch(img, c, 16), atol=1e-5)
+
+
+def test_sampler_from_the_station_mappings_sparse_weight_maps():
+    from LymphNodeStagingLib.registration import Geometry
+    from LymphNodeStagingLib.weightmap import station_weight_maps
+
+    img, arr = _station_map()
+    maps = station_weight_maps(arr, Geometry.of(img))
+    s = StationSampler.from_sparse_maps(maps)
+    assert np.flatnonzero(s.present).tolist() == [7, 10]
+    np.testing.assert_allclose(s.centroid(7), maps["4R"].centre_mm)
+    pts = s.sample(10, 100, np.random.default_rng(0))
+    labels = {int(arr[tuple(img.TransformPhysicalPointToIndex(p.tolist())[::-1])]) for p in pts}
+    assert labels == {11}
+    with pytest.raises(PatchError, match="positive sum"):
+        StationSampler.from_points({3: (np.zeros((2, 3)), np.zeros(2), np.zeros(3), None)})
