@@ -99,10 +99,14 @@ def test_threed_view_shows_station_surfaces(rendered):
 
 
 if __name__ == "__main__":
+    import shutil
+    import tempfile
+
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    result = render_case(SCREENSHOTS / ".render", size=512)
-    for key in ("axial", "threed"):
-        target = SCREENSHOTS / f"LymphNodeStaging_{key}.png"
-        Path(result[key]).replace(target)
-        print(target, target.stat().st_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = render_case(Path(tmp), size=512)
+        for key in ("axial", "threed"):
+            target = SCREENSHOTS / f"LymphNodeStaging_{key}.png"
+            shutil.copyfile(result[key], target)
+            print(target, target.stat().st_size)
     sys.exit(0)
