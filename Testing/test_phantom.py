@@ -162,3 +162,37 @@ def test_atlas_set_format(tmp_path):
         imgs = [sitk.ReadImage(str(out / a[k])) for k in ("ct", "anatomy", "stations")]
         assert len({(i.GetSize(), i.GetOrigin(), i.GetSpacing()) for i in imgs}) == 1
         assert set(np.unique(arr(imgs[2])).tolist()) == set(range(0, 18))
+
+
+def test_cli_phantom_with_preview_and_atlas(tmp_path, capsys):
+    from LymphNodeStagingLib.cli import main
+
+    assert main(["phantom", "--out", str(tmp_path / "c"), "--patients", "1", "--seed", "2", "--preview", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert read_cohort(out["cohort"]).valid
+    png = tmp_path / "c" / "PH0001" / "preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["phantom", "--out", str(tmp_path / "a"), "--atlas", "--patients", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["format"] == "lnstaging-atlas-set"
+    assert main(["phantom", "--out", str(tmp_path / "x"), "--n-stage-mix", "a,b"]) == 1
+
+
+def test_suv_ranges(patients):
+    """Organ and node SUVs stay within the documented ranges."""
+    for p in patients:
+        t = p.truth
+        assert 1.5 <= t["physiology"]["blood_pool"] <= 2.0 and 1.0 <= t["physiology"]["myocardium"] <= 10.0
+        for s in t["stations"].values():
+            for n in s["nodes"]:
+                lo, hi = {"malignant": (2.5, 18), "benign": (0.8, 2.6), "inflammatory": (2.2, 7.5)}[n["kind"]]
+                assert lo <= n["true_suvmax"] <= hi
+                assert 0.0 < n["pet_suvmax"] < 25.0
+        if t["tumour"]:
+            assert 4.5 <= t["tumour"]["true_suvmax"] <= 22
+        pet = arr(p.pet)
+        assert pet.min() >= 0 and np.median(pet) < 1.0
+    measured = {k: [n["pet_suvmax"] for p in patients for s in p.truth["stations"].values() for n in s["nodes"]
+                    if n["kind"] == k] for k in ("malignant", "benign")}
+    if measured["malignant"]:
+        assert np.median(measured["malignant"]) > np.median(measured["benign"])

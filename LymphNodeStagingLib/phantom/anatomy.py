@@ -359,7 +359,7 @@ def _paint_spine(c: Canvas, m: AnatomyModel) -> None:
         arch = (rc2 <= 13.5**2) & ~canal & (y > ys + r - 3) & (z > zb + 2) & (z < zt - 1)
         spinous = (np.abs(x) < 4.0) & (y > yc + 8) & (y < yc + 38) & (z < zt - 6 - 0.35 * (y - yc)) & \
                   (z > zb - 10 - 0.35 * (y - yc))
-        transverse = (np.abs(y - yc + 2) < 5.5) & (np.abs(x) > 8) & (np.abs(x) < 1.2 * r + 24) & (z > zb + 4) & (z < zt - 3)
+        transverse = (np.abs(y - yc + 2) < 4.5) & (np.abs(x) > 8) & (np.abs(x) < 1.2 * r + 12) & (z > zb + 6) & (z < zt - 5)
         bone = body | arch | spinous | transverse
         lab, mat = c.label[sl], c.material[sl]
         lab[bone] = lab_id

@@ -205,10 +205,7 @@ def write_pet_series(suv: sitk.Image, out_dir: str | Path, header: PetHeader, *,
             scale_f = None
             if h.units == "CNTS":
                 values = values * h.counts_per_bqml
-                if h.philips_factor == "suv":
-                    scale_f = 1.0 / (factor * h.counts_per_bqml)
-                else:
-                    scale_f = 1.0 / h.counts_per_bqml
+                scale_f = 1.0 / (factor * h.counts_per_bqml) if h.philips_factor == "suv" else 1.0 / h.counts_per_bqml
             vmax = float(np.abs(values).max())
             slope = vmax / 32000.0 if vmax > 0 else 1.0
             stored = np.clip(np.rint(values / slope), -32768, 32767).astype(np.int16)

@@ -96,7 +96,7 @@ def _pick(rng: np.random.Generator, weights: dict[str, float], allowed: list[str
     else:
         w = np.array([weights[s] for s in names])
     k = min(k, len(names))
-    return list(rng.choice(names, size=k, replace=False, p=w / w.sum()))
+    return [str(v) for v in rng.choice(names, size=k, replace=False, p=w / w.sum())]
 
 
 def _positive_stations(rng: np.random.Generator, n: int, side: str, lobe: str, rules: RuleSet) -> list[str]:
