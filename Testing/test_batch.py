@@ -1,0 +1,164 @@
+"""Cohort runs on small phantom cohorts: step cache, resume, a broken case among good ones, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from LymphNodeStagingLib.batch import BatchError, parse_steps, run_batch
+from LymphNodeStagingLib.case_cache import CaseCache, StepSpec, clean_partial
+from LymphNodeStagingLib.cli import main
+
+CHEAP = "suv,anatomy"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from LymphNodeStagingLib.phantom import generate_cohort
+
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), 3, seed=11, size="small")
+
+
+def read_summary(out: Path) -> list[dict]:
+    with (out / "summary.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------------------------- step cache
+
+
+def test_step_cache_keys_reuse_and_incomplete_folders(tmp_path):
+    cache = CaseCache(tmp_path / "case")
+    calls = []
+
+    def work(folder: Path) -> dict:
+        calls.append(folder)
+        (folder / "a.txt").write_text("hello")
+        return {"n": 1}
+
+    spec = StepSpec("suv", 1, {"p": 1}, {"ct": None})
+    rec, cached = cache.get_or_compute(spec, work)
+    assert not cached and rec.outputs == {"a.txt": 5} and rec.info == {"n": 1}
+    rec2, cached = cache.get_or_compute(spec, work)
+    assert cached and rec2.key == rec.key and len(calls) == 1
+    # another parameter: another key, computed again and replacing the old folder
+    spec2 = StepSpec("suv", 1, {"p": 2}, {"ct": None})
+    assert spec2.key != spec.key and cache.lookup(spec2) is None
+    _, cached = cache.get_or_compute(spec2, work)
+    assert not cached and len(calls) == 2 and cache.lookup(spec) is None
+    # an output file of the wrong size makes the step incomplete
+    (cache.step_dir("suv") / "a.txt").write_text("truncated!")
+    assert cache.lookup(spec2) is None
+    # a step whose work fails leaves nothing under the final name
+    shutil.rmtree(cache.step_dir("suv"))
+
+    def boom(folder: Path) -> dict:
+        (folder / "half.txt").write_text("x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.compute(spec, boom)
+    assert not cache.step_dir("suv").exists()
+    assert not [p for p in cache.folder.iterdir() if p.name.startswith(".")]
+
+
+def test_clean_partial_removes_leftovers_only(tmp_path):
+    (tmp_path / ".stations.abc.part").mkdir()
+    (tmp_path / ".case.json.x1.part.json").write_text("{")
+    (tmp_path / ".suv.old").mkdir()
+    (tmp_path / "suv").mkdir()
+    (tmp_path / "case.json").write_text("{}")
+    removed = clean_partial(tmp_path)
+    assert len(removed) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.json", "suv"]
+
+
+def test_parse_steps_adds_dependencies_and_refuses_unknown():
+    assert parse_steps("stations") == ["suv", "anatomy", "stations"]
+    assert parse_steps("anatomy,suv") == ["suv", "anatomy"]
+    assert parse_steps(None) == ["suv", "anatomy", "stations", "assess"]
+    with pytest.raises(BatchError, match="registration"):
+        parse_steps("suv,registration")
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+def test_run_resume_and_parameter_change(cohort, tmp_path):
+    out = tmp_path / "out"
+    s1 = run_batch(cohort, out, workers=0, steps=CHEAP, threads_per_worker=1)
+    assert s1.counts == {"ok": 3, "failed": 0, "pending": 0} and s1.this_run["computed"] == 3
+    rows = read_summary(out)
+    assert [r["patient_id"] for r in rows] == ["PH0001", "PH0002", "PH0003"]
+    assert all(r["status"] == "ok" and r["case_dir"] for r in rows)
+    assert rows[0]["n_stage_reference"] in ("N0", "N1", "N2", "N3")
+    for name in ("summary.csv", "summary.json", "report.png", "batch.json"):
+        assert (out / name).is_file()
+    case = out / rows[0]["case_dir"]
+    manifest = json.loads((case / "case.json").read_text())
+    assert manifest["status"] == "ok" and set(manifest["keys"]) == {"suv", "anatomy"}
+    assert (case / "suv" / "pet_suv.nii.gz").is_file() and (case / "anatomy" / "anatomy.nii.gz").is_file()
+    assert any("taken as SUV" in w for w in manifest["steps"]["suv"]["info"]["warnings"])
+
+    # resume: everything reused, nothing computed
+    events = []
+    s2 = run_batch(cohort, out, workers=0, steps=CHEAP, threads_per_worker=1,
+                   progress=lambda f, m: events.append((f, m)))
+    assert s2.this_run["computed"] == 0 and s2.this_run["reused"] == 3
+    assert events and events[-1][0] == 1.0
+
+    # a changed SUV parameter recomputes the suv step only; the given anatomy is reused
+    run_batch(cohort, out, workers=0, steps=CHEAP, threads_per_worker=1, suv_mode="gatidis")
+    manifest = json.loads((case / "case.json").read_text())
+    assert manifest["steps"]["suv"]["cached"] is False
+    assert manifest["steps"]["anatomy"]["cached"] is True
+
+
+def test_broken_case_among_good_ones(cohort, tmp_path):
+    src = cohort.parent
+    work = tmp_path / "cohort"
+    shutil.copytree(src, work)
+    (work / "PH0002" / "ct.nii.gz").write_bytes(b"\x1f\x8b this is not an image")
+    out = tmp_path / "out"
+    s = run_batch(work / "cohort.csv", out, workers=1, steps=CHEAP, threads_per_worker=1)
+    assert s.counts == {"ok": 2, "failed": 1, "pending": 0}
+    failed = s.failed[0]
+    assert failed["patient_id"] == "PH0002" and failed["error_step"] == "suv"
+    assert "ct.nii.gz" in failed["error"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failures"][0]["scan_id"] == "PH0002_S1_PETCT"
+    # failed cases are kept as failed on a rerun, and run again with retry_failed
+    s2 = run_batch(work / "cohort.csv", out, workers=0, steps=CHEAP, threads_per_worker=1)
+    assert s2.counts["failed"] == 1 and s2.this_run["computed"] == 0
+    shutil.copy(src / "PH0002" / "ct.nii.gz", work / "PH0002" / "ct.nii.gz")
+    s3 = run_batch(work / "cohort.csv", out, workers=0, steps=CHEAP, threads_per_worker=1, retry_failed=True)
+    assert s3.counts == {"ok": 3, "failed": 0, "pending": 0}
+
+
+def test_invalid_cohort_row_is_reported_not_fatal(cohort, tmp_path):
+    text = (cohort).read_text().splitlines()
+    text.append(text[-1].replace("PH0003", "PH0009").replace(",L,", ",X,").replace(",R,", ",X,"))
+    csv_path = cohort.parent / "cohort_bad.csv"
+    csv_path.write_text("\n".join(text) + "\n")
+    s = run_batch(csv_path, tmp_path / "out", workers=0, steps="suv", threads_per_worker=1)
+    bad = [r for r in s.rows if r["patient_id"] == "PH0009"][0]
+    assert bad["status"] == "failed" and bad["error_step"] == "cohort" and "tumour_side" in bad["error"]
+    assert s.counts["ok"] == 3
+
+
+def test_cli_json_and_errors(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["batch", str(cohort), "--out", str(out), "--steps", "suv", "--workers", "0", "--threads", "1",
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    obj = json.loads(captured.out)
+    assert obj["counts"]["ok"] == 3 and obj["parameters"]["steps"] == ["suv"]
+    code = main(["batch", str(cohort), "--out", str(out), "--steps", "suv,nonsense"])
+    assert code == 1 and "nonsense" in capsys.readouterr().err
+    code = main(["batch", str(cohort), "--out", str(out), "--steps", "stations", "--iterations", "x"])
+    assert code == 1 and "--iterations" in capsys.readouterr().err
