@@ -286,6 +286,8 @@ def write_overlay(ct: sitk.Image, mapping: StationMapping, path: str | Path) -> 
     centres = {k: np.rint((np.asarray(v) - g.origin) @ to_idx.T).astype(int) for k, v in mapping.centroids_mm.items()}
     present = np.argwhere(labels > 0)
     mid = present.mean(0).astype(int) if len(present) else np.asarray(labels.shape) // 2  # (z, y, x)
+    if "7" in centres:  # coronal and sagittal planes through the subcarinal station
+        mid = np.clip(centres["7"][::-1], 0, np.asarray(labels.shape) - 1)
     z_a = centres.get("4R", centres.get("2R", mid[::-1]))[2]
     z_b = centres.get("7", mid[::-1])[2]
     sx, sy, sz = g.spacing
