@@ -255,6 +255,18 @@ def _atlas_set(path: str):
     return _ATLAS_SETS[path]
 
 
+def write_station_mapping(mapping, folder: str | Path) -> None:
+    """The files of the stations step: the mapping's own files plus station_info.json with the exact figures."""
+    folder = Path(folder)
+    mapping.write(folder)
+    write_json(folder / "station_info.json", {
+        "n_atlases": mapping.n_atlases, "atlas_ids": list(mapping.atlas_ids),
+        "agreement": {k: (None if v != v else float(v)) for k, v in mapping.agreement.items()},
+        "flags": dict(mapping.flags), "voxels": {k: int(v) for k, v in mapping.voxels.items()},
+        "atlas_loss": {k: float(v) for k, v in mapping.atlas_loss.items()},
+        "timings": {k: float(v) for k, v in mapping.timings.items()}})
+
+
 def read_station_mapping(folder: str | Path):
     """A StationMapping rebuilt from the files the stations step wrote (weight maps derived again)."""
     import json
@@ -351,12 +363,7 @@ class _CaseRun:
         cfg = registration_config(self.opt.registration, self.opt.threads)
         mapping = map_stations(self.ct(), self.anatomy(), _atlas_set(self.opt.atlases), device=self.opt.device,
                                config=cfg)
-        mapping.write(out)
-        write_json(out / "station_info.json", {
-            "n_atlases": mapping.n_atlases, "atlas_ids": mapping.atlas_ids,
-            "agreement": {k: (None if v != v else float(v)) for k, v in mapping.agreement.items()},
-            "flags": mapping.flags, "voxels": {k: int(v) for k, v in mapping.voxels.items()},
-            "atlas_loss": {k: float(v) for k, v in mapping.atlas_loss.items()}, "timings": mapping.timings})
+        write_station_mapping(mapping, out)
         present = sorted(mapping.weight_maps)
         return {"stations_mapped": len(present), "flags": {k: v for k, v in mapping.flags.items() if v != "ok"}}
 

@@ -162,3 +162,39 @@ def test_cli_json_and_errors(cohort, tmp_path, capsys):
     assert code == 1 and "nonsense" in capsys.readouterr().err
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "stations", "--iterations", "x"])
     assert code == 1 and "--iterations" in capsys.readouterr().err
+
+
+def test_station_mapping_round_trip(tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from LymphNodeStagingLib.batch import read_station_mapping, write_station_mapping
+    from LymphNodeStagingLib.fusion import fuse
+    from LymphNodeStagingLib.mapping import StationMapping
+    from LymphNodeStagingLib.registration import Geometry
+    from LymphNodeStagingLib.weightmap import station_weight_maps
+
+    rng = np.random.default_rng(0)
+    warped = np.zeros((3, 12, 14, 16), np.uint8)
+    for a in range(3):
+        warped[a, 2:8, 3 + a:9, 4:12] = 11
+        warped[a, 6:11, 2:7, 1 + a:6] = 8
+    warped[rng.random(warped.shape) < 0.05] = 5
+    img = sitk.Image(16, 14, 12, sitk.sitkUInt8)
+    img.SetSpacing((1.5, 1.5, 3.0))
+    img.SetOrigin((-10.0, 20.0, -30.0))
+    geom = Geometry.of(img)
+    fused = fuse(warped)
+    maps = station_weight_maps(fused.labels, geom, fused.vote_fraction())
+    mapping = StationMapping(fused.labels, fused.votes, fused.n_atlases, geom, fused.agreement, fused.flags,
+                             fused.voxels, maps, ["a1", "a2", "a3"], {"a1": 0.1, "a2": 0.2, "a3": 0.3})
+    write_station_mapping(mapping, tmp_path)
+    back = read_station_mapping(tmp_path)
+    assert np.array_equal(back.labels, mapping.labels) and np.array_equal(back.votes, mapping.votes)
+    assert back.atlas_ids == mapping.atlas_ids and back.flags == mapping.flags
+    assert set(back.weight_maps) == set(mapping.weight_maps)
+    for k, wm in mapping.weight_maps.items():
+        assert np.allclose(back.weight_maps[k].centre_mm, wm.centre_mm, atol=1e-3)
+        assert np.array_equal(back.weight_maps[k].indices, wm.indices)
+    for k, v in mapping.agreement.items():
+        assert (np.isnan(v) and np.isnan(back.agreement[k])) or back.agreement[k] == v
