@@ -40,6 +40,7 @@ def write_report(rows: list[dict], path: str | Path, steps: list[str] | None = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     fig_data = report_figures(rows)
     stations = _stations()
@@ -66,6 +67,8 @@ def write_report(rows: list[dict], path: str | Path, steps: list[str] | None = N
     ax.set_title("N-stage distribution" + ("" if fig_data["assessed"] else " (no assess step yet)"))
     ax.set_ylabel("cases")
     ax.legend(loc="upper right", fontsize=8)
+    for a in axes[:2]:
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))
     # 3. per-station positivity
     ax = axes[2]
     xs = np.arange(len(stations))
