@@ -131,12 +131,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                 info = json.loads(side.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
                 raise CheckpointError(f"checkpoint manifest {side} is not valid JSON: {exc}") from None
-            if info.get("manifest") != manifest:
+            if _canonical(info.get("manifest")) != _canonical(manifest):  # NaN-safe comparison
                 raise CheckpointError(f"checkpoint manifest {side} differs from the manifest inside {path}; "
                                       "one of them was edited or they belong to different checkpoints")
             if info.get("file_sha256") not in (None, file_sha256(path)):
                 raise CheckpointError(f"checkpoint {path}: file sha256 differs from {side}; the file was modified")
     return Checkpoint(path, manifest, state, payload.get("training_state"))
+
+
+def _canonical(obj: Any) -> str:
+    """JSON text with sorted keys: compares manifests (NaN metrics included, which never equal themselves)."""
+    return json.dumps(obj, sort_keys=True, default=str)
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:

@@ -99,3 +99,18 @@ def test_not_a_checkpoint_and_pickled_code_refused(tmp_path):
 
 class _Evil:
     pass
+
+
+def test_manifest_with_nan_metrics_verifies(tmp_path):
+    """Validation metrics can be NaN (e.g. sensitivity without positives); NaN != NaN must not fail verification."""
+    import math
+
+    from LymphNodeStagingLib.checkpoint import load_checkpoint, save_checkpoint
+    from LymphNodeStagingLib.model import ModelConfig, build_model
+
+    cfg = ModelConfig.small(32)
+    model = build_model("station", cfg)
+    path = save_checkpoint(tmp_path / "m.pt", model, {"kind": "station", "model_config": cfg.to_dict(),
+                                                       "metrics": {"station_sensitivity": float("nan")}})
+    ckpt = load_checkpoint(path)
+    assert math.isnan(ckpt.manifest["metrics"]["station_sensitivity"])
