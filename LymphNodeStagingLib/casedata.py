@@ -1,0 +1,125 @@
+"""Cohort rows turned into training/evaluation cases: images, cached station maps and patch-centre samplers.
+
+The station mapping of a scan is cached in ``CACHE/<scan_id>/`` (stations.nii.gz, vote_fractions.nii.gz,
+mapping.json with the parameters it was made with), so a second training or evaluation run skips registration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .cohort import CohortRow
+from .errors import LNSError
+from .fileio import atomic_dir, write_image, write_json
+from .stations import NUM_STATIONS
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class CaseDataError(LNSError, ValueError):
+    """A cohort row cannot be turned into a case."""
+
+
+@dataclass
+class PreparedCase:
+    row: CohortRow
+    ct: sitk.Image
+    pet: sitk.Image
+    station_map: sitk.Image
+    vote_fractions: np.ndarray  # (17, z, y, x) float32 on the station map's grid
+    sampler: object  # patches.StationSampler
+    from_cache: bool
+
+
+def _mapping_key(row: CohortRow, atlas_set) -> dict:
+    anat = row.anatomy_path
+    return {
+        "cache_version": CACHE_VERSION,
+        "atlas_set": atlas_set.name,
+        "atlases": [a.id for a in atlas_set.atlases],
+        "ct": str(row.ct_path),
+        "anatomy": str(anat) if anat else None,
+        "anatomy_mtime": anat.stat().st_mtime if anat and anat.exists() else None,
+    }
+
+
+def load_images(row: CohortRow, pet_is_suv: bool = False) -> tuple[sitk.Image, sitk.Image]:
+    from .imaging import load_case
+
+    if row.ct_path is None or row.pet_path is None:
+        raise CaseDataError(f"line {row.line}: ct_path and pet_path are required")
+    pet_suv = pet_is_suv or (row.pet_path.is_file() and not str(row.pet_path).lower().endswith(".dcm"))
+    case = load_case(row.ct_path, row.pet_path, pet_is_suv=pet_suv and row.pet_path.is_file())
+    return case.ct, case.pet
+
+
+def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: str = "cpu",
+                 pet_is_suv: bool = False) -> PreparedCase:
+    """Images, station map (cached) and sampler of one cohort row. PET files (not DICOM folders) are read as SUV."""
+    from .patches import StationSampler
+    from .registration import Geometry
+    from .weightmap import station_weight_maps
+
+    ct, pet = load_images(row, pet_is_suv)
+    folder = Path(cache_dir) / row.scan_id
+    key = _mapping_key(row, atlas_set)
+    manifest = folder / "mapping_key.json"
+    from_cache = False
+    if manifest.is_file() and json.loads(manifest.read_text()) == key:
+        station_map = sitk.ReadImage(str(folder / "stations.nii.gz"))
+        votes_img = sitk.ReadImage(str(folder / "vote_fractions.nii.gz"))
+        votes = np.moveaxis(sitk.GetArrayFromImage(votes_img), -1, 0).astype(np.float32)
+        from_cache = True
+    else:
+        from .anatomy import load_anatomy
+        from .mapping import map_stations
+
+        if row.anatomy_path is None:
+            raise CaseDataError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and "
+                                "evaluation (run `lnstaging anatomy` or `lnstaging batch --steps anatomy` first)")
+        anatomy = load_anatomy(row.anatomy_path, reference=ct)
+        mapping = map_stations(ct, anatomy, atlas_set, device=device)
+        station_map = mapping.label_image()
+        votes = mapping.votes.astype(np.float32) / mapping.n_atlases
+        with atomic_dir(folder) as tmp:
+            write_image(station_map, tmp / "stations.nii.gz")
+            write_image(mapping.vote_fraction_image(), tmp / "vote_fractions.nii.gz")
+            write_json(tmp / "mapping.json", mapping.to_dict())
+            write_json(tmp / "mapping_key.json", key)
+    labels = sitk.GetArrayFromImage(station_map)
+    maps = station_weight_maps(labels, Geometry.of(station_map), votes)
+    return PreparedCase(row, ct, pet, station_map, votes, StationSampler.from_sparse_maps(maps), from_cache)
+
+
+def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path, *, device: str = "cpu",
+                 pet_is_suv: bool = False, crop_margin_mm: float = 48.0,
+                 progress: Callable[[int, int, str], None] | None = None) -> list:
+    """training.CaseSample for each row (cropped around the stations to save memory)."""
+    from .training import CaseSample
+
+    out = []
+    for i, row in enumerate(rows):
+        if progress:
+            progress(i, len(rows), row.scan_id)
+        prep = prepare_case(row, atlas_set, cache_dir, device=device, pet_is_suv=pet_is_suv)
+        labels = row.station_labels() if row.has_station_labels else np.full(NUM_STATIONS, -1, dtype=np.int64)
+        sample = CaseSample(patient_id=row.patient_id, ct=prep.ct, pet=prep.pet, sampler=prep.sampler,
+                            side=row.tumour_side, n_stage=row.n_stage if row.n_stage is not None else -1,
+                            station_labels=labels, study=row.study)
+        out.append(sample.cropped(crop_margin_mm))
+    if progress:
+        progress(len(rows), len(rows), "done")
+    return out
+
+
+def cache_info() -> dict:
+    return {"cache_version": CACHE_VERSION, "library_version": __version__}
