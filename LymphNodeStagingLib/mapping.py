@@ -116,7 +116,7 @@ class StationMapping:
 
 
 def _prepare_atlases(atlas_set: AtlasSet, config: RegistrationConfig) -> list[PreparedAtlas]:
-    key = ("prepared", config.structures, config.levels_mm, config.thorax_margin_mm)
+    key = ("prepared", config.structures, config.levels_mm, config.affine_mm, config.thorax_margin_mm)
     if key not in atlas_set.cache:
         prepared = []
         for atlas in atlas_set.atlases:

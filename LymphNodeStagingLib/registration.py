@@ -5,11 +5,12 @@ atlas data lands on the patient grid without any inverse:
 
 1. initialisation: a similarity transform fitted to the centroids of robust structures (vertebrae, trachea, aorta,
    heart, sternum, ...) found in both label maps;
-2. affine: 12 parameters per atlas, optimised on the occupancy of anatomy channels (partial-volume fractions of
-   selected structures, one channel each) at a coarse grid over the thorax;
-3. deformable: a stationary velocity field per atlas (exponentiated by scaling and squaring, so the map is
-   diffeomorphic), Gaussian-smoothed, optimised by Adam on the sum of squared differences of the anatomy channels,
-   multi-resolution on a crop around the atlases' stations.
+2. affine: 12 parameters per atlas, Gauss-Newton (Levenberg-Marquardt) on the sum of squared differences of anatomy
+   channels (partial-volume fractions of selected structures, one channel each) on a coarse grid over the thorax;
+3. deformable: diffeomorphic demons. A stationary velocity field per atlas (exponentiated by scaling and squaring)
+   is updated by the normalised multi-channel demons force, computed analytically from the warped channels' finite
+   differences (no autograd), Gaussian-smoothed (fluid-like) and smoothed again (diffusion-like); multi-resolution
+   on a crop around the atlases' stations, each level stopping when its loss stalls.
 
 Label ids are never used as intensities: each structure is its own channel. Coordinates inside the registration are
 the normalised coordinates [-1, 1]^3 of one physical box (the crop), the same at every resolution level, so fields
@@ -76,14 +77,19 @@ class RegistrationConfig:
 
     structures: tuple[Structure, ...] = DEFAULT_STRUCTURES
     levels_mm: tuple[float, ...] = (8.0, 4.0)  # grid spacing of the deformable levels, coarse to fine
-    iterations: tuple[int, ...] = (60, 40)
-    affine_iterations: int = 60
-    affine_lr: float = 0.01
+    iterations: tuple[int, ...] = (60, 40)  # most demons iterations per level (fewer when the loss stalls)
+    affine_mm: float = 12.0  # grid spacing of the affine stage (over the thorax)
+    affine_iterations: int = 30  # most Gauss-Newton iterations of the affine stage
+    affine_damping: float = 1e-3  # initial Levenberg-Marquardt damping (relative to the Hessian's diagonal)
+    affine_tolerance: float = 1e-4  # stop when the largest affine update is below this (normalised units)
+    channel_sigma: float = 0.5  # Gaussian smoothing of the occupancy channels, in level voxels
+    fluid_sigma: float = 1.0  # Gaussian smoothing of each demons update, in level voxels
+    smooth_sigma: float = 1.0  # Gaussian smoothing of the velocity field after each update, in level voxels
+    step: float = 1.0  # demons step (the normalised force is at most half a voxel)
     field_factor: int = 2  # velocity field spacing = level spacing * field_factor
-    smooth_sigma: float = 1.0  # Gaussian smoothing of the velocity field, in field voxels
-    squarings: int = 5
-    lr_mm: float = 1.5  # Adam step of the velocity field, mm
-    diffusion: float = 0.05  # weight of the squared-gradient penalty of the displacement
+    squarings: int = 4
+    tolerance: float = 2e-3  # a level stops when the loss fell by less than this fraction over `window` iterations
+    window: int = 8
     crop_margin_mm: float = 25.0  # margin around the atlases' stations for the deformable crop
     thorax_margin_mm: float = 10.0
     threads: int | None = None  # torch threads (None: the machine's core count)
@@ -92,8 +98,9 @@ class RegistrationConfig:
         if len(self.levels_mm) != len(self.iterations) or not self.levels_mm:
             raise RegistrationError(
                 f"levels_mm {self.levels_mm} and iterations {self.iterations}: expected the same non-zero length")
-        if any(s <= 0 for s in self.levels_mm):
-            raise RegistrationError(f"levels_mm {self.levels_mm}: expected positive spacings in mm")
+        if any(s <= 0 for s in (*self.levels_mm, self.affine_mm)):
+            raise RegistrationError(f"levels_mm {self.levels_mm}, affine_mm {self.affine_mm}: expected positive "
+                                    "spacings in mm")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -257,6 +264,7 @@ class PreparedAnatomy:
     present: np.ndarray  # (C,) bool
     levels: list[tuple[np.ndarray, Geometry]]  # per level: (C, z, y, x) occupancy and its grid
     extent_points: np.ndarray  # world corners of the bounding box of the channel structures
+    affine_level: tuple[np.ndarray, Geometry] | None = None  # occupancy on the affine stage's grid
 
 
 def prepare_anatomy(anatomy: sitk.Image, config: RegistrationConfig) -> PreparedAnatomy:
@@ -281,7 +289,8 @@ def prepare_anatomy(anatomy: sitk.Image, config: RegistrationConfig) -> Prepared
     corners = np.array([[x, y, z] for x in (0, sub_geom.shape[0] - 1) for y in (0, sub_geom.shape[1] - 1)
                         for z in (0, sub_geom.shape[2] - 1)], float)
     extent = corners @ (geom.direction @ np.diag(geom.spacing)).T + sub_geom.origin
-    return PreparedAnatomy(centroids_mm(sub, sub_geom, LANDMARK_IDS), present, levels, extent)
+    affine = occupancy(sub, sub_geom, lut, n, config.affine_mm)
+    return PreparedAnatomy(centroids_mm(sub, sub_geom, LANDMARK_IDS), present, levels, extent, affine)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -343,27 +352,30 @@ def identity_grid(shape_zyx: Sequence[int], device) -> object:
     return torch.stack((xx, yy, zz), -1)[None]
 
 
-def gaussian_smooth(x, sigma: float):
-    """Separable Gaussian smoothing of (N, C, z, y, x) with replicate borders; sigma in voxels."""
+def _smoothing_matrix(n: int, sigma: float, dtype, device):
+    """(n, n) matrix of a truncated Gaussian (radius 2.5 sigma) with replicate borders, rows summing to one."""
     torch = _torch()
-    import torch.nn.functional as F
 
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    taps = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (taps / sigma) ** 2)
+    k = k / k.sum()
+    rows = torch.arange(n)[:, None].expand(n, 2 * r + 1)
+    cols = (rows + torch.arange(-r, r + 1)[None]).clamp(0, n - 1)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.index_put_((rows.reshape(-1), cols.reshape(-1)), k.repeat(n), accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
+def gaussian_smooth(x, sigma: float):
+    """Separable Gaussian smoothing of (N, C, z, y, x) with replicate borders; sigma in voxels. Each axis is one
+    batched matrix product with a banded smoothing matrix (much faster than depthwise convolutions on a CPU)."""
     if sigma <= 0:
         return x
-    r = max(1, int(math.ceil(2.5 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
-    k = k / k.sum()
-    n, c = x.shape[:2]
-    y = x.reshape(1, n * c, *x.shape[2:])
-    for axis in range(3):
-        shape = [1, 1, 1]
-        shape[axis] = 2 * r + 1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        size = y.shape[2 + axis]
-        if size <= r:  # too thin to pad by reflection: leave this axis
-            continue
-        y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(1, 1, *shape).expand(n * c, 1, *shape), groups=n * c)
+    n, c, nz, ny, nx = x.shape
+    y = x.contiguous() @ _smoothing_matrix(nx, sigma, x.dtype, x.device).T
+    y = _smoothing_matrix(ny, sigma, x.dtype, x.device) @ y
+    y = _smoothing_matrix(nz, sigma, x.dtype, x.device) @ y.reshape(n * c, nz, ny * nx)
     return y.reshape(x.shape)
 
 
@@ -464,120 +476,247 @@ def register(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], station_p
     its station bounding box); they are mapped into the patient by the inverse of the affine.
     """
     torch = _torch()
-    import torch.nn.functional as F
 
     config = config or RegistrationConfig()
     if config.threads:
         torch.set_num_threads(config.threads)
     dev = torch.device(device)
-    n = len(atlases)
     timings: dict[str, float] = {}
     iters: dict[str, int] = {}
     weights = _channel_weights(patient, atlases)
     w_t = torch.as_tensor(weights, device=dev)
     report = progress or (lambda f, m: None)
 
-    # 1. initialisation from landmarks
-    t0 = time.perf_counter()
-    init = np.stack([initial_transform(patient.landmarks, a.landmarks) for a in atlases])
-    timings["initialisation"] = time.perf_counter() - t0
-
-    # 2. affine on the coarse level over the thorax box
-    t0 = time.perf_counter()
-    pgeom0 = patient.levels[0][1]
-    thorax = Box.around(patient.extent_points, pgeom0.direction, 0.0)
-    a_stack, a_shape = _pad_stack([a.levels[0][0] for a in atlases])
-    a_vol = torch.from_numpy(a_stack).to(dev)
-    a_norm = np.stack([_norm_matrix(a.levels[0][1], a_shape) for a in atlases])
-    grid0 = thorax.grid(config.levels_mm[0])
-    fixed0 = _resample_patient(patient.levels[0], grid0, thorax, dev)
-    base = torch.as_tensor(np.einsum("nij,njk->nik", a_norm, init) @ thorax.norm_to_world(), dtype=torch.float32,
-                           device=dev)
-    ident = identity_grid(grid0.shape[::-1], dev)
-    lin = torch.zeros(n, 3, 3, device=dev, requires_grad=True)
-    trans = torch.zeros(n, 3, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([lin, trans], lr=config.affine_lr)
-    report(0.05, "affine")
-    for _ in range(config.affine_iterations):
-        opt.zero_grad()
-        m = torch.eye(4, device=dev).repeat(n, 1, 1)
-        m[:, :3, :3] = m[:, :3, :3] + lin
-        m[:, :3, 3] = trans
-        g = _apply(base @ m, ident.expand(n, *ident.shape[1:]))
-        warped = F.grid_sample(a_vol, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-        loss = _ssd(warped, fixed0, w_t).sum()
-        loss.backward()
-        opt.step()
-    iters["affine"] = config.affine_iterations
     with torch.no_grad():
-        m = torch.eye(4, device=dev).repeat(n, 1, 1)
-        m[:, :3, :3] += lin
-        m[:, :3, 3] = trans
-        # patient world -> atlas world
+        # 1. initialisation from landmarks
+        t0 = time.perf_counter()
+        init = np.stack([initial_transform(patient.landmarks, a.landmarks) for a in atlases])
+        timings["initialisation"] = time.perf_counter() - t0
+
+        # 2. affine (Gauss-Newton) on the coarse level over the thorax box
+        t0 = time.perf_counter()
+        report(0.05, "affine")
+        pgeom0 = patient.levels[0][1]
+        thorax = Box.around(patient.extent_points, pgeom0.direction, 0.0)
+        m, iters["affine"] = _affine_gauss_newton(patient, atlases, init, thorax, w_t, config, dev)
         to_norm = np.linalg.inv(thorax.norm_to_world())
-        affine_world = np.einsum("nij,njk->nik", init,
-                                 thorax.norm_to_world() @ m.cpu().numpy().astype(float) @ to_norm)
-    timings["affine"] = time.perf_counter() - t0
+        affine_world = np.einsum("nij,njk->nik", init, thorax.norm_to_world() @ m @ to_norm)  # patient -> atlas
+        timings["affine"] = time.perf_counter() - t0
 
-    # 3. the deformable crop: atlas station regions mapped into the patient, plus a margin
-    pts = [(np.c_[p, np.ones(len(p))] @ np.linalg.inv(affine_world[i]).T)[:, :3] for i, p in enumerate(station_points)]
-    box = Box.around(np.concatenate(pts), pgeom0.direction, config.crop_margin_mm)
-    box = box.intersect(_geometry_of_extent(patient.extent_points, pgeom0.direction))
-    to_world = box.norm_to_world()
-    affine_norm = np.einsum("nij,jk->nik", affine_world, to_world)  # box-normalised -> atlas world
+        # 3. the deformable crop: atlas station regions mapped into the patient, plus a margin
+        pts = [(np.c_[p, np.ones(len(p))] @ np.linalg.inv(affine_world[i]).T)[:, :3]
+               for i, p in enumerate(station_points)]
+        box = Box.around(np.concatenate(pts), pgeom0.direction, config.crop_margin_mm)
+        box = box.intersect(_geometry_of_extent(patient.extent_points, pgeom0.direction))
+        affine_norm = np.einsum("nij,jk->nik", affine_world, box.norm_to_world())  # box-normalised -> atlas world
 
-    # 4. deformable, coarse to fine
-    t0 = time.perf_counter()
-    disp = None
-    v_param = None
-    for level, (spacing, n_it) in enumerate(zip(config.levels_mm, config.iterations, strict=True)):
-        grid = box.grid(spacing)
-        fixed = _resample_patient(patient.levels[level], grid, box, dev)
-        a_stack, a_shape = _pad_stack([a.levels[level][0] for a in atlases])
-        a_vol = torch.from_numpy(a_stack).to(dev)
-        a_norm = np.stack([_norm_matrix(a.levels[level][1], a_shape) for a in atlases])
-        mats = torch.as_tensor(np.einsum("nij,njk->nik", a_norm, affine_norm), dtype=torch.float32, device=dev)
-        shape = grid.shape[::-1]
-        fshape = tuple(max(2, int(math.ceil((s - 1) / config.field_factor)) + 1) for s in shape)
-        if v_param is None:
-            v_param = torch.zeros(n, 3, *fshape, device=dev)
-        else:
-            v_param = F.interpolate(v_param.detach(), size=fshape, mode="trilinear", align_corners=True)
-        v_param.requires_grad_(True)
-        # step in normalised units per axis, so that lr is in mm
-        scale = torch.as_tensor(2.0 / box.size, dtype=torch.float32, device=dev).view(1, 3, 1, 1, 1)
-        opt = torch.optim.Adam([v_param], lr=config.lr_mm)
-        ident = identity_grid(shape, dev)
-        mm_per_norm = torch.as_tensor(box.size / 2.0, dtype=torch.float32, device=dev).view(1, 3, 1, 1, 1)
-        best = (math.inf, None)
-        report(0.2 + 0.7 * level / len(config.levels_mm), f"deformable level {level + 1} ({spacing:g} mm)")
-        for _ in range(n_it):
-            opt.zero_grad()
-            v = gaussian_smooth(v_param * scale, config.smooth_sigma)
-            u = exp_velocity(v, config.squarings)
-            u_img = F.interpolate(u, size=shape, mode="trilinear", align_corners=True)
-            g = _apply(mats, ident.expand(n, *shape, 3) + u_img.permute(0, 2, 3, 4, 1))
-            warped = F.grid_sample(a_vol, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-            sim = _ssd(warped, fixed, w_t)
-            reg = _diffusion(u * mm_per_norm, box.size / (np.asarray(fshape[::-1]) - 1))
-            loss = (sim + config.diffusion * reg).sum()
-            loss.backward()
-            opt.step()
-            total = float(sim.detach().sum())
-            if total < best[0]:
-                best = (total, u.detach())
-        iters[f"level{level + 1}"] = n_it
-        disp = F.interpolate(best[1], size=shape, mode="trilinear", align_corners=True)
-    timings["deformable"] = time.perf_counter() - t0
+        # 4. deformable (diffeomorphic demons on the anatomy channels), coarse to fine
+        t0 = time.perf_counter()
+        disp, per = _demons(patient, atlases, affine_norm, box, w_t, config, dev, iters, report)
+        timings["deformable"] = time.perf_counter() - t0
 
-    # final per-channel loss at the finest level
-    with torch.no_grad():
-        g = _apply(mats, ident.expand(n, *shape, 3) + disp.permute(0, 2, 3, 4, 1))
-        warped = F.grid_sample(a_vol, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-        per = ((warped - fixed) ** 2).mean(dim=(2, 3, 4)).cpu().numpy()
     per[weights == 0] = np.nan
     report(0.95, "registration done")
-    return RegistrationResult(box, affine_norm, disp.detach(), per, weights, timings, iters)
+    return RegistrationResult(box, affine_norm, disp, per, weights, timings, iters)
+
+
+def _atlas_level(levels: list[tuple[np.ndarray, Geometry]], weights, sigma: float, device):
+    """Atlas occupancies of one level, stacked (N, C, z, y, x), channels not shared with the patient zeroed and
+    smoothed; and the per-atlas map atlas world -> normalised sample coordinates."""
+    torch = _torch()
+
+    stack, shape = _pad_stack([vol for vol, _ in levels])
+    vol = torch.from_numpy(stack).to(device) * weights[:, :, None, None, None]
+    vol = gaussian_smooth(vol, sigma)
+    norm = np.stack([_norm_matrix(geom, shape) for _, geom in levels])
+    return vol.contiguous(memory_format=torch.channels_last_3d), norm
+
+
+def _sample(vol, mats, points):
+    """Sample (N, C, ...) volumes at (N, z, y, x, 3) points mapped by (N, 4, 4) matrices: (N, C, z, y, x)."""
+    import torch.nn.functional as F
+
+    out = F.grid_sample(vol, _apply(mats, points), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.contiguous()
+
+
+def _central_differences(w, spacing_xyz: Sequence[float]):
+    """Central differences of (N, C, z, y, x) along x, y, z per mm (0 on the border planes): three tensors."""
+    torch = _torch()
+
+    out = []
+    for axis, h in zip((4, 3, 2), spacing_xyz, strict=True):
+        d = torch.zeros_like(w)
+        n = w.shape[axis]
+        if n > 2:
+            d.narrow(axis, 1, n - 2).copy_((w.narrow(axis, 2, n - 2) - w.narrow(axis, 0, n - 2)) / (2.0 * h))
+        out.append(d)
+    return out
+
+
+def _demons_force(warped, diff, den, spacing_xyz: Sequence[float]):
+    """Normalised multi-channel demons force (N, 3, z, y, x) in mm: -sum_c D_c grad W_c / (sum_c |grad W_c|^2 +
+    sum_c D_c^2 / kappa), with D = W - F, grad W by central differences (0 on the border planes); den holds the
+    second sum on entry."""
+    torch = _torch()
+
+    num = torch.zeros(den.shape[0], 3, *den.shape[1:], dtype=den.dtype, device=den.device)
+    for k, (axis, h) in enumerate(zip((4, 3, 2), spacing_xyz, strict=True)):
+        size = warped.shape[axis]
+        if size <= 2:
+            continue
+        d = (warped.narrow(axis, 2, size - 2) - warped.narrow(axis, 0, size - 2)) * (0.5 / h)
+        num[:, k].narrow(axis - 1, 1, size - 2).sub_((diff.narrow(axis, 1, size - 2) * d).sum(1))
+        den.narrow(axis - 1, 1, size - 2).add_((d * d).sum(1))
+    return num / den.clamp(min=1e-6)[:, None]
+
+
+def _affine_gauss_newton(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], init: np.ndarray, thorax: Box,
+                         w_t, config: RegistrationConfig, dev) -> tuple[np.ndarray, int]:
+    """Levenberg-Marquardt on the channel SSD of a compositional affine update in the thorax box's normalised
+    coordinates: T <- T o (I + delta). The Jacobian uses the gradient of the warped channels. Returns the (N, 4, 4)
+    correction in normalised coordinates and the number of iterations run."""
+    torch = _torch()
+
+    n = len(atlases)
+    a_vol, a_norm = _atlas_level([a.affine_level for a in atlases], w_t, config.channel_sigma, dev)
+    grid0 = thorax.grid(config.affine_mm)
+    fixed = gaussian_smooth(_resample_patient(patient.affine_level, grid0, thorax, dev), config.channel_sigma)
+    fixed = fixed * w_t[:, :, None, None, None]  # (N, C, ...): channels not shared are left out
+    base = torch.as_tensor(np.einsum("nij,njk->nik", a_norm, init) @ thorax.norm_to_world(), dtype=torch.float32,
+                           device=dev)
+    shape = grid0.shape[::-1]
+    ident = identity_grid(shape, dev).expand(n, *shape, 3)
+    x = torch.cat([ident[0].reshape(-1, 3), torch.ones(int(np.prod(shape)), 1, device=dev)], 1)  # (V, 4)
+    h_norm = [2.0 / max(s - 1, 1) for s in grid0.shape]  # voxel size in normalised units (x, y, z)
+    eye = torch.eye(4, device=dev, dtype=torch.float64)
+    m = eye.repeat(n, 1, 1)
+    m_try = m.clone()
+    lam = torch.full((n,), config.affine_damping, dtype=torch.float64, device=dev)
+    best = torch.full((n,), math.inf, dtype=torch.float64, device=dev)
+    hess = torch.zeros(n, 12, 12, dtype=torch.float64, device=dev)
+    grad = torch.zeros(n, 12, dtype=torch.float64, device=dev)
+    wsum = w_t.sum(1).clamp(min=1).double()
+    it = 0
+    for it in range(1, config.affine_iterations + 1):  # noqa: B007
+        warped = _sample(a_vol, (base @ m_try.float()), ident)
+        diff = warped - fixed
+        loss = (diff * diff).mean(dim=(2, 3, 4)).sum(1).double() / wsum
+        better = loss < best
+        if better.any():  # new Jacobian at the accepted atlases
+            # rows of the Jacobian per (channel, voxel): d warped / d (3x4 update) = grad (x) [x, y, z, 1]
+            g = torch.stack(_central_differences(warped, h_norm), -1).flatten(2, 4)  # (N, C, V, 3)
+            jac = (g[..., :, None] * x[None, None, :, None, :]).reshape(n, -1, 12)
+            h_new = torch.bmm(jac.transpose(1, 2), jac).double()
+            g_new = torch.bmm(jac.transpose(1, 2), diff.reshape(n, -1, 1))[..., 0].double()
+            hess[better], grad[better], best[better] = h_new[better], g_new[better], loss[better]
+            m[better] = m_try[better]
+            lam[better] = lam[better] / 3.0
+        lam[~better] = lam[~better] * 10.0
+        damp = hess + lam[:, None, None] * torch.diag_embed(hess.diagonal(dim1=1, dim2=2) + 1e-9)
+        delta = -torch.linalg.solve(damp, grad[..., None])[..., 0].reshape(n, 3, 4)
+        step = eye.repeat(n, 1, 1)
+        step[:, :3, :] += delta
+        m_try = m @ step
+        if float(delta.abs().max()) < config.affine_tolerance:
+            break
+    return m.cpu().numpy(), it
+
+
+def _demons(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], affine_norm: np.ndarray, box: Box, w_t,
+            config: RegistrationConfig, dev, iters: dict[str, int], report: Progress):
+    """Diffeomorphic demons on the anatomy channels: a stationary velocity field (mm) per atlas, updated by the
+    normalised multi-channel demons force (Gaussian-smoothed, fluid-like) and smoothed again (diffusion-like); the
+    field of the lowest loss per atlas is kept. Returns the displacement (N, 3, z, y, x) in box-normalised units on
+    the finest level's grid and the final per-channel mean squared difference (N, C)."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    n = len(atlases)
+    to_norm = torch.as_tensor(2.0 / box.size, dtype=torch.float32, device=dev).view(1, 3, 1, 1, 1)
+    wsum = w_t.sum(1).clamp(min=1)
+    v = None
+    for level, (spacing, n_it) in enumerate(zip(config.levels_mm, config.iterations, strict=True)):
+        report(0.2 + 0.7 * level / len(config.levels_mm), f"deformable level {level + 1} ({spacing:g} mm)")
+        grid = box.grid(spacing)
+        shape = grid.shape[::-1]
+        fshape = tuple(max(2, int(math.ceil((s - 1) / config.field_factor)) + 1) for s in shape)
+        h = [float(s) for s in grid.spacing]  # mm (x, y, z)
+        kappa = float(np.mean(np.square(h)))
+        a_vol, a_norm = _atlas_level([a.levels[level] for a in atlases], w_t, config.channel_sigma, dev)
+        mats = torch.as_tensor(np.einsum("nij,njk->nik", a_norm, affine_norm), dtype=torch.float32, device=dev)
+        fixed = gaussian_smooth(_resample_patient(patient.levels[level], grid, box, dev), config.channel_sigma)
+        fixed = fixed * w_t[:, :, None, None, None]
+        warp = _Warper(a_vol, mats, shape, config.squarings, to_norm)
+        if v is None:
+            v = torch.zeros(n, 3, *fshape, device=dev)
+        else:
+            v = F.interpolate(v, size=fshape, mode="trilinear", align_corners=True)
+        best_loss = torch.full((n,), math.inf, device=dev)
+        best_v = v.clone()
+        history: list = []
+        it = 0
+        for it in range(1, n_it + 1):  # noqa: B007
+            warped = warp(v)
+            diff = warped - fixed
+            sq = diff * diff
+            loss = sq.mean(dim=(2, 3, 4)).sum(1) / wsum
+            improved = loss < best_loss
+            best_loss = torch.where(improved, loss, best_loss)
+            best_v[improved] = v[improved]
+            history.append(best_loss)
+            if _converged(history, config.window, config.tolerance):
+                break
+            force = _demons_force(warped, diff, sq.sum(1) / kappa, h)
+            del warped, sq, diff
+            force = gaussian_smooth(force, config.fluid_sigma)
+            if fshape != shape:
+                force = F.interpolate(force, size=fshape, mode="trilinear", align_corners=True)
+            v = gaussian_smooth(v + config.step * force, config.smooth_sigma / config.field_factor)
+        iters[f"level{level + 1}"] = it
+        if history:
+            log.debug("level %d: %d iterations, loss %s -> %s", level + 1, it, history[0].tolist(), best_loss.tolist())
+        v = best_v
+    warped = warp(v)
+    per = ((warped - fixed) ** 2).mean(dim=(2, 3, 4)).cpu().numpy()
+    return warp.displacement(v), per
+
+
+class _Warper:
+    """Atlas channels warped by the affine and exp(v) onto a level grid of the box; v (N, 3, ...) in mm on the
+    velocity grid (at most as fine as the level grid)."""
+
+    def __init__(self, vol, mats, shape, squarings: int, to_norm) -> None:
+        self.vol, self.shape, self.squarings, self.to_norm = vol, tuple(shape), squarings, to_norm
+        n = mats.shape[0]
+        self.linear = mats[:, :3, :3].contiguous()
+        self.base = _apply(mats, identity_grid(shape, vol.device).expand(n, *shape, 3)).contiguous()
+
+    def displacement(self, v):
+        """exp(v) in box-normalised units on the level grid (N, 3, z, y, x)."""
+        import torch.nn.functional as F
+
+        u = exp_velocity(v * self.to_norm, self.squarings)
+        if tuple(u.shape[2:]) != self.shape:
+            u = F.interpolate(u, size=self.shape, mode="trilinear", align_corners=True)
+        return u
+
+    def __call__(self, v):
+        import torch.nn.functional as F
+
+        u = self.displacement(v)
+        n = u.shape[0]
+        moved = self.linear @ u.reshape(n, 3, -1)  # (N, 3, V): the displacement in atlas sample coordinates
+        grid = self.base + moved.transpose(1, 2).reshape(self.base.shape)
+        return F.grid_sample(self.vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True).contiguous()
+
+
+def _converged(history: list, window: int, tolerance: float) -> bool:
+    """True when every atlas's best loss fell by less than tolerance (relative) over the last window iterations."""
+    if window <= 0 or len(history) <= window:
+        return False
+    old, new = history[-window - 1], history[-1]
+    return bool(((old - new) <= tolerance * old.clamp(min=1e-12)).all())
 
 
 def _geometry_of_extent(points: np.ndarray, direction: np.ndarray) -> Geometry:
@@ -596,18 +735,3 @@ def _resample_patient(level: tuple[np.ndarray, Geometry], grid: Geometry, box: B
     g = _apply(m[None], identity_grid(shape, device))
     return F.grid_sample(torch.from_numpy(vol)[None].to(device), g, mode="bilinear", padding_mode="zeros",
                          align_corners=True)
-
-
-def _ssd(warped, fixed, w):
-    """Per-atlas weighted mean squared difference over channels and voxels: (N,)."""
-    d = ((warped - fixed) ** 2).mean(dim=(2, 3, 4))  # (N, C)
-    return (d * w).sum(1) / w.sum(1).clamp(min=1)
-
-
-def _diffusion(u_mm, spacing_xyz: np.ndarray):
-    """Mean squared spatial gradient of a displacement (N, 3, z, y, x) in mm per mm: (N,)."""
-    sx, sy, sz = (float(s) for s in spacing_xyz)
-    dz = (u_mm[:, :, 1:] - u_mm[:, :, :-1]) / sz
-    dy = (u_mm[:, :, :, 1:] - u_mm[:, :, :, :-1]) / sy
-    dx = (u_mm[..., 1:] - u_mm[..., :-1]) / sx
-    return (dz ** 2).mean(dim=(1, 2, 3, 4)) + (dy ** 2).mean(dim=(1, 2, 3, 4)) + (dx ** 2).mean(dim=(1, 2, 3, 4))
