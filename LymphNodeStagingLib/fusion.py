@@ -73,21 +73,26 @@ def fuse(warped: np.ndarray, ranking: Sequence[int] | None = None) -> FusionResu
 
     shape = warped.shape[1:]
     votes = np.zeros((NUM_STATIONS, *shape), np.uint8)
-    best_code = np.full(shape, -1, np.int64)
     labels = np.zeros(shape, np.uint8)
+    # only voxels that some atlas assigns to a station can hold a station or a vote: fuse those alone
+    support = np.flatnonzero(warped.reshape(n, -1).any(0))
+    sub = warped.reshape(n, -1)[:, support]
+    best_code = np.full(support.size, -1, np.int64)
+    sub_labels = np.zeros(support.size, np.uint8)
+    sub_votes = np.zeros((NUM_STATIONS, support.size), np.uint8)
     for lab in range(NUM_STATIONS + 1):
-        hit = warped == lab
+        hit = sub == lab
         count = hit.sum(0, dtype=np.int64)
         if lab > 0:
-            votes[lab - 1] = count
+            sub_votes[lab - 1] = count
         if not count.any():
             continue
-        code = count << n
-        for a in range(n):
-            code += hit[a] * bit[a]
+        code = (count << n) + bit @ hit
         win = code > best_code
         best_code[win] = code[win]
-        labels[win] = lab
+        sub_labels[win] = lab
+    labels.reshape(-1)[support] = sub_labels
+    votes.reshape(NUM_STATIONS, -1)[:, support] = sub_votes
 
     flags: dict[str, str] = {}
     agreement: dict[str, float] = {}

@@ -214,7 +214,7 @@ def map_stations(ct: sitk.Image | None, anatomy: sitk.Image, atlas_set: AtlasSet
         timings["fusion"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        maps = station_weight_maps(fused.labels, grid, fused.vote_fraction())
+        maps = station_weight_maps(fused.labels, grid, fused.votes, 1.0 / fused.n_atlases)
         timings["weight_maps"] = time.perf_counter() - t0
 
         dice = None

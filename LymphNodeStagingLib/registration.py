@@ -445,6 +445,8 @@ class RegistrationResult:
         torch = _torch()
         import torch.nn.functional as F
 
+        if mode == "nearest" and np.allclose(target.direction, self.box.direction, atol=1e-6):
+            return self._warp_nearest_aligned(volumes, geoms, target, device)
         stack, pshape = _pad_stack([v[None].astype(np.float32) for v in volumes])
         vol = torch.from_numpy(stack).to(device)
         norms = torch.as_tensor(np.stack([_norm_matrix(g, pshape) for g in geoms]), dtype=torch.float32,
@@ -458,6 +460,58 @@ class RegistrationResult:
                                                 align_corners=True)[:, 0, 0, 0].cpu().numpy()
         return out.reshape(len(volumes), *target.shape[::-1])
 
+
+    def _warp_nearest_aligned(self, volumes: list[np.ndarray], geoms: list[Geometry], target: Geometry,
+                              device) -> np.ndarray:
+        """warp() for a target grid aligned with the box: the displacement is brought onto the target grid by
+        separable linear interpolation (three matrix products) and the volumes are read by index."""
+        torch = _torch()
+
+        box_to_norm = np.linalg.inv(self.box.norm_to_world()) @ target.index_to_world()  # diagonal for aligned grids
+        disp = self.displacement.to(device=device, dtype=torch.float32)
+        n_in = disp.shape[2:][::-1]  # (x, y, z)
+        coords, mats = [], []
+        for a in range(3):
+            p = box_to_norm[a, a] * np.arange(target.shape[a]) + box_to_norm[a, 3]
+            coords.append(torch.as_tensor(p, dtype=torch.float32, device=device))
+            mats.append(_interpolation_matrix(p, n_in[a]).to(device))
+        cx, cy, cz = coords
+        out = np.zeros((len(volumes), *target.shape[::-1]), np.float32)
+        for i, (vol, geom) in enumerate(zip(volumes, geoms, strict=True)):
+            u = disp[i] @ mats[0].T  # (3, z, y, X)
+            u = mats[1] @ u
+            u = (mats[2] @ u.reshape(3, u.shape[1], -1)).reshape(3, *target.shape[::-1])
+            m = torch.as_tensor(geom.world_to_index() @ self.affine[i], dtype=torch.float32, device=device)
+            moved = (m[:3, :3] @ u.reshape(3, -1)).reshape(u.shape)  # the displacement in atlas voxels
+            shape = target.shape[::-1]
+            flat = torch.zeros(shape, dtype=torch.int32, device=device)
+            inside = torch.ones(shape, dtype=torch.bool, device=device)
+            stride = 1
+            for k in range(3):  # atlas index k = m[k] . (p + u, 1)
+                idx = moved[k].add_(m[k, 0] * cx[None, None, :] + m[k, 1] * cy[None, :, None]
+                                    + (m[k, 2] * cz + m[k, 3])[:, None, None]).round_().to(torch.int32)
+                inside &= (idx >= 0) & (idx < int(geom.shape[k]))
+                flat += idx.clamp_(0, int(geom.shape[k]) - 1) * stride
+                stride *= int(geom.shape[k])
+            values = torch.as_tensor(np.ascontiguousarray(vol)).to(device).reshape(-1)
+            out[i] = torch.where(inside, values[flat.long()], 0).to(torch.float32).cpu().numpy()
+        return out
+
+
+def _interpolation_matrix(positions: np.ndarray, n: int):
+    """(len(positions), n) matrix of linear interpolation at normalised positions in [-1, 1] (align_corners, border
+    clamping) of a 1-D signal of n samples."""
+    torch = _torch()
+
+    x = np.clip((np.asarray(positions, float) + 1.0) * 0.5 * (n - 1), 0.0, n - 1.0)
+    lo = np.minimum(np.floor(x).astype(int), max(n - 2, 0))
+    frac = x - lo if n > 1 else np.zeros_like(x)
+    m = np.zeros((len(x), n), np.float32)
+    rows = np.arange(len(x))
+    m[rows, lo] = 1.0 - frac
+    if n > 1:
+        m[rows, lo + 1] += frac
+    return torch.from_numpy(m)
 
 def _channel_weights(patient: PreparedAnatomy, atlases: list[PreparedAnatomy]) -> np.ndarray:
     w = np.array([patient.present & a.present for a in atlases], np.float32)

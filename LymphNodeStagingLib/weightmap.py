@@ -75,7 +75,14 @@ def _flat_index(geom: Geometry, points_mm: np.ndarray) -> np.ndarray:
 
 def weight_map(mask: np.ndarray, geom: Geometry, label: int = 0, votes: np.ndarray | None = None) -> WeightMap:
     """Eq. 1 weight map of a boolean (z, y, x) mask; votes: optional vote fraction (z, y, x) in [0, 1]."""
-    flat = np.flatnonzero(np.asarray(mask).ravel())
+    return _weight_map_at(np.flatnonzero(np.asarray(mask).ravel()), geom, label,
+                          None if votes is None else np.asarray(votes).ravel())
+
+
+def _weight_map_at(flat: np.ndarray, geom: Geometry, label: int, votes: np.ndarray | None,
+                   indexed: bool = False) -> WeightMap:
+    """Eq. 1 weight map of the mask given by its sorted flat voxel indices; votes: vote fractions of the whole
+    flattened grid, or of the mask's voxels only (indexed), or None."""
     if flat.size == 0:
         name = STATION_NAMES[label - 1] if 1 <= label <= NUM_STATIONS else str(label)
         raise WeightMapError(f"station {name} has no voxel in the label map: no weight map or centroid")
@@ -86,7 +93,7 @@ def weight_map(mask: np.ndarray, geom: Geometry, label: int = 0, votes: np.ndarr
     d = np.linalg.norm(pts - centroid, axis=1)
     w = 1.0 - d / (d.max() + float(np.min(geom.spacing)))
     if votes is not None:
-        w = w * np.asarray(votes, np.float32).ravel()[flat]
+        w = w * np.asarray(votes if indexed else votes[flat], np.float32)
     keep = w > 0
     if not keep.any():
         raise WeightMapError(f"station label {label}: all weights are zero (vote fractions are zero on its mask)")
@@ -94,15 +101,22 @@ def weight_map(mask: np.ndarray, geom: Geometry, label: int = 0, votes: np.ndarr
     return WeightMap(label, geom, flat, w, centroid, pts[int(np.argmax(w))])
 
 
-def station_weight_maps(labels: np.ndarray, geom: Geometry,
-                        votes: np.ndarray | None = None) -> dict[str, WeightMap]:
-    """Weight maps of every station present in a fused (z, y, x) label map; votes: (17, z, y, x) fractions."""
+def station_weight_maps(labels: np.ndarray, geom: Geometry, votes: np.ndarray | None = None,
+                        vote_scale: float = 1.0) -> dict[str, WeightMap]:
+    """Weight maps of every station present in a fused (z, y, x) label map; votes: (17, z, y, x) fractions, or
+    vote counts with vote_scale = 1 / number of atlases."""
     out: dict[str, WeightMap] = {}
-    for lab in np.unique(labels):
-        lab = int(lab)
-        if 1 <= lab <= NUM_STATIONS:
-            v = None if votes is None else votes[lab - 1]
-            out[STATION_NAMES[lab - 1]] = weight_map(labels == lab, geom, lab, v)
+    flat = np.flatnonzero(labels.ravel())
+    labs = labels.ravel()[flat].astype(np.int64)
+    order = np.argsort(labs, kind="stable")  # flat indices stay sorted within each label
+    counts = np.bincount(labs, minlength=NUM_STATIONS + 1)
+    ends = np.cumsum(counts)
+    for lab in range(1, NUM_STATIONS + 1):
+        if counts[lab] == 0:
+            continue
+        idx = flat[order[ends[lab] - counts[lab]:ends[lab]]]
+        v = None if votes is None else votes[lab - 1].reshape(-1)[idx].astype(np.float32) * np.float32(vote_scale)
+        out[STATION_NAMES[lab - 1]] = _weight_map_at(idx, geom, lab, v, indexed=True)
     return out
 
 

@@ -165,7 +165,7 @@ def _subsets(m, patient) -> dict:
     for combo in itertools.combinations(range(n), 3):
         ranking = [list(combo).index(int(i)) for i in order if i in combo]  # positions within the subset
         fused = fuse(m.warped[list(combo)], ranking)
-        maps = station_weight_maps(fused.labels, m.geometry, fused.vote_fraction())
+        maps = station_weight_maps(fused.labels, m.geometry, fused.votes, 1.0 / fused.n_atlases)
         got = assign_points(pts, maps) if len(pts) else []
         accs["+".join(m.atlas_ids[i] for i in combo)] = (
             round(sum(a == s for a, (s, _) in zip(got, nodes, strict=True)) / len(nodes), 4) if nodes else None)
