@@ -77,17 +77,18 @@ class RegistrationConfig:
 
     structures: tuple[Structure, ...] = DEFAULT_STRUCTURES
     levels_mm: tuple[float, ...] = (8.0, 4.0)  # grid spacing of the deformable levels, coarse to fine
-    iterations: tuple[int, ...] = (60, 40)  # most demons iterations per level (fewer when the loss stalls)
+    iterations: tuple[int, ...] = (30, 30)  # most demons iterations per level (fewer when the loss stalls)
     affine_mm: float = 12.0  # grid spacing of the affine stage (over the thorax)
     affine_iterations: int = 30  # most Gauss-Newton iterations of the affine stage
     affine_damping: float = 1e-3  # initial Levenberg-Marquardt damping (relative to the Hessian's diagonal)
     affine_tolerance: float = 1e-4  # stop when the largest affine update is below this (normalised units)
     channel_sigma: float = 0.5  # Gaussian smoothing of the occupancy channels, in level voxels
     fluid_sigma: float = 1.0  # Gaussian smoothing of each demons update, in level voxels
-    smooth_sigma: float = 1.0  # Gaussian smoothing of the velocity field after each update, in level voxels
+    smooth_sigma: float = 0.5  # Gaussian smoothing of the velocity field after each update, in level voxels
     step: float = 1.0  # demons step (the normalised force is at most half a voxel)
     field_factor: int = 2  # velocity field spacing = level spacing * field_factor
     squarings: int = 4
+    channel_margin_mm: float = 16.0  # each channel is matched in the box of its occupancy plus this margin
     tolerance: float = 2e-3  # a level stops when the loss fell by less than this fraction over `window` iterations
     window: int = 8
     crop_margin_mm: float = 25.0  # margin around the atlases' stations for the deformable crop
@@ -711,18 +712,23 @@ def _demons(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], affine_nor
         history: list = []
         it = 0
         for it in range(1, n_it + 1):  # noqa: B007
-            warped = warp(v)
-            diff = warped - fixed
-            sq = diff * diff
-            loss = sq.mean(dim=(2, 3, 4)).sum(1) / wsum
+            if it == 1:  # all channels everywhere once, which also fixes each channel's region for this level
+                warped = warp(v)
+                diff = warped - fixed
+                sq = diff * diff
+                loss = sq.mean(dim=(2, 3, 4)).sum(1) / wsum
+                force = _demons_force(warped, diff, sq.sum(1) / kappa, h)
+                regions = _channel_regions(warped, fixed, config.channel_margin_mm, h)
+                del warped, sq, diff
+            else:
+                loss, force = warp.boxed(v, fixed, regions, kappa, h)
+                loss = loss / wsum
             improved = loss < best_loss
             best_loss = torch.where(improved, loss, best_loss)
             best_v[improved] = v[improved]
             history.append(best_loss)
             if _converged(history, config.window, config.tolerance):
                 break
-            force = _demons_force(warped, diff, sq.sum(1) / kappa, h)
-            del warped, sq, diff
             force = gaussian_smooth(force, config.fluid_sigma)
             if fshape != shape:
                 force = F.interpolate(force, size=fshape, mode="trilinear", align_corners=True)
@@ -742,6 +748,7 @@ class _Warper:
 
     def __init__(self, vol, mats, shape, squarings: int, to_norm) -> None:
         self.vol, self.shape, self.squarings, self.to_norm = vol, tuple(shape), squarings, to_norm
+        self.channels = None
         n = mats.shape[0]
         self.linear = mats[:, :3, :3].contiguous()
         self.base = _apply(mats, identity_grid(shape, vol.device).expand(n, *shape, 3)).contiguous()
@@ -755,14 +762,68 @@ class _Warper:
             u = F.interpolate(u, size=self.shape, mode="trilinear", align_corners=True)
         return u
 
+    def grid(self, v):
+        """Atlas sample coordinates of the level grid's points (N, z, y, x, 3)."""
+        u = self.displacement(v)
+        moved = self.linear @ u.reshape(u.shape[0], 3, -1)  # (N, 3, V): the displacement in atlas sample units
+        return self.base + moved.transpose(1, 2).reshape(self.base.shape)
+
     def __call__(self, v):
         import torch.nn.functional as F
 
-        u = self.displacement(v)
-        n = u.shape[0]
-        moved = self.linear @ u.reshape(n, 3, -1)  # (N, 3, V): the displacement in atlas sample coordinates
-        grid = self.base + moved.transpose(1, 2).reshape(self.base.shape)
-        return F.grid_sample(self.vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True).contiguous()
+        return F.grid_sample(self.vol, self.grid(v), mode="bilinear", padding_mode="zeros",
+                             align_corners=True).contiguous()
+
+    def boxed(self, v, fixed, regions: list[tuple[int, tuple[slice, ...]]], kappa: float,
+              spacing_xyz: Sequence[float]):
+        """Sum of squared differences per atlas (N,) and the demons force (N, 3, z, y, x), each channel sampled
+        only inside its region (outside it both the warped and the fixed channel are taken as 0)."""
+        torch = _torch()
+        import torch.nn.functional as F
+
+        if self.channels is None:
+            self.channels = [self.vol[:, c:c + 1].contiguous() for c in range(self.vol.shape[1])]
+        grid = self.grid(v)
+        n = grid.shape[0]
+        num = torch.zeros(n, 3, *self.shape, dtype=grid.dtype, device=grid.device)
+        den = torch.zeros(n, *self.shape, dtype=grid.dtype, device=grid.device)
+        total = torch.zeros(n, dtype=grid.dtype, device=grid.device)
+        for c, region in regions:
+            w = F.grid_sample(self.channels[c], grid[(slice(None), *region)], mode="bilinear", padding_mode="zeros",
+                              align_corners=True)[:, 0]
+            d = w - fixed[(slice(None), c, *region)]
+            sq = d * d
+            total += sq.sum(dim=(1, 2, 3))
+            den[(slice(None), *region)] += sq / kappa
+            for k, (axis, h) in enumerate(zip((3, 2, 1), spacing_xyz, strict=True)):
+                size = w.shape[axis]
+                if size <= 2:
+                    continue
+                g = (w.narrow(axis, 2, size - 2) - w.narrow(axis, 0, size - 2)) * (0.5 / h)
+                inner = list(region)
+                sl = inner[axis - 1]
+                inner[axis - 1] = slice(sl.start + 1, sl.stop - 1)
+                num[(slice(None), k, *inner)] -= d.narrow(axis, 1, size - 2) * g
+                den[(slice(None), *inner)] += g * g
+        return total / float(np.prod(self.shape)), num / den.clamp(min=1e-6)[:, None]
+
+
+def _channel_regions(warped, fixed, margin_mm: float, spacing_xyz: Sequence[float]
+                     ) -> list[tuple[int, tuple[slice, ...]]]:
+    """Per channel, the index box (z, y, x slices) holding its warped and fixed occupancy (any atlas), grown by a
+    margin; channels empty everywhere are left out."""
+    support = ((warped > 1e-3) | (fixed > 1e-3)).any(0)  # (C, z, y, x)
+    margin = [int(math.ceil(margin_mm / h)) for h in spacing_xyz[::-1]]  # z, y, x
+    regions = []
+    for c in range(support.shape[0]):
+        box = bbox_of(support[c].cpu().numpy())
+        if box is None:
+            continue
+        lo, hi = box[0][::-1], box[1][::-1]  # z, y, x
+        size = support.shape[1:]
+        regions.append((c, tuple(slice(max(int(a) - m, 0), min(int(b) + m, n))
+                                 for a, b, m, n in zip(lo, hi, margin, size, strict=True))))
+    return regions
 
 
 def _converged(history: list, window: int, tolerance: float) -> bool:
