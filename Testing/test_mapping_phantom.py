@@ -1,0 +1,43 @@
+"""Station mapping on phantoms: small phantom patients against a small 3-atlas phantom set (other seeds), scored by
+the phantom's true node-to-station assignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from LymphNodeStagingLib.atlas import load_atlas_set
+from LymphNodeStagingLib.mapping import map_stations
+from LymphNodeStagingLib.phantom import generate_atlas_set, generate_patient
+from LymphNodeStagingLib.registration import RegistrationConfig
+from LymphNodeStagingLib.stations import parse_station
+from LymphNodeStagingLib.weightmap import assign_points
+
+PATIENT_SEEDS = (4242, 7, 11)  # never an atlas seed
+
+
+@pytest.fixture(scope="module")
+def small_atlas_set(tmp_path_factory):
+    root = generate_atlas_set(tmp_path_factory.mktemp("atlases") / "set", atlases=3, seed=1000, size="small")
+    return load_atlas_set(root, allow_missing_stations=True)
+
+
+def _true_nodes(truth: dict) -> list[tuple[str, np.ndarray]]:
+    return [(parse_station(name).name, np.asarray(node["centre_mm"], float))
+            for name, info in truth.get("stations", {}).items() for node in info.get("nodes", [])]
+
+
+def test_phantom_nodes_land_in_their_stations(small_atlas_set):
+    correct = total = 0
+    for seed in PATIENT_SEEDS:
+        patient = generate_patient(seed, size="small")
+        m = map_stations(patient.ct, patient.anatomy, small_atlas_set, config=RegistrationConfig(threads=2))
+        nodes = _true_nodes(patient.truth)
+        assert nodes, f"phantom {seed} has no nodes"
+        got = assign_points(np.array([c for _, c in nodes]), m.weight_maps)
+        correct += sum(g == s for g, (s, _) in zip(got, nodes, strict=True))
+        total += len(nodes)
+        assert m.flags["7"] == "ok"
+        assert set(m.timings) >= {"affine", "deformable", "warp_stations", "fusion", "weight_maps"}
+    assert total >= 30
+    assert correct / total >= 0.90, f"node-to-station accuracy {correct}/{total}"
