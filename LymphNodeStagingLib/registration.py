@@ -77,7 +77,7 @@ class RegistrationConfig:
 
     structures: tuple[Structure, ...] = DEFAULT_STRUCTURES
     levels_mm: tuple[float, ...] = (8.0, 4.0)  # grid spacing of the deformable levels, coarse to fine
-    iterations: tuple[int, ...] = (30, 30)  # most demons iterations per level (fewer when the loss stalls)
+    iterations: tuple[int, ...] = (15, 12)  # most demons iterations per level (fewer when the loss stalls)
     affine_mm: float = 12.0  # grid spacing of the affine stage (over the thorax)
     affine_iterations: int = 30  # most Gauss-Newton iterations of the affine stage
     affine_damping: float = 1e-3  # initial Levenberg-Marquardt damping (relative to the Hessian's diagonal)
@@ -85,12 +85,12 @@ class RegistrationConfig:
     channel_sigma: float = 0.5  # Gaussian smoothing of the occupancy channels, in level voxels
     fluid_sigma: float = 1.0  # Gaussian smoothing of each demons update, in level voxels
     smooth_sigma: float = 0.5  # Gaussian smoothing of the velocity field after each update, in level voxels
-    step: float = 1.0  # demons step (the normalised force is at most half a voxel)
+    step: float = 2.5  # demons step, in units of the normalised force (at most half a voxel)
     field_factor: int = 2  # velocity field spacing = level spacing * field_factor
     squarings: int = 4
     channel_margin_mm: float = 16.0  # each channel is matched in the box of its occupancy plus this margin
     tolerance: float = 2e-3  # a level stops when the loss fell by less than this fraction over `window` iterations
-    window: int = 8
+    window: int = 5
     crop_margin_mm: float = 25.0  # margin around the atlases' stations for the deformable crop
     thorax_margin_mm: float = 10.0
     threads: int | None = None  # torch threads (None: the machine's core count)
@@ -102,6 +102,14 @@ class RegistrationConfig:
         if any(s <= 0 for s in (*self.levels_mm, self.affine_mm)):
             raise RegistrationError(f"levels_mm {self.levels_mm}, affine_mm {self.affine_mm}: expected positive "
                                     "spacings in mm")
+        if any(int(n) < 0 for n in self.iterations) or self.affine_iterations < 0:
+            raise RegistrationError(f"iterations {self.iterations}, affine_iterations {self.affine_iterations}: "
+                                    "expected non-negative counts")
+        if self.step <= 0 or int(self.field_factor) < 1 or self.squarings < 0:
+            raise RegistrationError(f"step {self.step}, field_factor {self.field_factor}, squarings {self.squarings}: "
+                                    "expected step > 0, field_factor >= 1, squarings >= 0")
+        if min(self.channel_sigma, self.fluid_sigma, self.smooth_sigma, self.channel_margin_mm) < 0:
+            raise RegistrationError("channel_sigma, fluid_sigma, smooth_sigma and channel_margin_mm must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------------------------------
