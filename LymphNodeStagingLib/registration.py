@@ -236,22 +236,31 @@ def centroids_mm(labels: np.ndarray, geom: Geometry, ids: Sequence[int] | None =
     return {i: world[k] for k, i in enumerate(present)}
 
 
-def occupancy(labels: np.ndarray, geom: Geometry, lut: np.ndarray, n_channels: int,
-              spacing_mm: float) -> tuple[np.ndarray, Geometry]:
-    """Partial-volume fraction of each channel on blocks of about spacing_mm: (C, z, y, x) float32 and the grid."""
-    import torch
-    import torch.nn.functional as F
+def channel_voxels(labels: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index (x, y, z) int32 (P, 3) and channel (0-based, P) of every voxel that belongs to a registration channel."""
+    ch = lut[np.minimum(labels, len(lut) - 1)]
+    flat = np.flatnonzero(ch)
+    nz, ny, nx = labels.shape
+    z, rest = np.divmod(flat, ny * nx)
+    y, x = np.divmod(rest, nx)
+    return np.stack([x, y, z], 1).astype(np.int32), ch.ravel()[flat].astype(np.int64) - 1
 
+
+def occupancy(labels: np.ndarray, geom: Geometry, lut: np.ndarray, n_channels: int, spacing_mm: float,
+              voxels: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, Geometry]:
+    """Partial-volume fraction of each channel on blocks of about spacing_mm: (C, z, y, x) float32 and the grid
+    (blocks start at index 0; an incomplete last block is left out). voxels: channel_voxels(labels, lut), if known.
+    One bincount over the channel voxels, whatever the number of channels."""
     k = np.maximum(np.round(spacing_mm / geom.spacing).astype(int), 1)  # (x, y, z)
-    shape = np.asarray(labels.shape)[::-1] // k * k
-    ch = lut[np.minimum(labels[: shape[2], : shape[1], : shape[0]], len(lut) - 1)]
-    t = torch.from_numpy(ch)
-    out = torch.empty((n_channels, *(shape[::-1] // k[::-1])), dtype=torch.float32)
-    kernel = tuple(int(v) for v in k[::-1])
-    for c in range(n_channels):
-        mask = (t == c + 1).to(torch.float32)[None, None]
-        out[c] = F.avg_pool3d(mask, kernel, kernel)[0, 0]
-    return out.numpy(), geom.pooled(k)
+    nb = np.asarray(labels.shape)[::-1] // k  # blocks (x, y, z)
+    idx, ch = voxels if voxels is not None else channel_voxels(labels, lut)
+    b = idx // k.astype(np.int32)
+    keep = (b < nb).all(1)
+    key = ((b[keep, 2].astype(np.int64) * nb[1] + b[keep, 1]) * nb[0] + b[keep, 0]) * n_channels + ch[keep]
+    counts = np.bincount(key, minlength=int(np.prod(nb)) * n_channels)
+    out = counts.reshape(nb[2], nb[1], nb[0], n_channels).transpose(3, 0, 1, 2).astype(np.float32)
+    out /= np.float32(np.prod(k))
+    return np.ascontiguousarray(out), geom.pooled(k)
 
 
 def bbox_of(labels: np.ndarray, margin_vox: Sequence[int] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray] | None:
@@ -292,13 +301,14 @@ def prepare_anatomy(anatomy: sitk.Image, config: RegistrationConfig) -> Prepared
     sub = np.ascontiguousarray(labels[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]])
     sub_geom = geom.crop(lo, hi)
     n = len(config.structures)
-    counts = np.bincount(lut[np.minimum(sub, len(lut) - 1)].ravel(), minlength=n + 1)
-    present = counts[1:] > 0
-    levels = [occupancy(sub, sub_geom, lut, n, s) for s in config.levels_mm]
+    present = np.zeros(n, bool)
+    voxels = channel_voxels(sub, lut)
+    present[np.unique(voxels[1])] = True
+    levels = [occupancy(sub, sub_geom, lut, n, s, voxels) for s in config.levels_mm]
     corners = np.array([[x, y, z] for x in (0, sub_geom.shape[0] - 1) for y in (0, sub_geom.shape[1] - 1)
                         for z in (0, sub_geom.shape[2] - 1)], float)
     extent = corners @ (geom.direction @ np.diag(geom.spacing)).T + sub_geom.origin
-    affine = occupancy(sub, sub_geom, lut, n, config.affine_mm)
+    affine = occupancy(sub, sub_geom, lut, n, config.affine_mm, voxels)
     return PreparedAnatomy(centroids_mm(sub, sub_geom, LANDMARK_IDS), present, levels, extent, affine)
 
 
