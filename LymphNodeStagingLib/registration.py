@@ -283,6 +283,7 @@ class PreparedAnatomy:
     levels: list[tuple[np.ndarray, Geometry]]  # per level: (C, z, y, x) occupancy and its grid
     extent_points: np.ndarray  # world corners of the bounding box of the channel structures
     affine_level: tuple[np.ndarray, Geometry] | None = None  # occupancy on the affine stage's grid
+    cache: dict = field(default_factory=dict, repr=False)  # smoothed occupancies, keyed by (level, sigma)
 
 
 def prepare_anatomy(anatomy: sitk.Image, config: RegistrationConfig) -> PreparedAnatomy:
@@ -593,14 +594,21 @@ def register(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], station_p
     return RegistrationResult(box, affine_norm, disp, per, weights, timings, iters)
 
 
-def _atlas_level(levels: list[tuple[np.ndarray, Geometry]], weights, sigma: float, device):
-    """Atlas occupancies of one level, stacked (N, C, z, y, x), channels not shared with the patient zeroed and
-    smoothed; and the per-atlas map atlas world -> normalised sample coordinates."""
+def _atlas_level(atlases: list[PreparedAnatomy], level: int | str, weights, sigma: float, device):
+    """Atlas occupancies of one level ("affine" or a deformable level index), smoothed (kept in each atlas's cache,
+    so a prepared atlas set smooths once), stacked (N, C, z, y, x) with the channels not shared with the patient
+    zeroed; and the per-atlas map atlas world -> normalised sample coordinates."""
     torch = _torch()
 
+    levels = []
+    for a in atlases:
+        if (level, sigma) not in a.cache:
+            vol, geom = a.affine_level if level == "affine" else a.levels[level]
+            smooth = gaussian_smooth(torch.from_numpy(vol)[None], sigma)[0].numpy()
+            a.cache[(level, sigma)] = (np.ascontiguousarray(smooth, np.float32), geom)
+        levels.append(a.cache[(level, sigma)])
     stack, shape = _pad_stack([vol for vol, _ in levels])
     vol = torch.from_numpy(stack).to(device) * weights[:, :, None, None, None]
-    vol = gaussian_smooth(vol, sigma)
     norm = np.stack([_norm_matrix(geom, shape) for _, geom in levels])
     return vol.contiguous(memory_format=torch.channels_last_3d), norm
 
@@ -652,7 +660,7 @@ def _affine_gauss_newton(patient: PreparedAnatomy, atlases: list[PreparedAnatomy
     torch = _torch()
 
     n = len(atlases)
-    a_vol, a_norm = _atlas_level([a.affine_level for a in atlases], w_t, config.channel_sigma, dev)
+    a_vol, a_norm = _atlas_level(atlases, "affine", w_t, config.channel_sigma, dev)
     grid0 = thorax.grid(config.affine_mm)
     fixed = gaussian_smooth(_resample_patient(patient.affine_level, grid0, thorax, dev), config.channel_sigma)
     fixed = fixed * w_t[:, :, None, None, None]  # (N, C, ...): channels not shared are left out
@@ -716,7 +724,7 @@ def _demons(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], affine_nor
         fshape = tuple(max(2, int(math.ceil((s - 1) / config.field_factor)) + 1) for s in shape)
         h = [float(s) for s in grid.spacing]  # mm (x, y, z)
         kappa = float(np.mean(np.square(h)))
-        a_vol, a_norm = _atlas_level([a.levels[level] for a in atlases], w_t, config.channel_sigma, dev)
+        a_vol, a_norm = _atlas_level(atlases, level, w_t, config.channel_sigma, dev)
         mats = torch.as_tensor(np.einsum("nij,njk->nik", a_norm, affine_norm), dtype=torch.float32, device=dev)
         fixed = gaussian_smooth(_resample_patient(patient.levels[level], grid, box, dev), config.channel_sigma)
         fixed = fixed * w_t[:, :, None, None, None]
