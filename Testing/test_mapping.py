@@ -15,7 +15,7 @@ from LymphNodeStagingLib.mapping import map_stations
 from LymphNodeStagingLib.registration import RegistrationConfig
 from LymphNodeStagingLib.weightmap import assign_points
 
-FAST = RegistrationConfig(threads=2, iterations=(30, 25), affine_iterations=40)
+FAST = RegistrationConfig(threads=1, iterations=(30, 25), affine_iterations=40)
 
 
 @pytest.fixture(scope="module")

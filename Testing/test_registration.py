@@ -60,7 +60,7 @@ def _station_corners(stations: sitk.Image) -> np.ndarray:
 
 
 def test_batched_registration_recovers_known_deformation():
-    cfg = R.RegistrationConfig(threads=2, iterations=(40, 30), affine_iterations=40)
+    cfg = R.RegistrationConfig(threads=1, iterations=(40, 30), affine_iterations=40)
     atlases = [body(smooth_warp(5, 1.0, (0, 0, 0), seed=1)), body(smooth_warp(5, 1.06, (6, -4, 8), seed=2))]
     patient_anat, patient_st = body(smooth_warp(7, 0.97, (3, 2, -4), seed=9))
     res = R.register(R.prepare_anatomy(patient_anat, cfg), [R.prepare_anatomy(a, cfg) for a, _ in atlases],
