@@ -76,3 +76,52 @@ def test_batched_registration_recovers_known_deformation():
         assert after > 0.8 and after > before + 0.3, (i, before, after)
     assert np.isfinite(res.channel_loss[res.weights > 0]).all()
     assert set(res.timings) == {"initialisation", "affine", "deformable"}
+
+
+def test_gaussian_smooth_matches_padded_convolution():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 9, 7, 11, generator=g)
+    sigma = 1.2
+    r = int(np.ceil(2.5 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = (k / k.sum()).float()
+    ref = x.reshape(1, 6, 9, 7, 11)
+    for axis in range(3):  # z, y, x with replicate borders
+        shape = [1, 1, 1]
+        shape[axis] = 2 * r + 1
+        pad = [0] * 6
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        ref = torch.nn.functional.conv3d(torch.nn.functional.pad(ref, pad, mode="replicate"),
+                                         k.view(1, 1, *shape).expand(6, 1, *shape), groups=6)
+    assert torch.allclose(R.gaussian_smooth(x, sigma), ref.reshape(x.shape), atol=1e-5)
+    assert torch.allclose(R.gaussian_smooth(torch.full((1, 1, 4, 5, 6), 2.5), 3.0), torch.tensor(2.5))
+
+
+def test_occupancy_is_the_block_mean_of_each_channel():
+    rng = np.random.default_rng(5)
+    labels = rng.choice([0, 16, 15, 52, 99], size=(7, 9, 10)).astype(np.uint8)  # 99: not a channel
+    img = sitk.GetImageFromArray(labels)
+    img.SetSpacing((2.0, 2.0, 3.0))
+    structures = (R.Structure("trachea", (16,)), R.Structure("other", (15, 52)))
+    lut = R.structure_lut(structures)
+    occ, geom = R.occupancy(labels, R.Geometry.of(img), lut, 2, 6.0)  # blocks of 3 x 3 x 2 voxels
+    assert occ.shape == (2, 3, 3, 3) and geom.shape == (3, 3, 3)
+    for c, ids in enumerate(((16,), (15, 52))):
+        mask = np.isin(labels[:6, :9, :9], ids).astype(np.float32)
+        ref = mask.reshape(3, 2, 3, 3, 3, 3).mean(axis=(1, 3, 5))
+        assert np.allclose(occ[c], ref)
+
+
+def test_aligned_nearest_warp_matches_the_general_path():
+    cfg = R.RegistrationConfig(threads=1, iterations=(6, 4), affine_iterations=8)
+    atlas_anat, atlas_st = body(smooth_warp(5, 1.0, (0, 0, 0), seed=1))
+    patient_anat, patient_st = body(smooth_warp(7, 0.97, (3, 2, -4), seed=9))
+    res = R.register(R.prepare_anatomy(patient_anat, cfg), [R.prepare_anatomy(atlas_anat, cfg)],
+                     [_station_corners(atlas_st)], cfg)
+    target = R.Geometry.of(patient_st)
+    vol, geom = [sitk.GetArrayFromImage(atlas_st)], [R.Geometry.of(atlas_st)]
+    fast = res.warp(vol, geom, target)
+    tilted = R.Geometry(target.origin, target.spacing, target.direction + 1e-7, target.shape)  # general path
+    slow = res.warp(vol, geom, tilted)
+    assert fast.shape == slow.shape and (fast > 0).any()
+    assert np.mean(fast != slow) < 1e-3  # rounding at label borders only
