@@ -118,7 +118,7 @@ def assess_case(
     *,
     anatomy: str | Path | sitk.Image | None = None,
     model: str | Path | None = None,
-    atlases: str | Path | None = None,
+    atlases=None,
     rules: str = DEFAULT_RULES,
     device: str = "cpu",
     pet_is_suv: bool = False,
@@ -135,8 +135,8 @@ def assess_case(
     """Assess one PET/CT. ``ct``/``pet`` are files, DICOM folders or SimpleITK images (PET images are SUV).
 
     ``anatomy``: precomputed label map (file, folder of masks or image); None runs TotalSegmentator.
-    ``model``: checkpoint (None: the bundled demo model). ``atlases``: atlas set folder (None: the bundled synthetic
-    set). ``station_mapping``: a mapping computed before (skips registration). With ``out_dir`` the result JSON,
+    ``model``: checkpoint (None: the bundled demo model). ``atlases``: atlas set folder or a loaded ``AtlasSet``
+    (reused between cases, it keeps its prepared registration data; None: the bundled synthetic set). ``station_mapping``: a mapping computed before (skips registration). With ``out_dir`` the result JSON,
     CSV, station map, mapping files and the PNG overview are written there.
     """
     side = parse_side(side, "side")
@@ -181,16 +181,16 @@ def assess_case(
         anat_img = _anatomy(anatomy, ct, ct_img, device)
         timings["anatomy"] = time.perf_counter() - t0
         check_cancel()
-        from .atlas import default_atlas_set_path, load_atlas_set
+        from .atlas import AtlasSet, default_atlas_set_path, load_atlas_set
         from .mapping import map_stations
 
         t0 = time.perf_counter()
-        atlas_set = load_atlas_set(atlases or default_atlas_set_path())
+        # a loaded set keeps its prepared registration data between cases
+        atlas_set = atlases if isinstance(atlases, AtlasSet) else load_atlas_set(atlases or default_atlas_set_path())
         station_mapping = map_stations(ct_img, anat_img, atlas_set, device=device,
                                        progress=lambda f, m: report(0.2 + 0.5 * f, m))
         timings["mapping"] = time.perf_counter() - t0
-        atlas_info = {"name": atlas_set.name, "atlases": station_mapping.atlas_ids,
-                      "path": str(atlases or default_atlas_set_path())}
+        atlas_info = {"name": atlas_set.name, "atlases": station_mapping.atlas_ids, "path": str(atlas_set.root)}
     else:
         atlas_info = {"atlases": list(getattr(station_mapping, "atlas_ids", []))}
     check_cancel()
