@@ -21,13 +21,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import LNSError
+from .imaging import normalise_ct, normalise_pet
 from .stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
 
-#: CT window mapped to [0, 1] (clipped) and the SUV divisor (unclipped), as in the paper.
-CT_WINDOW_HU: tuple[float, float] = (-200.0, 400.0)
-PET_SUV_SCALE = 4.0
 #: Values outside the source images: air for CT, zero uptake for PET.
 CT_OUTSIDE_HU = -1024.0
 PET_OUTSIDE_SUV = 0.0
@@ -38,20 +36,6 @@ DEFAULT_PATCH_SPACING = 1.0
 
 class PatchError(LNSError, ValueError):
     """Bad input to patch extraction or sampling (geometry, shapes, missing stations)."""
-
-
-try:  # the imaging module owns the normalisations; keep a local copy while it is not available
-    from .imaging import normalise_ct, normalise_pet  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the state of the imaging module
-
-    def normalise_ct(array: np.ndarray) -> np.ndarray:
-        """CT in HU -> [0, 1]: -200 HU -> 0, 400 HU -> 1, clipped."""
-        lo, hi = CT_WINDOW_HU
-        return np.clip((np.asarray(array, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
-
-    def normalise_pet(array: np.ndarray) -> np.ndarray:
-        """PET in SUV -> SUV / 4, not clipped."""
-        return np.asarray(array, dtype=np.float32) / PET_SUV_SCALE
 
 
 def patch_reference(centre_mm: Sequence[float], size: int = DEFAULT_PATCH_SIZE,
