@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..fileio import peak_memory_mb
-from ..metrics import ScanPrediction, evaluate_method
-from ..splits import make_split
-from ..stat_tests import compare_methods
+
+if TYPE_CHECKING:
+    from ..metrics import ScanPrediction
 
 HELP = "split + metrics with bootstrap CIs + McNemar + permutation test on synthetic predictions"
 
@@ -31,6 +32,8 @@ def synthetic_predictions(n_patients: int, quality: float, seed: int, data_seed:
     The reference labels depend on ``data_seed`` only, so two methods share them; a third of the patients have a
     second scan.
     """
+    from ..metrics import ScanPrediction
+
     drng = np.random.default_rng(data_seed)
     mrng = np.random.default_rng(seed)
     out = []
@@ -47,6 +50,10 @@ def synthetic_predictions(n_patients: int, quality: float, seed: int, data_seed:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from ..metrics import evaluate_method
+    from ..splits import make_split
+    from ..stat_tests import compare_methods
+
     times: dict[str, float] = {}
     t = time.perf_counter()
     base = synthetic_predictions(args.patients, 0.8, seed=1, data_seed=args.seed)

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     p.add_argument("--tta", type=int, default=0, help="extra weight-map-sampled patches per station (default 0)")
     p.add_argument("--pet-is-suv", action="store_true", help="the PET file already holds SUV")
-    p.add_argument("--suv-mode", default="qiba", choices=["qiba", "gatidis"], help="SUV conversion for DICOM PET")
+    p.add_argument("--suv-mode", default="qiba", help="SUV conversion for DICOM PET: qiba (default) or gatidis")
     p.add_argument("--device", default="cpu", help="cpu | gpu | cuda:N")
     p.add_argument("--case-id", help="identifier written into the result (default: from the CT file name)")
     p.add_argument("--out", required=True, help="output folder")

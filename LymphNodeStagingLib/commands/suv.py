@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..suv import SUV_MODES
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR", help="folder with the PET DICOM files")
     p.add_argument("output", type=Path, metavar="OUT", help="output image, e.g. suv.nii.gz")
-    p.add_argument("--mode", choices=SUV_MODES, default="qiba", help="conversion (default qiba)")
+    # the modes are checked by the library (suv.SUV_MODES), which is not imported until the command runs
+    p.add_argument("--mode", default="qiba", help="conversion: qiba (default) or gatidis")
     p.add_argument("--series", default=None,
                    help="SeriesInstanceUID, SeriesNumber or SeriesDescription when the folder holds several PET series")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
