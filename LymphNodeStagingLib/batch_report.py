@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fileio import atomic_path
+from .fileio import write_figure
 
 N_LABELS = ("N0", "N1", "N2", "N3")
 
@@ -87,8 +87,4 @@ def write_report(rows: list[dict], path: str | Path, steps: list[str] | None = N
     title = "Cohort run" + (f" - steps {','.join(steps)}" if steps else "")
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=90)

@@ -84,3 +84,16 @@ def write_image(image, path: str | Path, compress: bool = True) -> Path:
 def peak_memory_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_figure(fig, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", **savefig_kwargs)
+    finally:
+        plt.close(fig)
+    return path

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from .atlas import AtlasSet
 from .errors import LNSError
-from .fileio import write_image, write_json
+from .fileio import write_figure, write_image, write_json
 from .fusion import fuse
 from .registration import (
     Geometry,
@@ -270,7 +270,6 @@ def write_overlay(ct: sitk.Image, mapping: StationMapping, path: str | Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_path
     from .stations import STATIONS
 
     g = mapping.geometry
@@ -312,11 +311,7 @@ def write_overlay(ct: sitk.Image, mapping: StationMapping, path: str | Path) -> 
         ax.set_axis_off()
     fig.suptitle(f"Fused station map ({mapping.n_atlases} atlases)")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=90)
 
 
 __all__ = ["MappingError", "StationMapping", "map_stations", "write_overlay"]

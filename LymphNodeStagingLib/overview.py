@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .fileio import atomic_path
+from .fileio import write_figure
 from .result import ABSENT, POSITIVE, CaseResult
 from .stations import STATION_NAMES
 
@@ -149,8 +149,4 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
     fig.text(0.01, 0.005, "Red outline: positive station. PET (hot, SUV 1-8) over CT. Research software, not a "
              "medical device.", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 0.95))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return write_figure(fig, path)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LNSError
-from .fileio import atomic_path
+from .fileio import write_figure
 from .metrics import STAGE_LABELS, Evaluation, MethodEvaluation
 
 
@@ -56,10 +56,7 @@ def confusion_matrix_png(
     ax.set_title(f"{title}\n(n = {n:.0f})" if title else f"n = {n:.0f}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of reference row")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
-    return Path(path)
+    return write_figure(fig, path, dpi=dpi)
 
 
 def station_confusion_png(ev: Evaluation, path: str | Path, title: str = "") -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..fileio import atomic_path
+from ..fileio import write_figure
 from ..stations import STATIONS, parse_station
 from .patient import PhantomPatient
 
@@ -75,8 +75,4 @@ def write_preview(patient: PhantomPatient, path: str | Path) -> Path:
     fig.suptitle(f"{patient.patient_id}  {t['n_stage']}  tumour {t['tumour_side']} {t.get('tumour_lobe') or ''}  "
                  f"positive: {', '.join(t['positive_stations']) or 'none'}  (synthetic phantom)", color="white")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, facecolor="black", format="png")
-    plt.close(fig)
-    return path
+    return write_figure(fig, path, dpi=80, facecolor="black")
