@@ -255,44 +255,6 @@ def _atlas_set(path: str):
     return _ATLAS_SETS[path]
 
 
-def write_station_mapping(mapping, folder: str | Path) -> None:
-    """The files of the stations step: the mapping's own files plus station_info.json with the exact figures."""
-    folder = Path(folder)
-    mapping.write(folder)
-    write_json(folder / "station_info.json", {
-        "n_atlases": mapping.n_atlases, "atlas_ids": list(mapping.atlas_ids),
-        "agreement": {k: (None if v != v else float(v)) for k, v in mapping.agreement.items()},
-        "flags": dict(mapping.flags), "voxels": {k: int(v) for k, v in mapping.voxels.items()},
-        "atlas_loss": {k: float(v) for k, v in mapping.atlas_loss.items()},
-        "timings": {k: float(v) for k, v in mapping.timings.items()}})
-
-
-def read_station_mapping(folder: str | Path):
-    """A StationMapping rebuilt from the files the stations step wrote (weight maps derived again)."""
-    import json
-
-    import numpy as np
-    import SimpleITK as sitk
-
-    from .mapping import StationMapping
-    from .registration import Geometry
-    from .weightmap import station_weight_maps
-
-    folder = Path(folder)
-    info = json.loads((folder / "station_info.json").read_text(encoding="utf-8"))
-    lab_img = sitk.ReadImage(str(folder / "stations.nii.gz"))
-    labels = sitk.GetArrayFromImage(lab_img).astype(np.uint8)
-    geom = Geometry.of(lab_img)
-    n = int(info["n_atlases"])
-    frac = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "vote_fractions.nii.gz")))
-    votes = np.rint(np.moveaxis(frac, -1, 0) * n).astype(np.uint8)
-    agreement = {k: (float("nan") if v is None else float(v)) for k, v in info["agreement"].items()}
-    maps = station_weight_maps(labels, geom, votes.astype(np.float32) / n)
-    return StationMapping(labels, votes, n, geom, agreement, dict(info["flags"]),
-                          {k: int(v) for k, v in info["voxels"].items()}, maps, list(info["atlas_ids"]),
-                          {k: float(v) for k, v in info["atlas_loss"].items()}, dict(info.get("timings", {})))
-
-
 class _CaseRun:
     """The steps of one case, each reading what the previous steps cached."""
 
@@ -358,7 +320,7 @@ class _CaseRun:
         return {"source": source}
 
     def stations(self, out: Path) -> dict:
-        from .mapping import map_stations
+        from .mapping import map_stations, write_station_mapping
 
         cfg = registration_config(self.opt.registration, self.opt.threads)
         mapping = map_stations(self.ct(), self.anatomy(), _atlas_set(self.opt.atlases), device=self.opt.device,
@@ -369,6 +331,7 @@ class _CaseRun:
 
     def assess(self, out: Path) -> dict:
         from .assessment import assess_case
+        from .mapping import read_station_mapping
 
         a = assess_case(self.ct(), self.pet(), self.row["tumour_side"], anatomy=self.anatomy(),
                         model=self.opt.model, atlases=self.opt.atlases, rules=self.opt.rules, device=self.opt.device,

@@ -1,7 +1,7 @@
 """Cohort rows turned into training/evaluation cases: images, cached station maps and patch-centre samplers.
 
-The station mapping of a scan is cached in ``CACHE/<scan_id>/`` (stations.nii.gz, vote_fractions.nii.gz,
-mapping.json with the parameters it was made with), so a second training or evaluation run skips registration.
+The station mapping of a scan is cached in ``CACHE/<scan_id>/`` (the files of ``mapping.write_station_mapping``
+and mapping_key.json with the inputs it was made from), so a second training or evaluation run skips registration.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
 from .cohort import CohortRow
 from .errors import LNSError
-from .fileio import atomic_dir, write_image, write_json
+from .fileio import atomic_dir, write_json
 from .stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
@@ -57,47 +56,39 @@ def load_images(row: CohortRow, pet_is_suv: bool = False) -> tuple[sitk.Image, s
 
     if row.ct_path is None or row.pet_path is None:
         raise CaseDataError(f"line {row.line}: ct_path and pet_path are required")
-    pet_suv = pet_is_suv or (row.pet_path.is_file() and not str(row.pet_path).lower().endswith(".dcm"))
-    case = load_case(row.ct_path, row.pet_path, pet_is_suv=pet_suv and row.pet_path.is_file())
+    # an image file has no DICOM header to compute SUV from: it holds SUV; DICOM folders are converted
+    is_file = row.pet_path.is_file()
+    case = load_case(row.ct_path, row.pet_path,
+                     pet_is_suv=is_file and (pet_is_suv or not row.pet_path.name.lower().endswith(".dcm")))
     return case.ct, case.pet
 
 
 def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: str = "cpu",
                  pet_is_suv: bool = False) -> PreparedCase:
     """Images, station map (cached) and sampler of one cohort row. PET files (not DICOM folders) are read as SUV."""
+    from .mapping import map_stations, read_station_mapping, write_station_mapping
     from .patches import StationSampler
-    from .registration import Geometry
-    from .weightmap import station_weight_maps
 
     ct, pet = load_images(row, pet_is_suv)
     folder = Path(cache_dir) / row.scan_id
     key = _mapping_key(row, atlas_set)
-    manifest = folder / "mapping_key.json"
-    from_cache = False
-    if manifest.is_file() and json.loads(manifest.read_text()) == key:
-        station_map = sitk.ReadImage(str(folder / "stations.nii.gz"))
-        votes_img = sitk.ReadImage(str(folder / "vote_fractions.nii.gz"))
-        votes = np.moveaxis(sitk.GetArrayFromImage(votes_img), -1, 0).astype(np.float32)
-        from_cache = True
+    key_file = folder / "mapping_key.json"
+    from_cache = key_file.is_file() and json.loads(key_file.read_text()) == key
+    if from_cache:
+        mapping = read_station_mapping(folder)
     else:
         from .anatomy import load_anatomy
-        from .mapping import map_stations
 
         if row.anatomy_path is None:
             raise CaseDataError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and "
                                 "evaluation (run `lnstaging anatomy` or `lnstaging batch --steps anatomy` first)")
         anatomy = load_anatomy(row.anatomy_path, reference=ct)
         mapping = map_stations(ct, anatomy, atlas_set, device=device)
-        station_map = mapping.label_image()
-        votes = mapping.votes.astype(np.float32) / mapping.n_atlases
         with atomic_dir(folder) as tmp:
-            write_image(station_map, tmp / "stations.nii.gz")
-            write_image(mapping.vote_fraction_image(), tmp / "vote_fractions.nii.gz")
-            write_json(tmp / "mapping.json", mapping.to_dict())
+            write_station_mapping(mapping, tmp)
             write_json(tmp / "mapping_key.json", key)
-    labels = sitk.GetArrayFromImage(station_map)
-    maps = station_weight_maps(labels, Geometry.of(station_map), votes)
-    return PreparedCase(row, ct, pet, station_map, votes, StationSampler.from_sparse_maps(maps), from_cache)
+    return PreparedCase(row, ct, pet, mapping.label_image(), mapping.votes.astype(np.float32) / mapping.n_atlases,
+                        StationSampler.from_sparse_maps(mapping.weight_maps), from_cache)
 
 
 def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path, *, device: str = "cpu",
@@ -119,7 +110,3 @@ def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path, *,
     if progress:
         progress(len(rows), len(rows), "done")
     return out
-
-
-def cache_info() -> dict:
-    return {"cache_version": CACHE_VERSION, "library_version": __version__}

@@ -168,9 +168,8 @@ def test_station_mapping_round_trip(tmp_path):
     import numpy as np
     import SimpleITK as sitk
 
-    from LymphNodeStagingLib.batch import read_station_mapping, write_station_mapping
     from LymphNodeStagingLib.fusion import fuse
-    from LymphNodeStagingLib.mapping import StationMapping
+    from LymphNodeStagingLib.mapping import StationMapping, read_station_mapping, write_station_mapping
     from LymphNodeStagingLib.registration import Geometry
     from LymphNodeStagingLib.weightmap import station_weight_maps
 

@@ -1,0 +1,63 @@
+"""Training from a cohort CSV (lnstaging train): validation rows, cached station maps, a loadable checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from LymphNodeStagingLib.casedata import prepare_case
+from LymphNodeStagingLib.checkpoint import load_model
+from LymphNodeStagingLib.cli import main
+from LymphNodeStagingLib.cohort import read_cohort
+from LymphNodeStagingLib.training_run import split_rows
+
+
+@pytest.fixture(scope="module")
+def cohort_and_atlases(tmp_path_factory):
+    from LymphNodeStagingLib.phantom import generate_atlas_set, generate_cohort
+
+    root = tmp_path_factory.mktemp("train")
+    csv = generate_cohort(root / "cohort", patients=5, seed=77, size="small")
+    atlases = generate_atlas_set(root / "atlases", atlases=2, seed=3, size="small")
+    return csv, atlases, root
+
+
+def test_split_rows_uses_the_split_column_or_a_stratified_share(cohort_and_atlases):
+    csv, _, _ = cohort_and_atlases
+    rows = read_cohort(csv).usable_rows()
+    train, val = split_rows(rows, val_fraction=0.2, seed=0)
+    assert len(train) + len(val) == len(rows) and len(val) == 1
+    assert not {r.patient_id for r in train} & {r.patient_id for r in val}
+    rows[0].split, rows[1].split, rows[2].split = "val", "test", "train"
+    train, val = split_rows(rows)
+    assert [r.line for r in val] == [rows[0].line]
+    assert rows[1].line not in [r.line for r in train + val]
+
+
+@pytest.mark.slow
+def test_station_maps_are_cached_per_case(cohort_and_atlases, tmp_path):
+    from LymphNodeStagingLib.atlas import load_atlas_set
+
+    csv, atlases, _ = cohort_and_atlases
+    row = read_cohort(csv).usable_rows()[0]
+    atlas_set = load_atlas_set(atlases)
+    first = prepare_case(row, atlas_set, tmp_path)
+    again = prepare_case(row, atlas_set, tmp_path)
+    assert not first.from_cache and again.from_cache
+    assert (first.sampler.present == again.sampler.present).all()
+    assert (first.sampler.centroids()[first.sampler.present] == again.sampler.centroids()[again.sampler.present]).all()
+
+
+@pytest.mark.slow
+def test_train_command_writes_a_loadable_checkpoint(cohort_and_atlases, capsys):
+    csv, atlases, root = cohort_and_atlases
+    out = root / "ts1"
+    argv = ["train", str(csv), "--strategy", "ts1", "--out", str(out), "--small", "--epochs", "1",
+            "--max-steps-per-epoch", "2", "--batch-size", "8", "--atlases", str(atlases), "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["strategy"] == "ts1" and data["epochs_run"] == 1
+    model, manifest = load_model(data["checkpoint"])
+    assert manifest["kind"] == "station" and 0.0 <= manifest["threshold"] <= 1.0
+    assert len(list((out / "cases").iterdir())) == 5  # one cached station mapping per scan
