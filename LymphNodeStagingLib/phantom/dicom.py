@@ -128,6 +128,16 @@ def _check(img: sitk.Image, what: str) -> None:
         raise PhantomError(f"{what}: only axial images with identity direction are written")
 
 
+def _slice_geometry(ds: FileDataset, origin, spacing, k: int, shape) -> None:
+    """Position, location, thickness, spacing and matrix of axial slice k (identity direction)."""
+    z = origin[2] + k * spacing[2]
+    ds.ImagePositionPatient = [f"{origin[0]:.4f}", f"{origin[1]:.4f}", f"{z:.4f}"]
+    ds.SliceLocation = f"{z:.4f}"
+    ds.SliceThickness = f"{spacing[2]:.4f}"
+    ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]
+    ds.Rows, ds.Columns = shape[1], shape[2]
+
+
 def write_ct_series(ct: sitk.Image, out_dir: str | Path, *, patient_id: str, study_uid: str,
                     frame_of_reference_uid: str, series_uid: str | None = None, seed: int = 0,
                     when: datetime = datetime(2024, 3, 14, 9, 58, 0)) -> Path:
@@ -145,11 +155,7 @@ def write_ct_series(ct: sitk.Image, out_dir: str | Path, *, patient_id: str, stu
             ds.SeriesDescription = "Phantom CT"
             ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
             ds.InstanceNumber = k + 1
-            ds.ImagePositionPatient = [f"{org[0]:.4f}", f"{org[1]:.4f}", f"{org[2] + k * sp[2]:.4f}"]
-            ds.SliceLocation = f"{org[2] + k * sp[2]:.4f}"
-            ds.SliceThickness = f"{sp[2]:.4f}"
-            ds.PixelSpacing = [f"{sp[1]:.6f}", f"{sp[0]:.6f}"]
-            ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
+            _slice_geometry(ds, org, sp, k, arr.shape)
             ds.RescaleIntercept = "0"
             ds.RescaleSlope = "1"
             ds.RescaleType = "HU"
@@ -217,11 +223,7 @@ def write_pet_series(suv: sitk.Image, out_dir: str | Path, header: PetHeader, *,
             ds.ImageType = ["ORIGINAL", "PRIMARY"]
             ds.InstanceNumber = k + 1
             ds.AcquisitionDate, ds.AcquisitionTime = _dt(acq)
-            ds.ImagePositionPatient = [f"{org[0]:.4f}", f"{org[1]:.4f}", f"{org[2] + k * sp[2]:.4f}"]
-            ds.SliceLocation = f"{org[2] + k * sp[2]:.4f}"
-            ds.SliceThickness = f"{sp[2]:.4f}"
-            ds.PixelSpacing = [f"{sp[1]:.6f}", f"{sp[0]:.6f}"]
-            ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
+            _slice_geometry(ds, org, sp, k, arr.shape)
             ds.RescaleIntercept = "0"
             ds.RescaleSlope = f"{slope:.10g}"
             ds.Units = h.units
