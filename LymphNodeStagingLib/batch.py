@@ -135,17 +135,6 @@ class CaseTask:
         return {s: self.spec(s).key for s in self.options.steps}
 
 
-def _truthy(text: str | None) -> bool | None:
-    if text is None or not str(text).strip():
-        return None
-    low = str(text).strip().lower()
-    if low in ("1", "true", "yes", "y"):
-        return True
-    if low in ("0", "false", "no", "n"):
-        return False
-    raise BatchError(f"pet_is_suv value {text!r}: expected true/false, yes/no or 1/0")
-
-
 def _row_dict(row) -> dict[str, Any]:
     from .rules import N_STAGES
 
@@ -156,7 +145,7 @@ def _row_dict(row) -> dict[str, Any]:
     for col in ("ct_path", "pet_path", "anatomy_path"):
         v = getattr(row, col)
         d[col] = None if v is None else str(v)
-    d["pet_is_suv"] = _truthy(row.extra.get("pet_is_suv"))
+    d["pet_is_suv"] = row.pet_is_suv
     return d
 
 

@@ -51,21 +51,34 @@ def _mapping_key(row: CohortRow, atlas_set) -> dict:
     }
 
 
+def row_pet_is_suv(row: CohortRow, pet_is_suv: bool = False) -> bool:
+    """Whether the row's PET is taken as SUV: the cohort's pet_is_suv column, else the command's flag.
+
+    DICOM series without either are converted to SUV from their headers; a PET image file without either is an
+    error (it has no header to compute SUV from, and guessing would silently change every SUV figure).
+    """
+    declared = row.pet_is_suv if row.pet_is_suv is not None else (True if pet_is_suv else None)
+    pet = row.pet_path
+    if declared is None and pet is not None and pet.is_file() and not pet.name.lower().endswith(".dcm"):
+        raise CaseDataError(f"line {row.line} ({row.scan_id}): PET file {pet} is an image without a DICOM header; "
+                            "declare that it holds SUV (cohort column pet_is_suv=yes, or --pet-is-suv) or give the "
+                            "DICOM series folder")
+    return bool(declared)
+
+
 def load_images(row: CohortRow, pet_is_suv: bool = False) -> tuple[sitk.Image, sitk.Image]:
+    """CT and SUV PET of a cohort row (see :func:`row_pet_is_suv`)."""
     from .imaging import load_case
 
     if row.ct_path is None or row.pet_path is None:
         raise CaseDataError(f"line {row.line}: ct_path and pet_path are required")
-    # an image file has no DICOM header to compute SUV from: it holds SUV; DICOM folders are converted
-    is_file = row.pet_path.is_file()
-    case = load_case(row.ct_path, row.pet_path,
-                     pet_is_suv=is_file and (pet_is_suv or not row.pet_path.name.lower().endswith(".dcm")))
+    case = load_case(row.ct_path, row.pet_path, pet_is_suv=row_pet_is_suv(row, pet_is_suv))
     return case.ct, case.pet
 
 
 def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: str = "cpu",
                  pet_is_suv: bool = False) -> PreparedCase:
-    """Images, station map (cached) and sampler of one cohort row. PET files (not DICOM folders) are read as SUV."""
+    """Images, station map (cached) and sampler of one cohort row."""
     from .mapping import map_stations, read_station_mapping, write_station_mapping
     from .patches import StationSampler
 

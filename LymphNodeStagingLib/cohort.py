@@ -11,6 +11,9 @@ Columns (CSV, comma-separated, UTF-8, header in the first line):
   anatomy_path, stations_path,    optional: precomputed anatomy labels, station map, lesion mask
   lesion_path
   split                           optional: train, val, test, or a fold number
+  pet_is_suv                      optional: yes/no (true/false, 1/0); yes declares that the PET file holds SUV.
+                                  A PET image file (NIfTI, NRRD, ...) carries no DICOM header to compute SUV from,
+                                  so it is used only when declared SUV here or by the command's --pet-is-suv
 
 Validation reports every problem with its line number in the file (the header is line 1) and never drops a row:
 rows with errors stay in ``Cohort.rows`` and are listed in ``Cohort.problems``. A stated N-stage that disagrees
@@ -34,10 +37,24 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "patient_id", "study", "series", "n_stage", "positive_stations", "tumour_side", "ct_path", "pet_path",
 )
 PATH_COLUMNS_OPTIONAL: tuple[str, ...] = ("anatomy_path", "stations_path", "lesion_path")
-OPTIONAL_COLUMNS: tuple[str, ...] = (*PATH_COLUMNS_OPTIONAL, "split")
+OPTIONAL_COLUMNS: tuple[str, ...] = (*PATH_COLUMNS_OPTIONAL, "split", "pet_is_suv")
 SPLIT_VALUES = ("train", "val", "validation", "test")
 _NONE_WORDS = {"none", "-"}
 _UNKNOWN_WORDS = {"unknown", "?", "na", "n/a", "nan"}
+_YES_WORDS = {"1", "true", "yes", "y"}
+_NO_WORDS = {"0", "false", "no", "n"}
+
+
+def parse_yes_no(text: str | None, what: str) -> bool | None:
+    """yes/true/1 -> True, no/false/0 -> False, empty -> None; anything else raises CohortError naming ``what``."""
+    if text is None or not str(text).strip():
+        return None
+    low = str(text).strip().lower()
+    if low in _YES_WORDS:
+        return True
+    if low in _NO_WORDS:
+        return False
+    raise CohortError(f"{what} {text!r}: expected yes/no, true/false or 1/0")
 
 
 @dataclass
@@ -77,6 +94,7 @@ class CohortRow:
     stations_path: Path | None = None
     lesion_path: Path | None = None
     split: str | None = None
+    pet_is_suv: bool | None = None  # declared in the cohort (None: not stated)
     extra: dict[str, str] = field(default_factory=dict)
     valid: bool = True
 
@@ -275,12 +293,17 @@ def read_cohort(path: str | Path, *, check_files: bool = True, rules: str = DEFA
         if split is not None and split.lower() not in SPLIT_VALUES and not split.isdigit():
             row_problems.append(Problem("bad_split", f"split {split!r} is not one of {', '.join(SPLIT_VALUES)} "
                                         "or a fold number", line=line, column="split"))
+        pet_is_suv: bool | None = None
+        try:
+            pet_is_suv = parse_yes_no(get("pet_is_suv"), "pet_is_suv")
+        except CohortError as exc:
+            row_problems.append(Problem("bad_value", str(exc), line=line, column="pet_is_suv"))
         row = CohortRow(
             line=line, patient_id=pid, study=get("study"), series=get("series"), n_stage=n_stage,
             positive_stations=positives, tumour_side=side, ct_path=paths.get("ct_path"),
             pet_path=paths.get("pet_path"), anatomy_path=paths.get("anatomy_path"),
             stations_path=paths.get("stations_path"), lesion_path=paths.get("lesion_path"),
-            split=split.lower() if split and not split.isdigit() else split,
+            split=split.lower() if split and not split.isdigit() else split, pet_is_suv=pet_is_suv,
             extra={k: (v or "") for k, v in raw.items() if k is not None and k not in known},
         )
         # Label consistency: the stated N-stage against the rules applied to the positive stations.
@@ -347,6 +370,8 @@ def write_cohort(rows: list[dict], path: str | Path) -> Path:
                     v = ";".join(str(x) for x in v)
                 elif isinstance(v, Path):
                     v = v.as_posix()
+                elif isinstance(v, bool):
+                    v = "yes" if v else "no"
                 out[c] = "" if v is None else v
             writer.writerow(out)
     return path

@@ -35,6 +35,7 @@ class ModelConfig:
 
     in_channels: int = 2
     patch_size: int = 64
+    patch_spacing: float = 1.0  # mm per patch voxel: the network sees patch_size * patch_spacing mm
     channels: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     dropout: tuple[float, ...] = (0.05, 0.1, 0.2, 0.2, 0.2, 0.2)
     station_embedding_dim: int = 8  # 0: no station identity
@@ -45,6 +46,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.dropout = tuple(float(p) for p in self.dropout)
+        self.patch_spacing = float(self.patch_spacing)
+        if not self.patch_spacing > 0:
+            raise ModelConfigError(f"patch_spacing must be > 0 mm, got {self.patch_spacing}")
         if not self.channels or len(self.channels) != len(self.dropout):
             raise ModelConfigError(f"model channels {self.channels} and dropout {self.dropout} must be non-empty "
                                    "and of the same length (one entry per block)")
@@ -70,10 +74,12 @@ class ModelConfig:
 
     @classmethod
     def small(cls, patch_size: int = 32, **kw) -> ModelConfig:
-        """A small configuration for tests and quick experiments (fewer channels, 32^3 patches)."""
+        """A small configuration (fewer channels, 32^3 patches) with the paper's 64 mm field of view: coarser voxels
+        (2 mm at 32^3). For the bundled demo model, tests and quick experiments on a CPU."""
         blocks = max(1, min(5, int(np.log2(patch_size))))
         chans = tuple(4 * 2 ** i for i in range(blocks))
         drops = (0.0,) * blocks
+        kw.setdefault("patch_spacing", 64.0 / patch_size)
         return cls(patch_size=patch_size, channels=chans, dropout=drops, station_embedding_dim=4, head_hidden=16, **kw)
 
 
@@ -266,10 +272,10 @@ class StationPrediction:
 
 
 def predict_case(model: nn.Module, ct, pet, sampler, *, threshold: float = 0.5, tta: int = 0, seed: int = 0,
-                 spacing: float = 1.0, batch_size: int = 17) -> StationPrediction:
+                 spacing: float | None = None, batch_size: int = 17) -> StationPrediction:
     """Probabilities of the present stations of one case from their centroid patches (deterministic).
 
-    ``sampler`` is a :class:`patches.StationSampler`. With ``tta`` > 0, ``tta`` further centres per station are
+    ``sampler`` is a :class:`patches.StationSampler`; ``spacing`` (mm) defaults to the model's patch spacing. With ``tta`` > 0, ``tta`` further centres per station are
     drawn from its weight map (seeded) and the probabilities of all patches are averaged.
     """
     from .patches import extract_patches
@@ -281,6 +287,7 @@ def predict_case(model: nn.Module, ct, pet, sampler, *, threshold: float = 0.5, 
     probs = np.full(NUM_STATIONS, np.nan)
     spread = np.zeros(NUM_STATIONS)
     size = clf.config.patch_size
+    spacing = clf.config.patch_spacing if spacing is None else float(spacing)
     if idx.size:
         p0 = predict_stations(clf, extract_patches(ct, pet, centres[idx], size, spacing), idx, batch_size)
         probs[idx] = p0

@@ -359,7 +359,7 @@ class TrainConfig:
     seed: int = 123
     oversample: bool = True
     sampling: str = "weight_map"  # or "centroid" (the paper's "no weighted sampling" ablation)
-    patch_spacing: float = DEFAULT_PATCH_SPACING
+    patch_spacing: float | None = None  # mm; None: the model configuration's
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     rules: str | None = None  # rule set for TS1 validation N-staging; None: the model's
@@ -506,8 +506,8 @@ def _init_model(strategy: str, mconfig: ModelConfig, seed: int, init: str | Path
         ckpt = load_checkpoint(init)
         info = {"path": str(init), "weights_sha256": ckpt.manifest.get("weights_sha256"),
                 "kind": ckpt.manifest.get("kind")}
-        init_config = ckpt.manifest.get("model_config", {})
-        clf_keys = ("in_channels", "patch_size", "channels", "dropout", "station_embedding_dim")
+        init_config = ModelConfig.from_dict(ckpt.manifest.get("model_config", {})).to_dict()
+        clf_keys = ("in_channels", "patch_size", "patch_spacing", "channels", "dropout", "station_embedding_dim")
         for k in clf_keys:
             if init_config.get(k) != mconfig.to_dict().get(k):
                 raise TrainingError(f"--init checkpoint {init}: model_config.{k} = {init_config.get(k)!r} differs "
@@ -553,7 +553,9 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
         raise TrainingError("no training cases")
     device = _device(tconfig.device)
     batch_size = tconfig.batch_size or (64 if strategy == "ts1" else 16)
-    size, spacing = mconfig.patch_size, tconfig.patch_spacing
+    if tconfig.patch_spacing is not None and float(tconfig.patch_spacing) != mconfig.patch_spacing:
+        mconfig = dataclasses.replace(mconfig, patch_spacing=float(tconfig.patch_spacing))
+    size, spacing = mconfig.patch_size, mconfig.patch_spacing
     rules = tconfig.rules or mconfig.rules
 
     if strategy == "ts1":
@@ -810,11 +812,12 @@ def make_toy_case(seed: int, stations: Sequence[int] = (7, 10, 14, 2, 12), posit
 
 
 def measure_ts1_throughput(model_config: ModelConfig | None = None, batch_size: int = 16, steps: int = 3,
-                           spacing: float = DEFAULT_PATCH_SPACING, device: str = "cpu", seed: int = 0,
+                           spacing: float | None = None, device: str = "cpu", seed: int = 0,
                            augment: bool = True) -> dict:
     """Patches per second of TS1 training steps (patch sampling + augmentation + forward/backward + Adam step)
     on toy cases; the first step is a warm-up and is not counted. For ``lnstaging bench``."""
     mconfig = model_config or ModelConfig()
+    spacing = mconfig.patch_spacing if spacing is None else spacing
     cases = [make_toy_case(seed + i, stations=tuple(range(NUM_STATIONS)), size_ct=(96, 96, 48),
                            spacing_ct=(1.5, 1.5, 3.0)) for i in range(2)]
     ds = StationPatchDataset(cases, mconfig.patch_size, spacing, augment=AugmentConfig(enabled=augment), seed=seed)
@@ -842,7 +845,7 @@ def measure_ts1_throughput(model_config: ModelConfig | None = None, batch_size: 
             t_patch += t1 - t0
             t_step += t2 - t1
     n = steps * batch_size
-    return {"patch_size": mconfig.patch_size, "batch_size": batch_size, "steps": steps, "device": str(dev),
+    return {"patch_size": mconfig.patch_size, "patch_spacing_mm": spacing, "batch_size": batch_size, "steps": steps, "device": str(dev),
             "augment": augment, "torch_threads": torch.get_num_threads(),
             "patch_sampling_s_per_patch": round(t_patch / n, 5), "train_step_s_per_batch": round(t_step / steps, 4),
             "patches_per_second": round(n / (t_patch + t_step), 2),

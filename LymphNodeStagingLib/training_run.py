@@ -33,8 +33,8 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
                       epochs: int = 150, batch_size: int | None = None, lr: float = 5e-4, seed: int = 123,
                       sampling: str = "weight_map", pseudo_loss: bool = True, max_steps_per_epoch: int | None = None,
                       small: bool = False, atlases=None, rules: str | None = None, pet_is_suv: bool = False,
-                      val_fraction: float = 0.2, device: str = "cpu",
-                      progress: Callable[[float, str], None] | None = None):
+                      val_fraction: float = 0.2, device: str = "cpu", patch_spacing: float | None = None,
+                      cache_dir: str | Path | None = None, progress: Callable[[float, str], None] | None = None):
     """Train one strategy on a cohort CSV; returns training.TrainingResult."""
     from .atlas import default_atlas_set_path, load_atlas_set
     from .losses import LossWeights
@@ -53,11 +53,12 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
     def prep(done: int, total: int, name: str) -> None:
         report(0.0, f"preparing case {done}/{total} {name}")
 
-    cache = out_dir / "cases"
+    cache = Path(cache_dir) if cache_dir else out_dir / "cases"
     train_cases = case_samples(train_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=prep)
     val_cases = case_samples(val_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=prep)
     mconfig = ModelConfig.small(32) if small else ModelConfig()
     loss = LossWeights() if pseudo_loss else LossWeights(pseudo=0.0)
     tconfig = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, sampling=sampling, loss=loss,
+                          patch_spacing=patch_spacing,
                           rules=rules, device=device, max_steps_per_epoch=max_steps_per_epoch)
     return train(strategy, train_cases, val_cases, out_dir, mconfig, tconfig, init=init, progress=progress)

@@ -102,7 +102,9 @@ def test_run_resume_and_parameter_change(cohort, tmp_path):
     manifest = json.loads((case / "case.json").read_text())
     assert manifest["status"] == "ok" and set(manifest["keys"]) == {"suv", "anatomy"}
     assert (case / "suv" / "pet_suv.nii.gz").is_file() and (case / "anatomy" / "anatomy.nii.gz").is_file()
-    assert any("taken as SUV" in w for w in manifest["steps"]["suv"]["info"]["warnings"])
+    # the phantom cohort declares its NIfTI PET as SUV (pet_is_suv column): no guess, no warning
+    suv_info = manifest["steps"]["suv"]["info"]
+    assert suv_info["suv_mode"] == "user" and not suv_info["warnings"]
 
     # resume: everything reused, nothing computed
     events = []

@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train the classifier (TS1/TS2/TS3) on a cohort CSV",
         description="Train on a cohort. Validation rows: the cohort's split column (val/validation; test rows are "
-        "left out), else a stratified patient-level 20 %% share. Station maps are cached in OUT/cases so a second "
-        "run skips the registration. An interrupted run resumes from OUT/last.pt.",
+        "left out), else a stratified patient-level 20 %% share. Station maps are cached (OUT/cases or --cache) so "
+        "a second run skips the registration. An interrupted run resumes from OUT/last.pt.",
     )
     p.add_argument("cohort", metavar="COHORT.csv")
     p.add_argument("--strategy", required=True, choices=["ts1", "ts2", "ts3"])
@@ -27,10 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="patch centres in training: drawn from the weight map (default) or the fixed centroid")
     p.add_argument("--no-pseudo-loss", action="store_true", help="TS2/TS3 without the pseudo-label loss")
     p.add_argument("--max-steps-per-epoch", type=int)
-    p.add_argument("--small", action="store_true", help="a small network on 32^3 patches (quick experiments)")
+    p.add_argument("--small", action="store_true",
+                   help="the small network: 32^3 patches at 2 mm (the same 64 mm field of view), fast on a CPU")
+    p.add_argument("--patch-spacing", type=float, help="patch voxel size in mm (default: the network's)")
+    p.add_argument("--cache", help="folder of the per-case station maps (default OUT/cases); share it between runs "
+                   "on the same cohort")
     p.add_argument("--atlases", help="atlas set folder (default: the bundled synthetic set)")
     p.add_argument("--rules", default=None, help="rule set for validation N-staging (default: the model's)")
-    p.add_argument("--pet-is-suv", action="store_true", help="PET files hold SUV (PET image files always do)")
+    p.add_argument("--pet-is-suv", action="store_true", help="every PET holds SUV (else the cohort's pet_is_suv column decides; PET image "
+                   "files must be declared one way or the other)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--device", default="cpu", help="cpu | gpu | cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -48,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, sampling=args.sampling,
         pseudo_loss=not args.no_pseudo_loss, max_steps_per_epoch=args.max_steps_per_epoch, small=args.small,
         atlases=args.atlases, rules=args.rules, pet_is_suv=args.pet_is_suv, val_fraction=args.val_fraction,
-        device=device, progress=show)
+        device=device, progress=show, patch_spacing=args.patch_spacing, cache_dir=args.cache)
     d = res.to_dict()
     text = (f"{args.strategy}: {res.epochs_run} epochs, best epoch {res.best_epoch} "
             f"(validation {res.best_metric:.3f}), threshold {res.threshold:.2f}\ncheckpoint: {res.checkpoint}")
