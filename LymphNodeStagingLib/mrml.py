@@ -193,15 +193,33 @@ def probability_color_node(scene):
 
 
 def _add_legend(scene, seg_node, color_node):
+    """A colour legend (probability 0..1) shown in every view where the segmentation is shown.
+
+    Slicer's colour legend displayable manager draws the colours and the range of the legend's *primary display
+    node* (here the segmentation display node), not those set on the legend node: without a colour node on the
+    segmentation display node it hides the legend ("No color node is set in primary display node"), and without a
+    scalar range it labels 0..100. It updates its actor only on a ModifiedEvent of the legend node, so the legend
+    is signalled once it is attached.
+    """
+    display = seg_node.GetDisplayNode()
+    if display is None:
+        raise MRMLBridgeError(f"segmentation {seg_node.GetName()!r} has no display node for the colour legend")
+    # segments keep their own colours; the display node's colour node and range only feed the legend
+    display.SetAndObserveColorNodeID(color_node.GetID())
+    display.SetScalarRangeFlag(display.UseManualScalarRange)
+    display.SetScalarRange(0.0, 1.0)
     legend = scene.AddNewNodeByClass("vtkMRMLColorLegendDisplayNode", f"{seg_node.GetName()} legend")
     legend.SetAndObserveColorNodeID(color_node.GetID())
     legend.SetTitleText("Malignancy probability")
-    legend.SetLabelFormat("%.1f")
+    legend.SetLabelFormat("%.2f")  # 5 labels: 0, 0.25, 0.5, 0.75, 1
+    legend.SetNumberOfLabels(5)
     legend.SetUseColorNamesForLabels(False)
     legend.SetOrientation(legend.Vertical)
     legend.SetPosition(0.95, 0.5)
     legend.SetSize(0.12, 0.5)
     seg_node.AddAndObserveDisplayNodeID(legend.GetID())
+    legend.SetAndObservePrimaryDisplayNode(display)
+    legend.Modified()
     return legend
 
 

@@ -211,7 +211,8 @@ class OffscreenThreeDView:
 
     MANAGERS = ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager",
                 "vtkMRMLModelDisplayableManager", "vtkMRMLThreeDReformatDisplayableManager",
-                "vtkMRMLOrientationMarkerDisplayableManager", "vtkMRMLSegmentationsDisplayableManager3D")
+                "vtkMRMLOrientationMarkerDisplayableManager", "vtkMRMLSegmentationsDisplayableManager3D",
+                "vtkMRMLColorLegendDisplayableManager")
 
     def __init__(self, app: HeadlessSlicer, size: int) -> None:
         self.window, self.interactor = _render_window(size, 1)

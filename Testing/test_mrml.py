@@ -98,6 +98,12 @@ def test_nodes_for_a_case(shown, case):
     assert math.isnan(table.GetTable().GetColumnByName("Probability").GetValue(12))  # station 9 absent
     # legend shows the probability colour map
     assert nodes.legend is not None and nodes.legend.GetColorNodeID() == nodes.color.GetID()
+    # the legend displayable manager draws the colour node and range of the legend's primary display node
+    seg_display = nodes.segmentation.GetDisplayNode()
+    assert nodes.legend.GetPrimaryDisplayNode() is seg_display
+    assert seg_display.GetColorNodeID() == nodes.color.GetID()
+    assert tuple(seg_display.GetScalarRange()) == (0.0, 1.0)
+    assert seg_display.GetScalarRangeFlag() != seg_display.UseDirectMapping
     lo, hi = nodes.color.GetColorTransferFunction().GetRange()
     assert (lo, hi) == (0.0, 1.0)
     assert np.allclose(nodes.color.GetColorTransferFunction().GetColor(0.92), probability_color(0.92), atol=1e-6)

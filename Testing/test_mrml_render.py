@@ -33,6 +33,15 @@ def read_png(path: Path) -> np.ndarray:
     return arr[::-1, :, :3].astype(int)  # row 0 = top of the picture
 
 
+def legend_box(legend, size: int) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1; y from the top) of a vertical colour legend, placed as Slicer's colour legend
+    displayable manager places it: lower-left corner at position * (1 - size), in normalized viewport units."""
+    px, py = legend.GetPosition()[:2]
+    w, h = legend.GetSize()
+    x0, y0 = px * (1 - w), py * (1 - h)
+    return (int(x0 * size), int(round((1 - y0 - h) * size)), int(round((x0 + w) * size)), int((1 - y0) * size))
+
+
 def render_case(out_dir: Path, size: int = 384) -> dict:
     """Show the synthetic case and render an axial slice through 4R and a 3D view; return what the tests need."""
     app = headless_slicer.HeadlessSlicer(out_dir / "home")
@@ -41,17 +50,23 @@ def render_case(out_dir: Path, size: int = 384) -> dict:
         scene = app.scene
         ct = mrml.volume_node_from_image(scene, case.ct, "CT")
         pet = mrml.volume_node_from_image(scene, case.pet, "PET")
+        # views first, as in the application: the colour legend displayable manager makes an actor for each
+        # legend node added to the scene after the view exists
         view = app.slice_view(size=size)
+        three_d = app.threed_view(size=size)
         mrml.show_pet_over_ct(scene, ct, pet, opacity=0.35)
         nodes = mrml.show_result(scene, case.result, case.stations, reference_node=ct)
         view.fit()
         ras_4r = mrml.jump_to_station(scene, case.result, "4R", nodes.segmentation)
         axial = view.save_png(out_dir / "axial_4R.png")
         pixels = {name: view.ras_to_pixel(mrml.lps_to_ras(case.centres_lps[name])) for name in ("4R", "4L")}
+        legend = legend_box(nodes.legend, size)
+        nodes.legend.SetVisibility(False)  # the same view without the legend: the control for its pixels
+        axial_no_legend = view.save_png(out_dir / "axial_4R_no_legend.png")
+        nodes.legend.SetVisibility(True)
 
         nodes.segmentation.CreateClosedSurfaceRepresentation()
         view.node.SetSliceVisible(True)
-        three_d = app.threed_view(size=size)
         three_d.reset_camera(elevation=20.0)
         three_d.window.Render()
         coord = vtk.vtkCoordinate()
@@ -59,7 +74,8 @@ def render_case(out_dir: Path, size: int = 384) -> dict:
         coord.SetValue(*ras_4r)
         x3, y3 = coord.GetComputedDisplayValue(three_d.renderer)
         threed = three_d.save_png(out_dir / "threed.png")
-        return {"axial": axial, "threed": threed, "pixels": pixels, "pixel_3d": (x3, size - 1 - y3), "size": size}
+        return {"axial": axial, "axial_no_legend": axial_no_legend, "threed": threed, "pixels": pixels,
+                "legend": legend, "pixel_3d": (x3, size - 1 - y3), "size": size}
     finally:
         app.close()
 
@@ -85,8 +101,40 @@ def test_axial_slice_shows_stations_where_they_are(rendered):
     assert g > 120 and g > b + 40, (r, g, b)  # p=0.20: green-yellow fill
     # outside the body: black background
     assert _patch(img, 3, 3).max() < 30
-    # somewhere the CT shows grey tissue and the legend adds colour at the right edge
-    assert img.std() > 20
+    assert img.std() > 20  # grey tissue, not a blank picture
+
+
+def _saturated(img: np.ndarray, colour: str) -> np.ndarray:
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    if colour == "red":
+        return (r > 180) & (g < 90) & (b < 70)
+    if colour == "green":
+        return (g > 140) & (r < 110) & (b < 70)
+    return (r > 180) & (g > 180) & (b < 90)  # yellow
+
+
+def test_probability_legend_is_drawn_at_its_place(rendered):
+    """The colour bar: red (p = 1) at the top, yellow in the middle, green (p = 0) at the bottom, inside the box
+    given by the legend node; the same view with the legend hidden has none of these colours there."""
+    img = read_png(rendered["axial"])
+    x0, y0, x1, y1 = rendered["legend"]
+    assert 0 <= x0 < x1 <= rendered["size"] and 0 <= y0 < y1 <= rendered["size"], rendered["legend"]
+    box = img[y0:y1, x0:x1]
+    third = (y1 - y0) // 3
+    top, middle, bottom = box[:third], box[third:2 * third], box[2 * third:]
+    assert _saturated(top, "red").sum() >= 20, "no red top of the colour bar"
+    assert _saturated(middle, "yellow").sum() >= 20, "no yellow middle of the colour bar"
+    assert _saturated(bottom, "green").sum() >= 20, "no green bottom of the colour bar"
+    assert _saturated(top, "green").sum() == 0 and _saturated(bottom, "red").sum() == 0  # the right way up
+    # one narrow vertical bar: the red, yellow and green pixels share columns
+    columns = [set(np.nonzero(_saturated(part, c).any(axis=0))[0]) for part, c in
+               ((top, "red"), (middle, "yellow"), (bottom, "green"))]
+    assert columns[0] & columns[1] & columns[2]
+    # labels: light text left of the bar
+    assert (box.min(axis=2) > 200).sum() >= 30
+    control = read_png(rendered["axial_no_legend"])[y0:y1, x0:x1]
+    for colour in ("red", "yellow", "green"):
+        assert _saturated(control, colour).sum() == 0, colour
 
 
 def test_threed_view_shows_station_surfaces(rendered):
@@ -96,6 +144,11 @@ def test_threed_view_shows_station_surfaces(rendered):
     r, g, b = _patch(img, x, y, 2)
     assert r > g + 40 and r > b + 40, (r, g, b)  # the red 4R surface in front
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # a picture, not a blank window
+    # the probability legend is shown in the 3D view too (the segmentation is visible there)
+    x0, y0, x1, y1 = rendered["legend"]
+    box = img[y0:y1, x0:x1]
+    third = (y1 - y0) // 3
+    assert _saturated(box[:third], "red").sum() >= 20 and _saturated(box[2 * third:], "green").sum() >= 20
 
 
 if __name__ == "__main__":
