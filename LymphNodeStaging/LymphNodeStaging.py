@@ -96,7 +96,8 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._cancelRequested = False
+        self._process = None  # the running AssessmentProcess
+        self._pollTimer = None
         self._updatingResults = False
 
     def setup(self) -> None:
@@ -109,6 +110,11 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = LymphNodeStagingLogic()
         self.logic.logCallback = self.addLog
+
+        # the assessment runs in a child process; its progress is read on the GUI thread by this timer
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(200)
+        self._pollTimer.connect("timeout()", self._pollProcess)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -128,6 +134,11 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self._process is not None:
+            self._process.kill()
+            self._process = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -142,6 +153,8 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._process is not None:
+            self._process.cancel()  # its inputs are leaving the scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -180,44 +193,75 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----- log and progress ------------------------------------------------------------------------------------
     def addLog(self, text: str) -> None:
         self.ui.logTextEdit.appendPlainText(text)
-        slicer.app.processEvents()
 
     def _progress(self, fraction: float, message: str = "") -> None:
         self.ui.progressBar.value = int(round(100 * max(0.0, min(1.0, fraction))))
         if message:
             self.ui.progressBar.setFormat(f"%p% {message}")
-        slicer.app.processEvents()  # keeps the application responsive and lets Cancel be clicked
 
-    def _cancelled(self) -> bool:
-        slicer.app.processEvents()
-        return self._cancelRequested
+    def _setRunning(self, running: bool) -> None:
+        self.ui.cancelButton.enabled = running
+        self.ui.progressBar.visible = running
+        if running:
+            self.ui.applyButton.enabled = False
+            self.ui.progressBar.value = 0
+        else:
+            self._checkCanApply()
 
     # ----- actions ---------------------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
-        """Install missing dependencies (after confirmation), then run the assessment with progress and cancel."""
+        """Install missing dependencies (after confirmation), then start the assessment in a child process.
+
+        The GUI stays responsive: a timer polls the process for progress and log lines, Cancel asks it to stop.
+        """
+        if self._process is not None:
+            return
         p = self._parameterNode
-        self._cancelRequested = False
-        self.ui.applyButton.enabled = False
-        self.ui.cancelButton.enabled = True
-        self.ui.progressBar.visible = True
-        self.ui.progressBar.value = 0
+        self._setRunning(True)
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the assessment."), waitCursor=True):
+            self.logic.setupPythonRequirements(interactive=True)
+            self._process = self.logic.startBackgroundProcess(
+                p.ctVolume, p.petVolume, p.tumourSide, petIsSuv=p.petIsSuv, petDicomFolder=p.petDicomFolder,
+                anatomy=p.anatomySegmentation, modelPath=p.modelPath, atlasSet=p.atlasSet, rules=p.ruleSet,
+                cpu=p.useCpu, threshold=p.threshold)
+        if self._process is None:
+            self._setRunning(False)
+            return
+        self._pollTimer.start()
+
+    def _pollProcess(self) -> None:
+        """Timer slot: show the child's progress and log lines; when it has ended, show the result."""
+        process = self._process
+        if process is None:
+            self._pollTimer.stop()
+            return
+        for event in process.poll():
+            if event.kind == "progress":
+                self._progress(event.fraction or 0.0, event.message)
+            elif event.kind == "log" and event.message:
+                self.addLog(event.message)
+        if not process.finished:
+            return
+        self._pollTimer.stop()
+        self._process = None
+        from LymphNodeStagingLib.assessment import Cancelled
+
         try:
-            with slicer.util.tryWithErrorDisplay(_("Failed to assess the lymph node stations."), waitCursor=True):
-                self.logic.setupPythonRequirements(interactive=True)
-                self.logic.process(
-                    p.ctVolume, p.petVolume, p.tumourSide, petIsSuv=p.petIsSuv, petDicomFolder=p.petDicomFolder,
-                    anatomy=p.anatomySegmentation, modelPath=p.modelPath, atlasSet=p.atlasSet, rules=p.ruleSet,
-                    cpu=p.useCpu, threshold=p.threshold, progress=self._progress, cancel=self._cancelled)
-                p.resultSegmentation = self.logic.nodes.segmentation
-                self.updateResults()
+            with slicer.util.tryWithErrorDisplay(_("Failed to assess the lymph node stations."), waitCursor=False):
+                try:
+                    self.logic.finishBackgroundProcess(process)
+                except Cancelled:
+                    self.addLog(_("Assessment cancelled."))
+                else:
+                    self._parameterNode.resultSegmentation = self.logic.nodes.segmentation
+                    self.updateResults()
         finally:
-            self.ui.cancelButton.enabled = False
-            self.ui.progressBar.visible = False
-            self._checkCanApply()
+            self._setRunning(False)
 
     def onCancelButton(self) -> None:
-        self._cancelRequested = True
-        self.addLog(_("Cancelling..."))
+        if self._process is not None:
+            self._process.cancel()
+            self.addLog(_("Cancelling..."))
 
     def onResultSelected(self, node) -> None:
         if self._updatingResults or node is None:
@@ -366,19 +410,26 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
             torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={requirement.version}")
 
     # ----- assessment ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _checkInputs(ctVolume, petVolume, petDicomFolder) -> None:
+        if ctVolume is None:
+            raise ValueError(_("Select a CT volume."))
+        if petVolume is None and not petDicomFolder:
+            raise ValueError(_("Select a PET volume or a PET DICOM folder."))
+
     def process(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = True, petDicomFolder: str = "",
                 anatomy=None, modelPath: str = "", atlasSet: str = "", rules: str = "ajcc8", cpu: bool = False,
                 threshold: float = 0.5, progress=None, cancel=None, outDir: str | None = None):
-        """Assess one PET/CT given as volume nodes (PET as node or DICOM folder) and show the result."""
+        """Assess one PET/CT given as volume nodes (PET as node or DICOM folder) in this process and show the result.
+
+        Blocks until done (scripts, batch, tests); the widget uses startBackgroundProcess instead.
+        """
         import time
 
         from LymphNodeStagingLib import mrml
         from LymphNodeStagingLib.assessment import assess_case
 
-        if ctVolume is None:
-            raise ValueError(_("Select a CT volume."))
-        if petVolume is None and not petDicomFolder:
-            raise ValueError(_("Select a PET volume or a PET DICOM folder."))
+        self._checkInputs(ctVolume, petVolume, petDicomFolder)
         start = time.time()
         self.log(_("Assessing lymph node stations..."))
         ct = mrml.image_from_volume_node(ctVolume)
@@ -393,16 +444,89 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
             ct, pet, side, anatomy=anatomyImage, model=modelPath or None, atlases=atlasSet or None, rules=rules,
             device="cpu" if cpu else self.defaultDevice(), pet_is_suv=petIsSuv, out_dir=outDir,
             progress=progress, cancel=cancel)
-        result = assessment.result
+        self._showOutput(assessment.result, assessment.station_map, assessment.pet if petVolume is None else None,
+                         getattr(assessment, "dicom_sources", None), ctVolume, petVolume, threshold, start)
+        return self.nodes
+
+    def startBackgroundProcess(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = True,
+                               petDicomFolder: str = "", anatomy=None, modelPath: str = "", atlasSet: str = "",
+                               rules: str = "ajcc8", cpu: bool = False, threshold: float = 0.5,
+                               stationMapping: str = "", python: str | None = None):
+        """Start the assessment in a child process and return it (an AssessmentProcess: poll(), cancel()).
+
+        The input volumes are written to a temporary folder; call finishBackgroundProcess(process) once
+        ``process.finished`` to show the result. ``stationMapping``: a station mapping folder written before (e.g.
+        by a cohort run), which skips the registration.
+        """
+        import tempfile
+        import time
+
+        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.assessment_process import AssessmentJob, AssessmentProcess
+        from LymphNodeStagingLib.fileio import write_image
+
+        self._checkInputs(ctVolume, petVolume, petDicomFolder)
+        workDir = Path(tempfile.mkdtemp(prefix="LymphNodeStaging-"))
+        try:
+            ctFile = write_image(mrml.image_from_volume_node(ctVolume), workDir / "ct.nrrd", compress=False)
+            if petDicomFolder:
+                petFile, petIsSuv = petDicomFolder, False  # SUV computed from the DICOM headers in the child
+            else:
+                petFile = write_image(mrml.image_from_volume_node(petVolume), workDir / "pet.nrrd", compress=False)
+            anatomyFile = None
+            if anatomy is not None:
+                anatomyFile = write_image(self._anatomyImage(anatomy, ctVolume), workDir / "anatomy.nrrd",
+                                          compress=False)
+            job = AssessmentJob(
+                ct=str(ctFile), pet=str(petFile), side=side, out_dir=str(workDir / "out"),
+                anatomy=str(anatomyFile) if anatomyFile else None, model=modelPath or None,
+                atlases=atlasSet or None, rules=rules, device="cpu" if cpu else self.defaultDevice(),
+                pet_is_suv=bool(petIsSuv), case_id=ctVolume.GetName(), station_mapping=stationMapping or None)
+            process = AssessmentProcess(job, python=python or self.pythonExecutable()).start()
+        except Exception:
+            import shutil
+
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        self.log(_("Assessing lymph node stations in the background..."))
+        process.slicerContext = {"ctVolume": ctVolume, "petVolume": petVolume, "threshold": threshold,
+                                 "workDir": workDir, "start": time.time()}
+        return process
+
+    def finishBackgroundProcess(self, process):
+        """Show the result of a finished background assessment (raises its error, or Cancelled); removes its
+        temporary folder."""
+        import shutil
+
+        context = process.slicerContext
+        try:
+            output = process.output()
+            self._showOutput(output.result, output.station_map, output.pet, output.dicom_sources,
+                             context["ctVolume"], context["petVolume"], context["threshold"], context["start"])
+        finally:
+            shutil.rmtree(context["workDir"], ignore_errors=True)
+        return self.nodes
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """The Python interpreter for child processes: PythonSlicer inside Slicer, else this interpreter."""
+        import shutil
+
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def _showOutput(self, result, stationMap, petImage, dicomSources, ctVolume, petVolume, threshold, start):
+        import time
+
+        from LymphNodeStagingLib import mrml
+
         if abs(result.threshold - threshold) > 1e-9:
             result = result.restage(threshold=threshold)
         if petVolume is None:
-            petVolume = mrml.volume_node_from_image(slicer.mrmlScene, assessment.pet, "PET (SUV)")
-        self.dicomSources = dict(getattr(assessment, "dicom_sources", None) or {})
-        self.showAssessment(result, assessment.station_map, ctVolume, petVolume)
+            petVolume = mrml.volume_node_from_image(slicer.mrmlScene, petImage, "PET (SUV)")
+        self.dicomSources = dict(dicomSources or {})
+        self.showAssessment(result, stationMap, ctVolume, petVolume)
         self.log(_("{stage} (TNM 9 {tnm9}) in {seconds:.1f} s").format(
             stage=result.n_stage, tnm9=result.tnm9, seconds=time.time() - start))
-        return self.nodes
 
     @staticmethod
     def defaultDevice() -> str:

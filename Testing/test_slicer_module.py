@@ -195,3 +195,148 @@ def test_logic_requires_inputs(module):
         logic.restage(threshold=0.4)
     with pytest.raises(ValueError, match="Nothing to export"):
         logic.exportResults("/nonexistent")
+
+
+# ----- Apply in the background: the widget's timer glue over a real child process ----------------------------------
+class StandinWidget:
+    """Stand-in for the Qt widgets the result/progress code touches: records what it is given."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.visible = True
+        self.toolTip = ""
+        self.text = ""
+        self.value = 0
+        self.format = ""
+        self.lines: list[str] = []
+        self.values: list[int] = []
+        self.rows = 0
+        self.items: dict[tuple[int, int], object] = {}
+
+    def __setattr__(self, name, value) -> None:
+        if name == "value" and "values" in self.__dict__:
+            self.values.append(value)
+        object.__setattr__(self, name, value)
+
+    def appendPlainText(self, text: str) -> None:
+        self.lines.append(text)
+
+    def setFormat(self, text: str) -> None:
+        self.format = text
+
+    def setRowCount(self, n: int) -> None:
+        self.rows = n
+
+    def setItem(self, row: int, col: int, item) -> None:
+        self.items[(row, col)] = item
+
+
+class StandinTimer:
+    def __init__(self) -> None:
+        self.active = False
+
+    def start(self) -> None:
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    import SimpleITK as sitk
+    import torch
+    from test_slicer_background import write_truth_mapping
+
+    from LymphNodeStagingLib.checkpoint import save_checkpoint
+    from LymphNodeStagingLib.model import ModelConfig, build_model
+    from LymphNodeStagingLib.phantom import generate_patient, write_patient
+
+    root = tmp_path_factory.mktemp("module-background")
+    patient = generate_patient(1357, "small")
+    paths = write_patient(patient, root / "PH1357")
+    cfg = ModelConfig.small(32)
+    torch.manual_seed(0)
+    model = save_checkpoint(root / "model.pt", build_model("station", cfg),
+                            {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
+    mapping = write_truth_mapping(sitk.ReadImage(str(paths["stations"])), root / "mapping")
+    return {**{k: str(v) for k, v in paths.items()}, "model": str(model), "mapping": str(mapping),
+            "side": patient.truth["tumour_side"]}
+
+
+def _widget(module):
+    widget = module.LymphNodeStagingWidget.__new__(module.LymphNodeStagingWidget)
+    names = ("progressBar", "logTextEdit", "applyButton", "cancelButton", "exportButton", "nStageLabel",
+             "tnm9Label", "decidingLabel", "thresholdSliderWidget", "stationTableWidget")
+    widget.ui = SimpleNamespace(**{n: StandinWidget() for n in names})
+    widget.logic = module.LymphNodeStagingLogic()
+    widget.logic.logCallback = widget.addLog
+    widget._parameterNode = widget.logic.getParameterNode()
+    widget._process = None
+    widget._pollTimer = StandinTimer()
+    widget._updatingResults = False
+    return widget
+
+
+def _start(module, widget, files, **kwargs):
+    import SimpleITK as sitk
+
+    from LymphNodeStagingLib import mrml
+
+    scene = headless_slicer.slicer.mrmlScene
+    ct = mrml.volume_node_from_image(scene, sitk.ReadImage(files["ct"]), "PH1357 CT")
+    pet = mrml.volume_node_from_image(scene, sitk.ReadImage(files["pet"]), "PH1357 PET")
+    anatomy = mrml.volume_node_from_image(scene, sitk.ReadImage(files["anatomy"]), "anatomy", labelmap=True)
+    params = widget._parameterNode
+    params.ctVolume, params.petVolume = ct, pet
+    widget._setRunning(True)
+    widget._process = widget.logic.startBackgroundProcess(
+        ct, pet, files["side"], anatomy=anatomy, modelPath=files["model"], cpu=True, threshold=0.5,
+        stationMapping=files["mapping"], **kwargs)
+    widget._pollTimer.start()
+    return widget._process
+
+
+def _drive(widget, timeout: float = 180.0) -> int:
+    """What the application's event loop does: call the timer slot until the timer stops."""
+    import time
+
+    ticks, deadline = 0, time.monotonic() + timeout
+    while widget._pollTimer.active:
+        assert time.monotonic() < deadline, "background assessment did not finish"
+        widget._pollProcess()
+        ticks += 1
+        time.sleep(0.05)
+    return ticks
+
+
+def test_apply_runs_in_a_child_process_polled_by_the_widget_timer(module, phantom_files):
+    widget = _widget(module)
+    process = _start(module, widget, phantom_files)
+    assert process.running and widget.ui.cancelButton.enabled and not widget.ui.applyButton.enabled
+    ticks = _drive(widget)
+    assert ticks > 1  # the GUI thread got control back between polls
+    assert widget._process is None and not process.running and process.returncode == 0
+    values = widget.ui.progressBar.values
+    assert values[0] == 0 and values[-1] == 100 and values == sorted(values) and len(set(values)) >= 4
+    assert widget.ui.progressBar.format.startswith("%p% done")
+    # the result is shown: nodes, labels, table; buttons back to idle
+    nodes = widget.logic.nodes
+    assert nodes.segmentation.GetSegmentation().GetNumberOfSegments() == 17
+    assert widget._parameterNode.resultSegmentation is nodes.segmentation
+    assert widget.ui.nStageLabel.text == widget.logic.result.n_stage in ("N0", "N1", "N2", "N3")
+    assert widget.ui.stationTableWidget.rows == 17
+    assert not widget.ui.cancelButton.enabled and not widget.ui.progressBar.visible
+    assert any("TNM 9" in line for line in widget.ui.logTextEdit.lines)
+    # the temporary inputs are removed
+    assert not process.slicerContext["workDir"].exists()
+
+
+def test_cancel_from_the_widget_stops_the_child(module, phantom_files):
+    widget = _widget(module)
+    process = _start(module, widget, phantom_files)
+    widget.onCancelButton()
+    _drive(widget)
+    assert process.returncode == 3 and widget.logic.result is None
+    assert widget.ui.logTextEdit.lines[-1] == "Assessment cancelled."
+    assert not widget.ui.cancelButton.enabled and not widget.ui.progressBar.visible
