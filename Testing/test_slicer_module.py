@@ -148,7 +148,7 @@ def test_resources_listed_in_cmake_exist():
     assert icon.stat().st_size <= 20_000
     lib = MODULE_DIR.parent / "LymphNodeStagingLib"
     needed = ("mrml.py", "dicom_seg.py", "result.py", "rules.py", "stations.py", "slicer_deps.py",
-              "probability_colors.py")
+              "probability_colors.py", "assessment_process.py")
     for name in needed:
         assert f"LymphNodeStagingLib/{name}" in cmake, name
         assert (lib / name).is_file(), name
