@@ -32,6 +32,9 @@ def parse_args(argv):
                         help="comma-separated steps among suv,anatomy,stations,assess (default all)")
     parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / workers)")
     parser.add_argument("--retry-failed", action="store_true", help="run failed cases again")
+    parser.add_argument("--pet-is-suv", default="declared", choices=("declared", "yes", "no"),
+                        help="declared (default): the cohort's pet_is_suv column decides, undeclared PET image files "
+                             "fail; yes: every PET holds SUV; no: none does (as lnstaging batch --pet-is-suv)")
     return parser.parse_args(argv)
 
 
@@ -41,7 +44,7 @@ def run(argv):
     from LymphNodeStagingLib.batch import run_batch
 
     options = {"rules": args.rules, "device": args.device, "model": args.model, "atlases": args.atlases,
-               "workers": args.workers}
+               "workers": args.workers, "pet_is_suv": args.pet_is_suv}
     options.update({"steps": args.steps, "threads_per_worker": args.threads, "retry_failed": args.retry_failed})
     return run_batch(args.cohort, args.out, **{k: v for k, v in options.items() if v is not None})
 

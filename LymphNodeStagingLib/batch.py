@@ -62,6 +62,11 @@ class BatchError(LNSError, ValueError):
     """A batch that cannot start: unknown steps, an output folder in use by another batch, a bad scheduler."""
 
 
+class PetSuvError(LNSError, ValueError):
+    """A case whose PET cannot be taken as SUV or converted: an undeclared PET image file, or a cohort column
+    that contradicts the batch's --pet-is-suv (recorded as a failed case; the other cases go on)."""
+
+
 # ------------------------------------------------------------------------------------------------ options, tasks
 
 
@@ -87,6 +92,54 @@ def parse_steps(steps: str | Sequence[str] | None) -> list[str]:
     return [s for s in STEPS if s in closure]
 
 
+#: --pet-is-suv choices and their run_batch values: the cohort column decides (None), every PET is SUV (True), none
+#: is (False).
+PET_IS_SUV_CHOICES: dict[str, bool | None] = {"declared": None, "yes": True, "no": False}
+
+
+def pet_is_suv_option(value: str | bool | None) -> bool | None:
+    """run_batch's ``pet_is_suv`` from a --pet-is-suv choice or a bool (None: declared per row)."""
+    if value is None or isinstance(value, bool):
+        return value
+    key = str(value).strip().lower()
+    if key not in PET_IS_SUV_CHOICES:
+        raise BatchError(f"pet_is_suv {value!r}: expected declared (the cohort's pet_is_suv column decides; "
+                         "undeclared PET image files are refused), yes (every PET holds SUV) or no (none does: "
+                         "DICOM PET is converted, PET image files are refused)")
+    return PET_IS_SUV_CHOICES[key]
+
+
+def pet_is_suv_name(value: bool | None) -> str:
+    """The --pet-is-suv choice of a run_batch ``pet_is_suv`` value."""
+    return {None: "declared", True: "yes", False: "no"}[value]
+
+
+def row_pet_is_suv(row: dict[str, Any], flag: bool | None) -> bool:
+    """Whether a case's PET is taken as SUV: the row's pet_is_suv column, else the batch's flag, else only a DICOM
+    series, which is converted from its header (False). Raises PetSuvError for a PET image file that nobody
+    declared, and for a column that contradicts the flag (neither is guessed: either would change every SUV figure).
+    """
+    column = row.get("pet_is_suv")
+    where = f"line {row.get('line')} ({row.get('scan_id') or row.get('patient_id')})"
+    if column is not None and flag is not None and bool(column) != flag:
+        raise PetSuvError(f"{where}: cohort column pet_is_suv={'yes' if column else 'no'} contradicts "
+                          f"--pet-is-suv {pet_is_suv_name(flag)}; correct the column, or run with --pet-is-suv "
+                          "declared to let the column decide")
+    declared = flag if column is None else bool(column)
+    pet = row.get("pet_path")
+    if not declared and pet and not Path(pet).is_dir():
+        if declared is None:
+            how = ("declare that it holds SUV (cohort column pet_is_suv=yes for this row, or --pet-is-suv yes for "
+                   "every row) or give the DICOM PET series folder")
+        elif column is None:
+            how = "--pet-is-suv no refuses PET image files; give the DICOM PET series folder"
+        else:
+            how = "the cohort column pet_is_suv=no refuses it; give the DICOM PET series folder"
+        raise PetSuvError(f"{where}: PET file {pet} is an image without a DICOM header, so its SUV cannot be "
+                          f"computed; {how}")
+    return bool(declared)
+
+
 def torch_device(device: str) -> str:
     """'cpu', 'gpu', 'cuda' or 'cuda:N' -> the torch device name."""
     d = (device or "cpu").lower()
@@ -108,7 +161,7 @@ class BatchOptions:
     model: str | None = None
     atlases: str | None = None
     rules: str = "ajcc8"
-    pet_is_suv: bool | None = None  # None: image files hold SUV, DICOM folders are converted
+    pet_is_suv: bool | None = None  # None: the row's pet_is_suv column decides (see row_pet_is_suv)
     suv_mode: str = "qiba"
     registration: dict = field(default_factory=dict)  # RegistrationConfig overrides (e.g. iterations)
     threads: int = 1  # threads per worker
@@ -146,17 +199,18 @@ def _row_dict(row) -> dict[str, Any]:
         v = getattr(row, col)
         d[col] = None if v is None else str(v)
     d["pet_is_suv"] = row.pet_is_suv
+    d["scan_id"] = row.scan_id
     return d
 
 
 def case_specs(row: dict[str, Any], options: BatchOptions) -> dict[str, StepSpec]:
-    """The step specifications (and so the keys) of one case."""
+    """The step specifications (and so the keys) of one case; PetSuvError for a PET that cannot be used."""
     ct_is_dicom = bool(row["ct_path"]) and Path(row["ct_path"]).is_dir()
-    declared = options.pet_is_suv if row.get("pet_is_suv") is None else bool(row["pet_is_suv"])
-    pet_is_file = bool(row["pet_path"]) and not Path(row["pet_path"]).is_dir()
-    pet_is_suv = pet_is_file if declared is None else declared
+    pet_is_suv = row_pet_is_suv(row, options.pet_is_suv)
+    declared = row.get("pet_is_suv") is not None or options.pet_is_suv is not None
     specs: dict[str, StepSpec] = {}
-    suv_params = {"pet_is_suv": pet_is_suv, "pet_is_suv_by": "auto" if declared is None else "user",
+    # "auto": a DICOM series converted from its header (the value of earlier runs, kept so their caches stay valid)
+    suv_params = {"pet_is_suv": pet_is_suv, "pet_is_suv_by": "user" if declared else "auto",
                   "suv_mode": options.suv_mode}
     specs["suv"] = StepSpec("suv", STEP_VERSIONS["suv"], suv_params,
                             {"ct": fingerprint(row["ct_path"]), "pet": fingerprint(row["pet_path"])})
@@ -283,9 +337,6 @@ class _CaseRun:
         spec = self.task.spec("suv")
         case = load_case(self.row["ct_path"], self.row["pet_path"], pet_is_suv=spec.params["pet_is_suv"],
                          suv_mode=spec.params["suv_mode"])
-        if spec.params["pet_is_suv"] and spec.params["pet_is_suv_by"] == "auto":
-            case.suv.setdefault("warnings", []).append(
-                "PET image file taken as SUV (no DICOM header; batch option pet_is_suv=auto)")
         write_image(case.pet, out / "pet_suv.nii.gz")
         if self.ct_is_dicom:
             write_image(case.ct, out / "ct.nii.gz")
@@ -474,9 +525,10 @@ def _case_folder_name(scan_id: str) -> str:
     return name
 
 
-def _invalid_row(row, problems: list[str]) -> dict:
+def _invalid_row(row, problems: list[str], step: str = "cohort", kind: str = "CohortError") -> dict:
+    """The manifest of a row refused before any work (kept in the summary only, nothing is written)."""
     return {"scan_id": row.scan_id, "row": _row_dict(row), "status": FAILED, "steps": {}, "result": None,
-            "error": {"step": "cohort", "type": "CohortError", "message": "; ".join(problems), "traceback": ""},
+            "error": {"step": step, "type": kind, "message": "; ".join(problems), "traceback": ""},
             "run": {}}
 
 
@@ -494,7 +546,7 @@ def run_batch(
     rules: str = "ajcc8",
     progress: Progress | None = None,
     threads_per_worker: int | None = None,
-    pet_is_suv: bool | None = None,
+    pet_is_suv: bool | str | None = None,
     suv_mode: str = "qiba",
     registration: dict | None = None,
 ) -> BatchSummary:
@@ -505,8 +557,10 @@ def run_batch(
     ``steps``: subset of suv,anatomy,stations,assess (dependencies are added). A case whose steps are complete with
     the current parameters is reused; a failed case is kept as failed unless ``retry_failed`` or its parameters
     changed. ``registration``: RegistrationConfig field overrides, e.g. {"iterations": [60, 40]}.
-    ``pet_is_suv``: None (auto) takes PET image files as SUV (recorded as a warning) and converts DICOM series;
-    True takes every PET as SUV; False refuses PET image files. A ``pet_is_suv`` cohort column overrides per row.
+    ``pet_is_suv`` (or "declared", "yes", "no"): None lets the cohort's pet_is_suv column decide per row; a row
+    without it has its DICOM PET converted to SUV and its PET image file refused (a failed case naming the file:
+    an image file has no header to compute SUV from). True takes every PET as SUV; False takes none (DICOM PET is
+    converted, image files are refused). A row whose column contradicts True/False fails the same way.
     ``progress(fraction, message)`` is called after every case.
     """
     from .cohort import read_cohort
@@ -537,10 +591,18 @@ def run_batch(
 
         atlas_path = str(Path(atlases).resolve() if atlases else default_atlas_set_path())
     model_fp = None
+    model_used: str | None = None
     if "assess" in step_list:
-        model_fp = fingerprint(model) if model else {"default": True}
-    opts = BatchOptions(steps=step_list, device=tdev, model=str(model) if model else None, atlases=atlas_path,
-                        rules=rules, pet_is_suv=None if pet_is_suv is None else bool(pet_is_suv), suv_mode=suv_mode,
+        from .assessment import default_model_path
+
+        model_file = Path(model) if model else default_model_path()
+        if not model_file.is_file():
+            raise BatchError(f"model {model_file} does not exist; pass a checkpoint made by `lnstaging train` "
+                             "(--model), or run only --steps suv,anatomy,stations")
+        model_used = str(model_file.resolve())
+        model_fp = fingerprint(model_file)  # the bundled model too: a new bundled model recomputes assess
+    opts = BatchOptions(steps=step_list, device=tdev, model=model_used if model else None, atlases=atlas_path,
+                        rules=rules, pet_is_suv=pet_is_suv_option(pet_is_suv), suv_mode=suv_mode,
                         registration=_check_registration(registration),
                         threads=int(threads_per_worker),
                         atlas_fingerprint=_fingerprint_atlases(atlas_path) if atlas_path else None,
@@ -549,7 +611,8 @@ def run_batch(
     cohort = read_cohort(cohort_csv, rules=rules)
     out = Path(out_dir)
     parameters = {"cohort": str(Path(cohort_csv).resolve()), "steps": step_list, "device": tdev,
-                  "model": opts.model, "atlases": atlas_path, "rules": rules, "pet_is_suv": opts.pet_is_suv,
+                  "model": model_used, "atlases": atlas_path, "rules": rules,
+                  "pet_is_suv": pet_is_suv_name(opts.pet_is_suv),
                   "suv_mode": suv_mode, "registration": opts.registration,
                   "workers": workers, "threads_per_worker": opts.threads,
                   "scheduler": scheduler if isinstance(scheduler, (str, type(None))) else type(scheduler).__name__,
@@ -579,6 +642,9 @@ def run_batch(
             rd = _row_dict(row)
             try:
                 specs = case_specs(rd, opts)
+            except PetSuvError as exc:
+                manifests[i] = _invalid_row(row, [str(exc)], "suv", type(exc).__name__)
+                continue
             except LNSError as exc:
                 manifests[i] = _invalid_row(row, [str(exc)])
                 continue

@@ -152,6 +152,71 @@ def test_invalid_cohort_row_is_reported_not_fatal(cohort, tmp_path):
     assert s.counts["ok"] == 3
 
 
+def write_cohort_variant(cohort: Path, name: str, pet_is_suv: list[str] | None) -> Path:
+    """The phantom cohort with its pet_is_suv column replaced (one value per row) or removed (None)."""
+    with cohort.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cols = [c for c in rows[0] if c != "pet_is_suv" or pet_is_suv is not None]
+    path = cohort.parent / name  # next to the original: the relative image paths stay valid
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
+        w.writeheader()
+        for i, r in enumerate(rows):
+            if pet_is_suv is not None:
+                r["pet_is_suv"] = pet_is_suv[i]
+            w.writerow({c: r[c] for c in cols})
+    return path
+
+
+def test_undeclared_pet_image_file_fails_per_case(cohort, tmp_path):
+    # row 2 does not say whether its NIfTI PET holds SUV: refused with the two ways to declare it, others go on
+    csv_path = write_cohort_variant(cohort, "cohort_undeclared.csv", ["yes", "", "yes"])
+    s = run_batch(csv_path, tmp_path / "out", workers=0, steps="suv", threads_per_worker=1)
+    assert s.counts == {"ok": 2, "failed": 1, "pending": 0}
+    bad = s.failed[0]
+    assert bad["patient_id"] == "PH0002" and bad["error_step"] == "suv"
+    assert bad["error"].startswith("PetSuvError: line 3 (PH0002_S1_PETCT): PET file ")
+    for part in ("PH0002/pet.nii.gz", "without a DICOM header", "pet_is_suv=yes", "--pet-is-suv yes", "DICOM PET series"):
+        assert part in bad["error"], part
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["parameters"]["pet_is_suv"] == "declared"
+    assert summary["failures"] == [{"scan_id": "PH0002_S1_PETCT", "step": "suv", "error": bad["error"]}]
+    # declared afterwards (here for every row): the case runs, the declared ones are reused
+    s2 = run_batch(csv_path, tmp_path / "out", workers=0, steps="suv", threads_per_worker=1, pet_is_suv="yes")
+    assert s2.counts == {"ok": 3, "failed": 0, "pending": 0} and s2.this_run == {
+        "computed": 1, "reused": 2, "retried": 0, "worker_deaths": 0}
+    m = json.loads((tmp_path / "out" / "cases" / "PH0002_S1_PETCT" / "case.json").read_text())
+    assert m["steps"]["suv"]["info"] == {"suv_mode": "user", "warnings": []}
+
+
+def test_pet_is_suv_flag_against_the_column(cohort, tmp_path):
+    csv_path = write_cohort_variant(cohort, "cohort_mixed.csv", ["yes", "no", ""])
+    # no: no PET is SUV; the NIfTI files cannot be converted, and row 2 agrees but has only an image file
+    s = run_batch(csv_path, tmp_path / "a", workers=0, steps="suv", threads_per_worker=1, pet_is_suv=False)
+    errors = {r["patient_id"]: r["error"] for r in s.failed}
+    assert s.counts["failed"] == 3
+    assert "pet_is_suv=yes contradicts --pet-is-suv no" in errors["PH0001"]
+    assert "the cohort column pet_is_suv=no refuses it" in errors["PH0002"]
+    assert "--pet-is-suv no refuses PET image files" in errors["PH0003"]
+    # yes: every PET is SUV, except where the column says otherwise (neither wins silently)
+    s = run_batch(csv_path, tmp_path / "b", workers=0, steps="suv", threads_per_worker=1, pet_is_suv=True)
+    assert [r["status"] for r in s.rows] == ["ok", "failed", "ok"]
+    assert "pet_is_suv=no contradicts --pet-is-suv yes" in s.failed[0]["error"]
+    with pytest.raises(BatchError, match="expected declared"):
+        run_batch(csv_path, tmp_path / "c", workers=0, steps="suv", pet_is_suv="auto")
+
+
+def test_dicom_pet_is_converted_without_declaration(tmp_path):
+    from LymphNodeStagingLib.phantom import generate_cohort
+
+    csv_path = generate_cohort(tmp_path / "dicom", 1, seed=5, size="small", format="dicom")
+    s = run_batch(csv_path, tmp_path / "out", workers=0, steps="suv", threads_per_worker=1)
+    assert s.counts["ok"] == 1, s.failed
+    m = json.loads((tmp_path / "out" / s.rows[0]["case_dir"] / "case.json").read_text())
+    assert m["steps"]["suv"]["info"]["suv_mode"] == "qiba"
+    assert (tmp_path / "out" / s.rows[0]["case_dir"] / "suv" / "ct.nii.gz").is_file()
+
+
 def test_cli_json_and_errors(cohort, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "suv", "--workers", "0", "--threads", "1",
@@ -160,6 +225,19 @@ def test_cli_json_and_errors(cohort, tmp_path, capsys):
     assert code == 0
     obj = json.loads(captured.out)
     assert obj["counts"]["ok"] == 3 and obj["parameters"]["steps"] == ["suv"]
+    # a cohort without the pet_is_suv column: every NIfTI PET is refused, unless --pet-is-suv yes
+    bare = write_cohort_variant(cohort, "cohort_bare.csv", None)
+    code = main(["batch", str(bare), "--out", str(tmp_path / "bare"), "--steps", "suv", "--workers", "0", "--json"])
+    obj = json.loads(capsys.readouterr().out)
+    assert code == 1 and obj["counts"]["failed"] == 3
+    assert all(f["step"] == "suv" and "--pet-is-suv yes" in f["error"] for f in obj["failures"])
+    code = main(["batch", str(bare), "--out", str(tmp_path / "bare"), "--steps", "suv", "--workers", "0", "--json",
+                 "--pet-is-suv", "yes"])
+    obj = json.loads(capsys.readouterr().out)
+    assert code == 0 and obj["counts"]["ok"] == 3 and obj["parameters"]["pet_is_suv"] == "yes"
+    with pytest.raises(SystemExit):
+        main(["batch", str(bare), "--out", str(tmp_path / "bare"), "--pet-is-suv", "auto"])
+    capsys.readouterr()
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "suv,nonsense"])
     assert code == 1 and "nonsense" in capsys.readouterr().err
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "stations", "--iterations", "x"])

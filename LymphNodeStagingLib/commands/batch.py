@@ -32,10 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Dask scheduler address (tcp://host:port), or 'local' for a Dask LocalCluster")
     p.add_argument("--retry-failed", action="store_true", help="run failed cases again")
     p.add_argument("--rules", default="ajcc8", help="N-staging rule set (default ajcc8)")
-    p.add_argument("--pet-is-suv", default="auto", choices=("auto", "yes", "no"),
-                   help="auto (default): PET image files are taken as SUV (noted as a warning), DICOM PET is "
-                        "converted; yes: every PET is SUV; no: refuse PET image files. A 'pet_is_suv' cohort column "
-                        "overrides per row")
+    p.add_argument("--pet-is-suv", default="declared", choices=("declared", "yes", "no"),
+                   help="declared (default): the cohort's pet_is_suv column decides per row; without it a DICOM "
+                        "PET is converted to SUV and a PET image file (NIfTI, NRRD, ...) is a failed case, since it "
+                        "has no header to compute SUV from; yes: every PET holds SUV; no: none does (DICOM is "
+                        "converted, image files fail). A row whose column contradicts yes/no fails")
     p.add_argument("--suv-mode", default="qiba", help="SUV computation for DICOM PET (default qiba)")
     p.add_argument("--iterations", default=None,
                    help="deformable registration iterations per level, e.g. 60,40 (default: the library's)")
@@ -76,7 +77,7 @@ def _progress_bar(enabled: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import run_batch
+    from ..batch import pet_is_suv_option, run_batch
     from ..cli import emit
     from ..errors import LNSError
 
@@ -93,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         summary = run_batch(args.cohort, args.out, workers=args.workers, device=args.device, model=args.model,
                             atlases=args.atlases, steps=args.steps, scheduler=args.scheduler,
                             retry_failed=args.retry_failed, rules=args.rules, progress=report,
-                            threads_per_worker=args.threads, pet_is_suv={"auto": None, "yes": True, "no": False}[args.pet_is_suv], suv_mode=args.suv_mode,
-                            registration=registration)
+                            threads_per_worker=args.threads, pet_is_suv=pet_is_suv_option(args.pet_is_suv),
+                            suv_mode=args.suv_mode, registration=registration)
     finally:
         close()
     obj = {"out": str(summary.out_dir), "counts": summary.counts, "this_run": summary.this_run,
