@@ -1,0 +1,156 @@
+"""Cross-validated evaluation: baselines on hand-built images, method expansion, reference labels, and a 2-fold
+end-to-end run of `lnstaging evaluate` on a tiny phantom cohort (training, baselines, ablation, report, resume)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LymphNodeStagingLib.baselines import lesion_overlap, station_suv_max
+from LymphNodeStagingLib.cli import main
+from LymphNodeStagingLib.cohort import read_cohort
+from LymphNodeStagingLib.evaluation import (
+    EvaluationConfig,
+    EvaluationError,
+    method_specs,
+    reference_labels,
+)
+from LymphNodeStagingLib.stations import NUM_STATIONS
+
+
+def _image(arr: np.ndarray, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0)) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    return img
+
+
+def test_station_suv_max_per_label_and_absent_is_nan():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[2:4, 2:4, 2:4] = 1  # station index 0
+    labels[6:9, 6:9, 6:9] = 5  # station index 4
+    suv = np.full((10, 10, 10), 0.5, np.float32)
+    suv[3, 3, 3] = 7.0
+    suv[7, 8, 6] = 2.5
+    suv[0, 0, 0] = 20.0  # outside every station
+    out = station_suv_max(_image(suv), _image(labels))
+    assert out.shape == (NUM_STATIONS,)
+    assert out[0] == pytest.approx(7.0) and out[4] == pytest.approx(2.5)
+    assert np.isnan(out[1]) and np.isnan(out[16])
+
+
+def test_lesion_overlap_assigns_each_component_to_its_main_station():
+    stations = np.zeros((12, 12, 12), np.uint8)
+    stations[:, :, :6] = 3  # index 2
+    stations[:, :, 6:] = 7  # index 6
+    lesion = np.zeros_like(stations)
+    lesion[1:3, 1:3, 4:8] = 1  # 16 voxels: 8 in station 3, 8 in station 7 -> tie to the lower index, fraction 0.5
+    lesion[8:10, 8:10, 9:11] = 1  # 8 voxels, all in station 7
+    lesion[5, 5, 0] = 1  # 1 voxel in station 3
+    ov = lesion_overlap(_image(lesion), _image(stations))
+    assert sorted(ov.voxels.tolist()) == [1, 8, 16]
+    scores = ov.station_scores()
+    assert scores[2] == pytest.approx(1.0) and scores[6] == pytest.approx(1.0)
+    assert ov.positive(0.05)[[2, 6]].all() and ov.positive(0.05).sum() == 2
+    # a lesion outside every station is assigned nowhere
+    none = lesion_overlap(_image(lesion), _image(np.zeros_like(stations)))
+    assert (none.station == -1).all() and not none.positive(0.05).any()
+
+
+def test_lesion_overlap_fraction_below_cutoff_is_negative():
+    stations = np.zeros((10, 10, 10), np.uint8)
+    stations[:, :, :1] = 2  # index 1: one column of the lesion
+    lesion = np.zeros_like(stations)
+    lesion[2:4, 2:4, 0:10] = 1  # 40 voxels, 4 in station 2 -> fraction 0.1
+    ov = lesion_overlap(_image(lesion), _image(stations))
+    assert ov.fraction[0] == pytest.approx(0.1)
+    assert ov.positive(0.1)[1] and not ov.positive(0.2)[1]
+
+
+def test_method_specs_expand_ablations_with_dependencies():
+    specs = method_specs(EvaluationConfig(methods=("ts2", "threshold"),
+                                          ablations=("centroid", "no-pseudo", "rules", "atlases=3")))
+    names = [s.name for s in specs]
+    assert names == ["ts1", "ts2", "threshold", "ts1-centroid", "ts2-no-pseudo", "ts1-engelson2026", "ts1-atlases3"]
+    by = {s.name: s for s in specs}
+    assert by["ts2"].depends_on == "ts1" and by["ts2-no-pseudo"].pseudo_loss is False
+    assert by["ts1-centroid"].sampling == "centroid" and by["ts1-atlases3"].atlases == 3
+    assert by["ts1-engelson2026"].kind == "restage" and by["ts1-engelson2026"].rules == "engelson2026"
+    with pytest.raises(EvaluationError, match="--strategy"):
+        EvaluationConfig(methods=("ts4",))
+    with pytest.raises(EvaluationError, match="--ablation"):
+        EvaluationConfig(ablations=("atlases=0",))
+
+
+def test_reference_labels_from_truth_columns(tiny_cohort):
+    rows = read_cohort(tiny_cohort).usable_rows()
+    for r in rows:
+        lab, n = reference_labels(r, "labels")
+        assert n == r.n_stage and (lab == r.station_labels()).all()
+        tlab, tn = reference_labels(r, "truth")
+        assert tn in (0, 1, 2, 3) and set(np.unique(tlab)) <= {0, 1}
+    r = rows[0]
+    r.extra.pop("true_n_stage")
+    with pytest.raises(EvaluationError, match="true_n_stage"):
+        reference_labels(r, "truth")
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    assert main(["phantom", "--out", str(out), "--patients", "8", "--seed", "3"]) == 0
+    return out / "cohort.csv"
+
+
+def test_two_fold_evaluation_end_to_end(tiny_cohort, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", str(tiny_cohort), "--out", str(out), "--folds", "2", "--strategy", "ts1,ts2,threshold,lesion",
+            "--ablation", "rules", "--small", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8",
+            "--bootstrap", "20", "--permutations", "100", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["methods"] == ["ts1", "ts2", "threshold", "lesion", "ts1-engelson2026"]
+    assert res["patients"] == 8 and res["scans"] == 8
+    for name in ("report.md", "report.json", "split.json", "split.csv", "figures/summary.png",
+                 "figures/ts1_patient_nstage_confusion.png", "figures/threshold_patient_station_confusion.png"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "| ts1 |" in report and "| lesion |" in report and "ts1 vs threshold" in report
+    split = json.loads((out / "split.json").read_text())
+    # every patient is a test patient exactly once, and never trained on in its test fold
+    seen = []
+    for k in range(2):
+        fold_preds = json.loads((out / "folds" / f"fold{k}" / "ts1" / "predictions.json").read_text())
+        test_ids = {s.split("_")[0] for s in fold_preds["scan_ids"]}
+        seen += sorted(test_ids)
+        fold = split["folds"][k]
+        assert test_ids == set(fold["test"]) and not test_ids & (set(fold["train"]) | set(fold["validation"]))
+        ts2 = json.loads((out / "folds" / f"fold{k}" / "ts2" / "best.json").read_text())
+        assert ts2["manifest"]["init"]["path"].endswith(f"fold{k}/ts1/best.pt")  # warm start from the same fold's TS1
+        thr = json.loads((out / "folds" / f"fold{k}" / "threshold" / "predictions.json").read_text())
+        assert thr["params"]["suv_threshold"] in (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5)
+    assert sorted(seen) == sorted({r.patient_id for r in read_cohort(tiny_cohort).usable_rows()})
+    full = json.loads((out / "report.json").read_text())
+    ts1 = full["results"]["ts1"]["summary"]["patient"]
+    assert set(ts1) >= {"station.balanced_accuracy", "stage.accuracy", "stage.qwk"}
+    assert 0.0 <= ts1["stage.accuracy"]["mean"] <= 1.0
+
+    # a second run reuses the split and every finished step
+    before = {p: p.stat().st_mtime_ns for p in (out / "folds").rglob("predictions.json")}
+    assert main(args) == 0
+    capsys.readouterr()
+    assert {p: p.stat().st_mtime_ns for p in (out / "folds").rglob("predictions.json")} == before
+    # asking for another number of folds on the same folder is refused, naming the split file
+    assert main([*args[:5], "3", *args[6:]]) != 0
+    assert "split" in capsys.readouterr().err
+
+    # testing a trained model on the whole cohort
+    model_out = tmp_path / "model-eval"
+    assert main(["evaluate", str(tiny_cohort), "--out", str(model_out), "--model",
+                 str(out / "folds" / "fold0" / "ts1" / "best.pt"), "--cache", str(out / "cases"),
+                 "--bootstrap", "20", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["methods"] == ["best.pt"] and (model_out / "report.md").is_file()
