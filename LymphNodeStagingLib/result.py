@@ -167,6 +167,22 @@ class CaseResult:
             ])
         return buf.getvalue()
 
+    def text_table(self, truth: list[str] | None = None) -> str:
+        """The station table as aligned text (present stations; with ``truth``, a column marking true positives)."""
+        def f(v: float | None, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        head = f"{'station':8s} {'p':>6s} {'status':9s} {'SUVmax':>7s} {'SUVpeak':>7s} {'agree':>6s}"
+        lines = [head + ("  truth" if truth is not None else "")]
+        true_set = set(truth or [])
+        for st in self.stations:
+            line = (f"{st.name:8s} {f(st.probability, '6.3f')} {st.status:9s} {f(st.suv_max, '7.2f')} "
+                    f"{f(st.suv_peak, '7.2f')} {f(st.agreement, '6.2f')}")
+            if truth is not None:
+                line += "  malignant" if st.name in true_set else ""
+            lines.append(line)
+        return "\n".join(lines)
+
     def write_csv(self, path: str | Path) -> Path:
         return write_text(path, self.to_csv())
 

@@ -45,12 +45,7 @@ def run(args: argparse.Namespace) -> int:
                       threshold=args.threshold, tta=args.tta, case_id=args.case_id, out_dir=args.out, progress=show)
     r = res.result
     out = {**r.to_dict(), "files": {k: str(v) for k, v in res.files.items()}}
-    lines = [f"{'station':8s} {'p':>6s} {'status':9s} {'SUVmax':>7s} {'SUVpeak':>7s} {'agree':>6s}"]
-    for s in r.stations:
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
-        lines.append(f"{s.name:8s} {f(s.probability, '6.3f')} {s.status:9s} {f(s.suv_max, '7.2f')} "
-                     f"{f(s.suv_peak, '7.2f')} {f(s.agreement, '6.2f')}")
+    lines = [r.text_table()]
     lines.append(r.explanation)
     lines.append(f"files in {args.out}: {', '.join(p.name for p in res.files.values())}")
     emit(out, args.json, "\n".join(lines))
