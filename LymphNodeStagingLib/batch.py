@@ -2,7 +2,8 @@
 
 Steps (each cached per case, see ``case_cache``):
 
-  suv       load CT and PET, PET in SUV (QIBA) -> pet_suv.nii.gz (+ ct.nii.gz for a DICOM CT), suv.json
+  suv       load CT and PET, PET in SUV (a DICOM series converted, QIBA; a PET image file only when declared SUV,
+            see row_pet_is_suv) -> pet_suv.nii.gz (+ ct.nii.gz for a DICOM CT), suv.json
   anatomy   the cohort's anatomy_path (loaded into the TotalSegmentator vocabulary) or a TotalSegmentator run
             -> anatomy.nii.gz
   stations  multi-atlas station mapping -> stations.nii.gz, vote_fractions.nii.gz, centroids.json, mapping.json
