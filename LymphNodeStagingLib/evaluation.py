@@ -65,6 +65,9 @@ class EvaluationConfig:
     ts23_epochs: int | None = None  # TS2/TS3 epochs (None: epochs)
     batch_size: int | None = None
     max_steps_per_epoch: int | None = None
+    ts23_batch_size: int | None = None  # TS2/TS3: patients per batch (None: batch_size, else the default)
+    ts23_max_steps: int | None = None  # TS2/TS3 steps per epoch (None: max_steps_per_epoch)
+    augment: bool = True
     lr: float = 5e-4
     small: bool = False
     patch_spacing: float | None = None
@@ -88,7 +91,8 @@ class EvaluationConfig:
                 raise EvaluationError(f"--ablation {a!r} is not one of {', '.join(ABLATIONS)} (K a number >= 1)")
 
     def training_dict(self) -> dict:
-        keys = ("epochs", "ts23_epochs", "batch_size", "max_steps_per_epoch", "lr", "small", "patch_spacing", "seed")
+        keys = ("epochs", "ts23_epochs", "batch_size", "max_steps_per_epoch", "ts23_batch_size", "ts23_max_steps",
+                "augment", "lr", "small", "patch_spacing", "seed")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -299,12 +303,16 @@ def _train_method(spec: MethodSpec, fold_dir: Path, train: Sequence[EvalCase], v
     from .training import train as train_model
 
     mconfig = ModelConfig.small(32, rules=spec.rules) if config.small else ModelConfig(rules=spec.rules)
+    from .training import AugmentConfig
+
     ts23 = spec.kind in ("ts2", "ts3")
     epochs = config.ts23_epochs if (ts23 and config.ts23_epochs) else config.epochs
-    tconfig = TrainConfig(epochs=epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+    batch = (config.ts23_batch_size or config.batch_size) if ts23 else config.batch_size
+    steps = (config.ts23_max_steps or config.max_steps_per_epoch) if ts23 else config.max_steps_per_epoch
+    tconfig = TrainConfig(epochs=epochs, batch_size=batch, lr=config.lr, seed=config.seed,
                           sampling=spec.sampling, loss=LossWeights() if spec.pseudo_loss else LossWeights(pseudo=0.0),
-                          rules=spec.rules, device=config.device, max_steps_per_epoch=config.max_steps_per_epoch,
-                          patch_spacing=config.patch_spacing)
+                          rules=spec.rules, device=config.device, max_steps_per_epoch=steps,
+                          patch_spacing=config.patch_spacing, augment=AugmentConfig(enabled=config.augment))
     init = fold_dir / spec.depends_on / "best.pt" if spec.depends_on else None
     return train_model(spec.kind, [c.sample for c in train], [c.sample for c in val], fold_dir / spec.name,
                        mconfig, tconfig, init=init, progress=progress)

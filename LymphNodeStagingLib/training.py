@@ -339,6 +339,28 @@ def tune_threshold(y_true: np.ndarray, prob: np.ndarray) -> float:
     return float(good[np.argmin(np.abs(good - 0.5))])
 
 
+STAGE_THRESHOLD_GRID = np.round(np.arange(0.05, 0.991, 0.01), 2)
+
+
+def tune_stage_threshold(cases: Sequence[CaseSample], probs: np.ndarray, rule_set, prefer: float = 0.5
+                         ) -> tuple[float, float]:
+    """Probability threshold whose station decisions, staged by the rules, give the best N-stage accuracy on the
+    cases with a known N-stage (grid 0.05..0.99; ties -> nearest to ``prefer``). Returns (threshold, accuracy)."""
+    known = [(c, pr) for c, pr in zip(cases, probs, strict=True) if c.n_stage != UNKNOWN]
+    if not known:
+        return float(prefer), float("nan")
+    truth = np.array([c.n_stage for c, _ in known])
+    p = np.nan_to_num(np.stack([pr for _, pr in known]), nan=0.0)
+    acc = []
+    for t in STAGE_THRESHOLD_GRID:
+        dec = p >= t
+        acc.append(np.mean([int(rule_set.stage_array(d, c.side)) == n
+                            for d, (c, _), n in zip(dec, known, truth, strict=True)]))
+    acc = np.asarray(acc)
+    good = STAGE_THRESHOLD_GRID[np.isclose(acc, acc.max())]
+    return float(good[np.argmin(np.abs(good - prefer))]), float(acc.max())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration and result
 
@@ -359,6 +381,9 @@ class TrainConfig:
     seed: int = 123
     oversample: bool = True
     sampling: str = "weight_map"  # or "centroid" (the paper's "no weighted sampling" ablation)
+    # the model's operating threshold (station status; TS1's N-stage through the rules), tuned on the validation
+    # cases for "stage": N-stage accuracy (TS1 only), or "station": station balanced accuracy
+    threshold_for: str = "stage"
     patch_spacing: float | None = None  # mm; None: the model configuration's
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossWeights = field(default_factory=LossWeights)
@@ -373,6 +398,8 @@ class TrainConfig:
             self.augment = AugmentConfig(**self.augment)
         if isinstance(self.loss, dict):
             self.loss = LossWeights(**self.loss)
+        if self.threshold_for not in ("stage", "station"):
+            raise TrainingError(f"threshold_for must be 'stage' or 'station', got {self.threshold_for!r}")
         if self.sampling not in ("weight_map", "centroid"):
             raise TrainingError(f"sampling must be 'weight_map' or 'centroid', got {self.sampling!r}")
         if self.epochs < 1 or self.lr <= 0 or (self.batch_size is not None and self.batch_size < 1):
@@ -446,6 +473,8 @@ def _station_and_stage_metrics(cases: Sequence[CaseSample], probs: np.ndarray, r
         t, pr = np.array(staged).T
         out["n_accuracy"] = float(np.mean(t == pr))
         out["n_balanced_accuracy"] = balanced_accuracy(t, pr)
+        out["stage_threshold"], out["n_accuracy_at_stage_threshold"] = tune_stage_threshold(
+            cases, probs, rs, out["station_threshold"])
     out["_probs"] = probs
     return out
 
@@ -631,7 +660,7 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
             if improved:
                 state.update(best_metric=monitor, best_epoch=epoch, bad_epochs=0,
                              best_metrics={k: v for k, v in metrics.items() if not k.startswith("_")},
-                             threshold=float(metrics.get("station_threshold", 0.5)))
+                             threshold=_operating_threshold(strategy, tconfig, metrics))
             else:
                 state["bad_epochs"] += 1
                 if state["bad_epochs"] >= tconfig.early_stopping_patience:
@@ -662,6 +691,12 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
                           best_metric=float(state["best_metric"]), metrics=state["best_metrics"],
                           history=state["history"], stopped_early=state["stopped"], resumed_from_epoch=resumed_from,
                           threshold=state["threshold"])
+
+
+def _operating_threshold(strategy: str, tconfig: TrainConfig, metrics: dict) -> float:
+    if strategy == "ts1" and tconfig.threshold_for == "stage" and "stage_threshold" in metrics:
+        return float(metrics["stage_threshold"])
+    return float(metrics.get("station_threshold", 0.5))
 
 
 def metrics_clean(metrics: dict) -> dict:

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ts23-epochs", type=int, help="epochs of TS2/TS3 (default: --epochs)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--ts23-batch-size", type=int, help="TS2/TS3 patients per batch (default: --batch-size)")
+    p.add_argument("--ts23-steps", type=int, help="TS2/TS3 steps per epoch (default: --max-steps-per-epoch)")
+    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--small", action="store_true", help="the small network (32^3 patches at 2 mm)")
     p.add_argument("--patch-spacing", type=float)
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         folds=args.folds if not args.model else 1, seed=args.seed, val_fraction=args.val_fraction,
         methods=tuple(methods), ablations=tuple(ablations), reference=args.reference, rules=args.rules,
         epochs=args.epochs, ts23_epochs=args.ts23_epochs, batch_size=args.batch_size,
-        max_steps_per_epoch=args.max_steps_per_epoch, lr=args.lr, small=args.small, patch_spacing=args.patch_spacing,
+        max_steps_per_epoch=args.max_steps_per_epoch, ts23_batch_size=args.ts23_batch_size,
+        ts23_max_steps=args.ts23_steps, augment=not args.no_augment, lr=args.lr, small=args.small, patch_spacing=args.patch_spacing,
         device="cuda" if args.device == "gpu" else args.device, pet_is_suv=args.pet_is_suv, n_boot=args.bootstrap,
         n_permutations=args.permutations)
     show = None if args.json else (lambda f, m: print(f"[{f * 100:5.1f} %] {m}", file=sys.stderr))
