@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint lock clean
+.PHONY: venv demo demo-model test lint lock clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,16 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lnstaging stage --side R 4R 7 10L
+	$(BIN)/lnstaging demo --out demo-out
+
+# Reproduce the bundled demo model (LymphNodeStagingLib/resources/models/demo_ts1.pt): a 200-patient phantom
+# cohort, TS1 with the small network. About 15 min for the station maps and 10 min of training on 2 CPU cores.
+demo-model: $(STAMP)
+	$(BIN)/lnstaging phantom --out build/demo-cohort --patients 200 --seed 2026
+	$(BIN)/lnstaging train build/demo-cohort/cohort.csv --strategy ts1 --small --epochs 20 \
+		--max-steps-per-epoch 40 --batch-size 32 --seed 1 --out build/demo-model
+	cp build/demo-model/best.pt LymphNodeStagingLib/resources/models/demo_ts1.pt
+	cp build/demo-model/best.json LymphNodeStagingLib/resources/models/demo_ts1.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEMO_SEED = 11
+DEMO_SEED = 12
 DEMO_SIZE = "full"
 
 
