@@ -24,7 +24,7 @@ def test_bench_case_small(tmp_path, capsys):
     code = main(["bench", "case", "--size", "small", "--atlases", str(atlases), "--repeat", "1", "--threads", "1",
                  "--json"])
     data = json.loads(capsys.readouterr().out)
-    assert code == 0 and data["case"]["atlases"] == 2 and data["case"]["weights"] == "random reference network"
+    assert code == 0 and data["case"]["atlases"] == 2 and data["case"]["weights"] == "bundled"
     run = data["best_run"]
     assert run["total_s"] > 0 and {"mapping", "classification", "suv_stats"} <= set(run)
     assert data["n_stage"] in ("N0", "N1", "N2", "N3")
