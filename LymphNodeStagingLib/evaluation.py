@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import LNSError
 from .fileio import write_json
-from .rules import DEFAULT_RULES, N_STAGES, UNKNOWN, available_rule_sets, load_rules, parse_n_stage
+from .rules import DEFAULT_RULES, UNKNOWN, available_rule_sets, load_rules, parse_n_stage
 from .stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
@@ -262,8 +262,24 @@ class FoldPredictions:
 
 
 def _stage(rules_name: str, decisions: np.ndarray, sides: Sequence[str]) -> np.ndarray:
+    return load_rules(rules_name).stage_rows(decisions, sides).astype(int)
+
+
+def _rule_stage_fn(rules_name: str, sides: dict[str, str]):
+    """metrics' stage_fn for methods whose N-stage is the rules applied to the station decisions."""
     rs = load_rules(rules_name)
-    return np.array([int(rs.stage_array(d, s)) for d, s in zip(decisions, sides, strict=True)], dtype=int)
+    return lambda pid, decisions: int(rs.stage_array(decisions, sides[pid]))
+
+
+def _staged_rows(cohort_csv: str | Path, rules: str) -> list:
+    """The valid rows of a cohort that have an N-stage and a tumour side (what every evaluation uses)."""
+    from .cohort import read_cohort
+
+    cohort = read_cohort(cohort_csv, rules=rules).require_valid()
+    rows = [r for r in cohort.usable_rows() if r.n_stage is not None and r.tumour_side]
+    if not rows:
+        raise EvaluationError(f"cohort {cohort_csv}: no row with an N-stage and a tumour side")
+    return rows
 
 
 def _labels_scores(cases: Sequence[EvalCase], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -446,7 +462,6 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
                    progress: Progress | None = None) -> EvaluationRun:
     """Cross-validate the configured methods on a cohort and write the report (see the module docstring)."""
     from .atlas import default_atlas_set_path, load_atlas_set
-    from .cohort import read_cohort
     from .metrics import evaluate_method
     from .splits import load_or_make_split, patients_from_rows
     from .stat_tests import compare_methods
@@ -455,10 +470,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     config = config or EvaluationConfig()
     out_dir = Path(out_dir)
     report = progress or (lambda f, m: None)
-    cohort = read_cohort(cohort_csv, rules=config.rules).require_valid()
-    rows = [r for r in cohort.usable_rows() if r.n_stage is not None and r.tumour_side]
-    if not rows:
-        raise EvaluationError(f"cohort {cohort_csv}: no row with an N-stage and a tumour side")
+    rows = _staged_rows(cohort_csv, config.rules)
     specs = method_specs(config)
     if not specs:
         raise EvaluationError("nothing to evaluate: give --strategy and/or --ablation")
@@ -486,14 +498,14 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     step = 0
     for k in range(config.folds):
         fold = split.fold(k)
+        fold_ids = {role: set(fold.ids(role)) for role in ("train", "validation", "test")}
         fold_dir = out_dir / "folds" / f"fold{k}"
         done: dict[str, FoldPredictions] = {}
         for spec in specs:
             frac0 = 0.1 + 0.85 * step / n_steps
             report(frac0, f"fold {k + 1}/{config.folds}: {spec.name}")
             pool = case_sets[spec.atlases]
-            roles = {role: [c for c in pool if c.patient_id in set(fold.ids(role))]
-                     for role in ("train", "validation", "test")}
+            roles = {role: [c for c in pool if c.patient_id in ids] for role, ids in fold_ids.items()}
 
             def sub_progress(f: float, m: str, frac0: float = frac0, k: int = k) -> None:
                 report(frac0 + 0.85 / n_steps * f, f"fold {k + 1}/{config.folds}: {m}")
@@ -509,14 +521,9 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     for spec in specs:
         scans = scan_predictions(predictions[spec.name], cases_by_scan)
         scans_of[spec.name] = scans
-        stage_fn = None
-        if spec.kind in ("ts1", "threshold", "lesion", "restage"):
-            rs = load_rules(spec.rules)
-
-            def stage_fn(pid: str, decisions: np.ndarray, rs=rs) -> int:
-                return int(rs.stage_array(decisions, sides[pid]))
-        spec_stage_fn = stage_fn
-        results[spec.name] = evaluate_method(spec.name, scans, stage_fn=spec_stage_fn, n_boot=config.n_boot,
+        stage_fn = _rule_stage_fn(spec.rules, sides) if spec.kind in ("ts1", "threshold", "lesion", "restage") \
+            else None
+        results[spec.name] = evaluate_method(spec.name, scans, stage_fn=stage_fn, n_boot=config.n_boot,
                                              seed=config.seed)
     comparisons = []
     base = "ts1" if "ts1" in results else specs[0].name
@@ -539,17 +546,13 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
                    progress: Progress | None = None) -> EvaluationRun:
     """Test a trained model (e.g. the bundled one) on a whole cohort: every scan is a test scan (one 'fold')."""
     from .atlas import default_atlas_set_path, load_atlas_set
-    from .cohort import read_cohort
     from .metrics import evaluate_method
 
     t_start = time.perf_counter()
     config = config or EvaluationConfig(folds=1)
     out_dir = Path(out_dir)
     report = progress or (lambda f, m: None)
-    cohort = read_cohort(cohort_csv, rules=config.rules).require_valid()
-    rows = [r for r in cohort.usable_rows() if r.n_stage is not None and r.tumour_side]
-    if not rows:
-        raise EvaluationError(f"cohort {cohort_csv}: no row with an N-stage and a tumour side")
+    rows = _staged_rows(cohort_csv, config.rules)
     atlas_set = load_atlas_set(atlases or default_atlas_set_path())
     cache = Path(cache_dir) if cache_dir else out_dir / "cases"
     cases = prepare_cases(rows, atlas_set, cache, config, False, lambda f, m: report(0.8 * f, m))
@@ -559,8 +562,7 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
     fp = FoldPredictions(name, 0, [c.scan_id for c in cases], score, pred, n_pred, n_prob, params)
     scans = scan_predictions([fp], {c.scan_id: c for c in cases})
     sides = {c.patient_id: c.sample.side for c in cases}
-    rs = load_rules(config.rules)
-    stage_fn = None if n_prob is not None else (lambda pid, d: int(rs.stage_array(d, sides[pid])))
+    stage_fn = None if n_prob is not None else _rule_stage_fn(config.rules, sides)
     results = {name: evaluate_method(name, scans, stage_fn=stage_fn, n_boot=config.n_boot, seed=config.seed)}
     run = EvaluationRun(out_dir, [name], results, [], {name: [fp]}, {}, time.perf_counter() - t_start,
                         len({r.patient_id for r in rows}), len(rows))
@@ -568,7 +570,3 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
 
     run.files = write_report(run, config, None, cohort_csv, model=Path(model))
     return run
-
-
-def stage_names(values: Sequence[int]) -> list[str]:
-    return [N_STAGES[int(v)] for v in values]

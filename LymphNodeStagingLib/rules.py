@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -124,6 +124,12 @@ class RuleSet:
             raise RuleSetError(f"positive must have {NUM_STATIONS} stations in its last axis, got {positive.shape}")
         g = self.group_of[parse_side(side)]
         return np.max(np.where(positive, g, 0), axis=-1)
+
+    def stage_rows(self, positive: np.ndarray, sides: Sequence[str]) -> np.ndarray:
+        """N-stage of many patients at once: ``positive`` (..., P, 17), ``sides`` the P tumour sides."""
+        positive = np.asarray(positive, dtype=bool)
+        right = np.array([parse_side(s) == "R" for s in sides], dtype=bool)
+        return np.where(right, self.stage_array(positive, "R"), self.stage_array(positive, "L"))
 
     def n2_count_array(self, positive: np.ndarray, side: str) -> np.ndarray:
         """Number of positive N2-group stations, vectorised like stage_array."""

@@ -351,12 +351,8 @@ def tune_stage_threshold(cases: Sequence[CaseSample], probs: np.ndarray, rule_se
         return float(prefer), float("nan")
     truth = np.array([c.n_stage for c, _ in known])
     p = np.nan_to_num(np.stack([pr for _, pr in known]), nan=0.0)
-    acc = []
-    for t in STAGE_THRESHOLD_GRID:
-        dec = p >= t
-        acc.append(np.mean([int(rule_set.stage_array(d, c.side)) == n
-                            for d, (c, _), n in zip(dec, known, truth, strict=True)]))
-    acc = np.asarray(acc)
+    decisions = p[None] >= STAGE_THRESHOLD_GRID[:, None, None]  # (thresholds, cases, 17)
+    acc = np.mean(rule_set.stage_rows(decisions, [c.side for c, _ in known]) == truth, axis=1)
     good = STAGE_THRESHOLD_GRID[np.isclose(acc, acc.max())]
     return float(good[np.argmin(np.abs(good - prefer))]), float(acc.max())
 

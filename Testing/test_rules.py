@@ -204,3 +204,16 @@ def test_parsers_and_errors(tmp_path):
     data["name"] = "custom"
     good.write_text(json.dumps(data))
     assert load_rules(str(good)).stage(["7"], "R").rules == "custom"
+
+
+def test_stage_rows_matches_stage_array_per_patient():
+    import numpy as np
+
+    from LymphNodeStagingLib.rules import load_rules
+
+    rs = load_rules("engelson2026")
+    rng = np.random.default_rng(0)
+    positive = rng.random((4, 25, 17)) > 0.85
+    sides = list(rng.choice(["R", "L"], 25))
+    expected = np.array([[rs.stage_array(p, s) for p, s in zip(rows, sides, strict=True)] for rows in positive])
+    assert (rs.stage_rows(positive, sides) == expected).all()
