@@ -45,24 +45,28 @@ def write_truth_mapping(stations: sitk.Image, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
+def phantom_case_files(root, seed: int) -> dict:
+    """A small phantom patient, a seeded random small model and the patient's true station map as a mapping."""
     import torch
 
     from LymphNodeStagingLib.checkpoint import save_checkpoint
     from LymphNodeStagingLib.model import ModelConfig, build_model
     from LymphNodeStagingLib.phantom import generate_patient, write_patient
 
-    root = tmp_path_factory.mktemp("background")
-    patient = generate_patient(2468, "small")
-    paths = write_patient(patient, root / "PH2468")
+    patient = generate_patient(seed, "small")
+    paths = write_patient(patient, root / f"PH{seed}")
     cfg = ModelConfig.small(32)
     torch.manual_seed(0)
     model = save_checkpoint(root / "model.pt", build_model("station", cfg),
                             {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
     mapping = write_truth_mapping(sitk.ReadImage(str(paths["stations"])), root / "mapping")
-    return {"paths": paths, "model": str(model), "mapping": str(mapping), "root": root,
-            "side": patient.truth["tumour_side"]}
+    return {"paths": paths, "model": str(model), "mapping": str(mapping), "side": patient.truth["tumour_side"]}
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("background")
+    return {**phantom_case_files(root, 2468), "root": root}
 
 
 def job(case, out: Path, **changes) -> AssessmentJob:

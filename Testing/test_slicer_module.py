@@ -243,24 +243,10 @@ class StandinTimer:
 
 @pytest.fixture(scope="module")
 def phantom_files(tmp_path_factory):
-    import SimpleITK as sitk
-    import torch
-    from test_slicer_background import write_truth_mapping
+    from test_slicer_background import phantom_case_files
 
-    from LymphNodeStagingLib.checkpoint import save_checkpoint
-    from LymphNodeStagingLib.model import ModelConfig, build_model
-    from LymphNodeStagingLib.phantom import generate_patient, write_patient
-
-    root = tmp_path_factory.mktemp("module-background")
-    patient = generate_patient(1357, "small")
-    paths = write_patient(patient, root / "PH1357")
-    cfg = ModelConfig.small(32)
-    torch.manual_seed(0)
-    model = save_checkpoint(root / "model.pt", build_model("station", cfg),
-                            {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
-    mapping = write_truth_mapping(sitk.ReadImage(str(paths["stations"])), root / "mapping")
-    return {**{k: str(v) for k, v in paths.items()}, "model": str(model), "mapping": str(mapping),
-            "side": patient.truth["tumour_side"]}
+    files = phantom_case_files(tmp_path_factory.mktemp("module-background"), 1357)
+    return {**{k: str(v) for k, v in files.pop("paths").items()}, **files}
 
 
 def _widget(module):
