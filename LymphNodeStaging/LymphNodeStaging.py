@@ -244,7 +244,7 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._pollTimer.stop()
         self._process = None
-        from LymphNodeStagingLib.assessment import Cancelled
+        from LymphNodeStagingLib.assessment.assess import Cancelled
 
         try:
             with slicer.util.tryWithErrorDisplay(_("Failed to assess the lymph node stations."), waitCursor=False):
@@ -322,7 +322,7 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.thresholdSliderWidget.value = result.threshold
             table = self.ui.stationTableWidget
             table.setRowCount(len(result.stations))
-            from LymphNodeStagingLib.probability_colors import probability_color
+            from LymphNodeStagingLib.staging.colors import probability_color
 
             for row, st in enumerate(result.stations):
                 cells = (st.name, _num(st.probability), st.status, _num(st.suv_max, 2), _num(st.suv_peak, 2),
@@ -369,7 +369,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
     # ----- dependencies ----------------------------------------------------------------------------------------
     def setupPythonRequirements(self, interactive: bool = True) -> None:
         """Install the pinned dependencies that are missing (asks first when interactive)."""
-        from LymphNodeStagingLib import slicer_deps
+        from LymphNodeStagingLib.slicer import dependencies as slicer_deps
 
         missing = slicer_deps.missing(slicer_deps.slicer_requirements())
         torchReq = slicer_deps.torch_requirement()
@@ -426,8 +426,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         """
         import time
 
-        from LymphNodeStagingLib import mrml
-        from LymphNodeStagingLib.assessment import assess_case
+        from LymphNodeStagingLib.assessment.assess import assess_case
+        from LymphNodeStagingLib.slicer import mrml
 
         self._checkInputs(ctVolume, petVolume, petDicomFolder)
         start = time.time()
@@ -461,9 +461,9 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         import tempfile
         import time
 
-        from LymphNodeStagingLib import mrml
-        from LymphNodeStagingLib.assessment_process import AssessmentJob, AssessmentProcess
-        from LymphNodeStagingLib.fileio import write_image
+        from LymphNodeStagingLib.assessment.process import AssessmentJob, AssessmentProcess
+        from LymphNodeStagingLib.io.files import write_image
+        from LymphNodeStagingLib.slicer import mrml
 
         self._checkInputs(ctVolume, petVolume, petDicomFolder)
         workDir = Path(tempfile.mkdtemp(prefix="LymphNodeStaging-"))
@@ -517,7 +517,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
     def _showOutput(self, result, stationMap, petImage, dicomSources, ctVolume, petVolume, threshold, start):
         import time
 
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         if abs(result.threshold - threshold) > 1e-9:
             result = result.restage(threshold=threshold)
@@ -539,7 +539,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _anatomyImage(anatomy, referenceVolume):
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         if anatomy.IsA("vtkMRMLLabelMapVolumeNode"):
             return mrml.image_from_volume_node(anatomy)
@@ -553,7 +553,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
     def showAssessment(self, result, stationMap, ctVolume, petVolume=None):
         """Show a result (CaseResult + station map) over the CT/PET; reuses this logic's nodes when present."""
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         scene = slicer.mrmlScene
         mrml.show_pet_over_ct(scene, ctVolume, petVolume)
@@ -564,7 +564,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
     def loadResultFromNode(self, segmentationNode) -> None:
         """Review a result saved in the scene (the result JSON is stored on the segmentation node)."""
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         self.result = mrml.result_from_node(segmentationNode)
         self.nodes = mrml.find_result_nodes(slicer.mrmlScene, segmentationNode)
@@ -572,7 +572,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
     def restage(self, threshold=None, overrides=None, rules=None):
         """Re-stage instantly (no network run) and update the nodes in place."""
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         if self.result is None:
             raise ValueError(_("No result to re-stage: run the assessment first."))
@@ -583,13 +583,13 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         return self.result
 
     def jumpToStation(self, station: str):
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         return mrml.jump_to_station(slicer.mrmlScene, self.result, station, self.nodes.segmentation)
 
     def exportResults(self, outDir: str):
         """.seg.nrrd, result JSON/CSV, report; DICOM SEG when the CT came from DICOM."""
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         if self.result is None:
             raise ValueError(_("Nothing to export: run the assessment first."))
@@ -608,8 +608,8 @@ def makeSyntheticCase(side: str = "R"):
     import numpy as np
     import SimpleITK as sitk
 
-    from LymphNodeStagingLib.result import make_case_result
-    from LymphNodeStagingLib.stations import STATIONS
+    from LymphNodeStagingLib.staging.result import make_case_result
+    from LymphNodeStagingLib.staging.stations import STATIONS
 
     try:
         from LymphNodeStagingLib.phantom import generate_patient
@@ -658,7 +658,7 @@ class LymphNodeStagingTest(ScriptedLoadableModuleTest):
         """Nodes of a synthetic result, instant re-staging after an override, export."""
         import tempfile
 
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         self.delayDisplay("Showing a synthetic result")
         ct, pet, stations, result = makeSyntheticCase()
@@ -690,12 +690,12 @@ class LymphNodeStagingTest(ScriptedLoadableModuleTest):
     def test_FullPipeline(self):
         """The whole assessment on a phantom, when the assessment and the phantom are installed."""
         try:
-            from LymphNodeStagingLib.assessment import assess_case  # noqa: F401
+            from LymphNodeStagingLib.assessment.assess import assess_case  # noqa: F401
             from LymphNodeStagingLib.phantom import generate_patient  # noqa: F401
         except ImportError:
             self.delayDisplay("Assessment or phantom not available: full pipeline test skipped")
             return
-        from LymphNodeStagingLib import mrml
+        from LymphNodeStagingLib.slicer import mrml
 
         ct, pet, _stations, _result = makeSyntheticCase()
         scene = slicer.mrmlScene

@@ -2,7 +2,7 @@
 
     Slicer --no-splash --no-main-window --python-script LymphNodeStagingBatch.py --cohort COHORT.csv --out DIR
 
-Calls the same library function as ``lnstaging batch`` (LymphNodeStagingLib.batch.run_batch), so results are
+Calls the same library function as ``lnstaging batch`` (LymphNodeStagingLib.batch.run.run_batch), so results are
 identical and a run resumes per case where it stopped. Options after --out are passed on (see ``--help``).
 ``run(argv)`` parses the options and returns the run's summary (tested without Slicer); ``main`` logs it and gives
 the exit status: 0 when every case is complete, 1 when a case failed or the options are wrong.
@@ -41,7 +41,7 @@ def parse_args(argv):
 def run(argv):
     """Parse the options and run the cohort; returns run_batch's BatchSummary (raises LNSError on bad input)."""
     args = parse_args(argv)
-    from LymphNodeStagingLib.batch import run_batch
+    from LymphNodeStagingLib.batch.run import run_batch
 
     options = {"rules": args.rules, "device": args.device, "model": args.model, "atlases": args.atlases,
                "workers": args.workers, "pet_is_suv": args.pet_is_suv}

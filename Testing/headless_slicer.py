@@ -278,8 +278,8 @@ def synthetic_case(size: tuple[int, int, int] = (64, 56, 40), spacing: float = 3
     import numpy as np
     import SimpleITK as sitk
 
-    from LymphNodeStagingLib.result import make_case_result
-    from LymphNodeStagingLib.stations import parse_station
+    from LymphNodeStagingLib.staging.result import make_case_result
+    from LymphNodeStagingLib.staging.stations import parse_station
 
     nx, ny, nz = size
     origin = (-(nx - 1) * spacing / 2, -(ny - 1) * spacing / 2, -(nz - 1) * spacing / 2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.anatomy import (
+from LymphNodeStagingLib.anatomy.vocabulary import (
     V1_CLASSES,
     AnatomyError,
     id_of,

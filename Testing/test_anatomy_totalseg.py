@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.anatomy import (
-    FAST_TRAINER_FOLDER,
-    MODEL_FOLDERS,
-    THORACIC_ROI,
-    TotalSegmentatorWeightsError,
-    id_of,
-    run_totalsegmentator,
-    vocabulary,
-)
+from LymphNodeStagingLib.anatomy.totalsegmentator import FAST_TRAINER_FOLDER, MODEL_FOLDERS, run_totalsegmentator
+from LymphNodeStagingLib.anatomy.vocabulary import THORACIC_ROI, TotalSegmentatorWeightsError, id_of, vocabulary
 
 #: Recorded by every Python process started with this folder on PYTHONPATH: network attempts -> a file.
 SITECUSTOMIZE = """

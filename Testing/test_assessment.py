@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.assessment import SUVPEAK_RADIUS_MM, assess_case, station_suv_stats
-from LymphNodeStagingLib.checkpoint import save_checkpoint
-from LymphNodeStagingLib.cli import main
-from LymphNodeStagingLib.model import ModelConfig, build_model
-from LymphNodeStagingLib.result import CaseResult
-from LymphNodeStagingLib.stations import STATION_NAMES
+from LymphNodeStagingLib.assessment.assess import SUVPEAK_RADIUS_MM, assess_case, station_suv_stats
+from LymphNodeStagingLib.classifier.checkpoint import save_checkpoint
+from LymphNodeStagingLib.classifier.model import ModelConfig, build_model
+from LymphNodeStagingLib.cli.main import main
+from LymphNodeStagingLib.staging.result import CaseResult
+from LymphNodeStagingLib.staging.stations import STATION_NAMES
 
 
 def test_station_suv_stats_by_hand():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.atlas import AtlasError, convert_lynch, load_atlas_set
+from LymphNodeStagingLib.mapping.atlas import AtlasError, convert_lynch, load_atlas_set
 
 
 def _img(a, spacing=(4.0, 4.0, 4.0)):

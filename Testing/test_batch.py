@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from LymphNodeStagingLib.batch import BatchError, parse_steps, run_batch
-from LymphNodeStagingLib.case_cache import CaseCache, StepSpec, clean_partial
-from LymphNodeStagingLib.cli import main
+from LymphNodeStagingLib.batch.cache import CaseCache, StepSpec, clean_partial
+from LymphNodeStagingLib.batch.run import BatchError, parse_steps, run_batch
+from LymphNodeStagingLib.cli.main import main
 
 CHEAP = "suv,anatomy"
 
@@ -248,10 +248,14 @@ def test_station_mapping_round_trip(tmp_path):
     import numpy as np
     import SimpleITK as sitk
 
-    from LymphNodeStagingLib.fusion import fuse
-    from LymphNodeStagingLib.mapping import StationMapping, read_station_mapping, write_station_mapping
-    from LymphNodeStagingLib.registration import Geometry
-    from LymphNodeStagingLib.weightmap import station_weight_maps
+    from LymphNodeStagingLib.mapping.fusion import fuse
+    from LymphNodeStagingLib.mapping.registration import Geometry
+    from LymphNodeStagingLib.mapping.station_mapping import (
+        StationMapping,
+        read_station_mapping,
+        write_station_mapping,
+    )
+    from LymphNodeStagingLib.mapping.weightmap import station_weight_maps
 
     rng = np.random.default_rng(0)
     warped = np.zeros((3, 12, 14, 16), np.uint8)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("LymphNodeStagingLib.assessment")
+pytest.importorskip("LymphNodeStagingLib.assessment.assess")
 
-from LymphNodeStagingLib.batch import run_batch  # noqa: E402
+from LymphNodeStagingLib.batch.run import run_batch
 
 FAST_REGISTRATION = {"iterations": [6, 4], "affine_iterations": 10}
 
@@ -18,8 +18,8 @@ FAST_REGISTRATION = {"iterations": [6, 4], "affine_iterations": 10}
 def inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
     import torch
 
-    from LymphNodeStagingLib.checkpoint import save_checkpoint
-    from LymphNodeStagingLib.model import ModelConfig, StationClassifier
+    from LymphNodeStagingLib.classifier.checkpoint import save_checkpoint
+    from LymphNodeStagingLib.classifier.model import ModelConfig, StationClassifier
     from LymphNodeStagingLib.phantom import generate_atlas_set, generate_cohort
 
     root = tmp_path_factory.mktemp("assess")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.batch import run_batch
-from LymphNodeStagingLib.case_cache import CaseCache
+from LymphNodeStagingLib.batch.cache import CaseCache
+from LymphNodeStagingLib.batch.run import run_batch
 
 STEPS = "suv,anatomy"
 IMAGES = {"suv": ["pet_suv.nii.gz"], "anatomy": ["anatomy.nii.gz"]}
@@ -30,7 +30,7 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def batch_cmd(cohort: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "LymphNodeStagingLib.cli", "batch", str(cohort), "--out", str(out), "--steps",
+    return [sys.executable, "-m", "LymphNodeStagingLib.cli.main", "batch", str(cohort), "--out", str(out), "--steps",
             STEPS, "--workers", "1", "--threads", "1", "--no-progress", "--json"]
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from LymphNodeStagingLib.cli import main
+from LymphNodeStagingLib.cli.main import main
 
 
 def test_bench_training_small(capsys):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from LymphNodeStagingLib.checkpoint import (
+from LymphNodeStagingLib.classifier.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model,
@@ -16,8 +16,8 @@ from LymphNodeStagingLib.checkpoint import (
     sidecar_path,
     weights_sha256,
 )
+from LymphNodeStagingLib.classifier.model import ModelConfig, StagingModel, StationClassifier, predict_stations
 from LymphNodeStagingLib.errors import LNSError
-from LymphNodeStagingLib.model import ModelConfig, StagingModel, StationClassifier, predict_stations
 
 
 def _saved(tmp_path, kind="station"):
@@ -105,8 +105,8 @@ def test_manifest_with_nan_metrics_verifies(tmp_path):
     """Validation metrics can be NaN (e.g. sensitivity without positives); NaN != NaN must not fail verification."""
     import math
 
-    from LymphNodeStagingLib.checkpoint import load_checkpoint, save_checkpoint
-    from LymphNodeStagingLib.model import ModelConfig, build_model
+    from LymphNodeStagingLib.classifier.checkpoint import load_checkpoint, save_checkpoint
+    from LymphNodeStagingLib.classifier.model import ModelConfig, build_model
 
     cfg = ModelConfig.small(32)
     model = build_model("station", cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from LymphNodeStagingLib import __version__
-from LymphNodeStagingLib.cli import main
+from LymphNodeStagingLib.cli.main import main
 
 
 def lnstaging() -> list[str]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from LymphNodeStagingLib.cohort import read_cohort, write_cohort
+from LymphNodeStagingLib.cohort.table import read_cohort, write_cohort
 from LymphNodeStagingLib.errors import CohortError
-from LymphNodeStagingLib.rules import UNKNOWN
+from LymphNodeStagingLib.staging.rules import UNKNOWN
 
 HEADER = "patient_id,study,series,n_stage,positive_stations,tumour_side,ct_path,pet_path"
 

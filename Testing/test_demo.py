@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from LymphNodeStagingLib.assessment import default_model_path
-from LymphNodeStagingLib.checkpoint import load_model
-from LymphNodeStagingLib.cli import main
-from LymphNodeStagingLib.stations import STATION_NAMES
+from LymphNodeStagingLib.classifier.checkpoint import load_model
+from LymphNodeStagingLib.cli.main import main
+from LymphNodeStagingLib.paths import demo_model_path
+from LymphNodeStagingLib.staging.stations import STATION_NAMES
 
 
 def test_bundled_model_is_small_and_verified():
-    path = default_model_path()
+    path = demo_model_path()
     assert path.is_file() and path.stat().st_size <= 10 * 1024 * 1024
     model, manifest = load_model(path)
     assert manifest["kind"] == "station" and manifest["strategy"] == "ts1"

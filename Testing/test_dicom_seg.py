@@ -13,9 +13,9 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from LymphNodeStagingLib.dicom_seg import DicomSegError, station_codes, write_dicom_seg
-from LymphNodeStagingLib.probability_colors import probability_color
-from LymphNodeStagingLib.stations import STATIONS
+from LymphNodeStagingLib.io.dicom_seg import DicomSegError, station_codes, write_dicom_seg
+from LymphNodeStagingLib.staging.colors import probability_color
+from LymphNodeStagingLib.staging.stations import STATIONS
 
 hd = pytest.importorskip("highdicom")
 

@@ -5,9 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LymphNodeStagingLib.fusion import ABSENT, FALLBACK_BEST, FALLBACK_UNION, OK, UNRESOLVED, FusionError, fuse
-from LymphNodeStagingLib.registration import Geometry
-from LymphNodeStagingLib.weightmap import WeightMapError, assign_points, sample_centres, station_weight_maps, weight_map
+from LymphNodeStagingLib.mapping.fusion import (
+    ABSENT,
+    FALLBACK_BEST,
+    FALLBACK_UNION,
+    OK,
+    UNRESOLVED,
+    FusionError,
+    fuse,
+)
+from LymphNodeStagingLib.mapping.registration import Geometry
+from LymphNodeStagingLib.mapping.weightmap import (
+    WeightMapError,
+    assign_points,
+    sample_centres,
+    station_weight_maps,
+    weight_map,
+)
 
 
 def _maps(*rows):

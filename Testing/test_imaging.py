@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from test_suv_errors import expected_suv, write_series
 
-from LymphNodeStagingLib import cli
-from LymphNodeStagingLib.anatomy import id_of
-from LymphNodeStagingLib.imaging import (
+from LymphNodeStagingLib.anatomy.vocabulary import id_of
+from LymphNodeStagingLib.cli import main as cli
+from LymphNodeStagingLib.io.images import (
     ImagingError,
     check_pet_covers,
     load_case,
@@ -147,7 +147,7 @@ def test_preprocess_on_isotropic_crop():
     anat = _thorax()
     ct = _image(np.full((40, 60, 60), 100.0, np.float32), spacing=(2.0, 2.0, 2.0), origin=(-60.0, -60.0, 0.0))
     pet = _image(np.full((25, 35, 35), 8.0, np.float32), spacing=(4.0, 4.0, 4.0), origin=(-68.0, -68.0, -4.0))
-    from LymphNodeStagingLib.imaging import Case
+    from LymphNodeStagingLib.io.images import Case
 
     pre = preprocess(Case(ct=ct, pet=pet), anat, spacing_mm=1.5, margin_mm=10.0)
     assert pre.ct.GetSpacing() == (1.5, 1.5, 1.5) and pre.ct.GetSize() == pre.pet.GetSize()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from LymphNodeStagingLib.losses import (
+from LymphNodeStagingLib.classifier.model import StagingOutput, rule_ordinal
+from LymphNodeStagingLib.staging.rules import pseudo_labels
+from LymphNodeStagingLib.training.losses import (
     LossConfigError,
     LossWeights,
     expected_stage,
@@ -16,8 +18,6 @@ from LymphNodeStagingLib.losses import (
     rule_ordinal_bce,
     staging_loss,
 )
-from LymphNodeStagingLib.model import StagingOutput, rule_ordinal
-from LymphNodeStagingLib.rules import pseudo_labels
 
 
 def test_pseudo_loss_with_unknown_entries_by_hand():

@@ -9,11 +9,11 @@ import pytest
 import SimpleITK as sitk
 from mapping_shapes import body, dice, smooth_warp
 
-from LymphNodeStagingLib.atlas import load_atlas_set
-from LymphNodeStagingLib.cli import main
-from LymphNodeStagingLib.mapping import map_stations
-from LymphNodeStagingLib.registration import RegistrationConfig
-from LymphNodeStagingLib.weightmap import assign_points
+from LymphNodeStagingLib.cli.main import main
+from LymphNodeStagingLib.mapping.atlas import load_atlas_set
+from LymphNodeStagingLib.mapping.registration import RegistrationConfig
+from LymphNodeStagingLib.mapping.station_mapping import map_stations
+from LymphNodeStagingLib.mapping.weightmap import assign_points
 
 FAST = RegistrationConfig(threads=1, iterations=(30, 25), affine_iterations=40)
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LymphNodeStagingLib.atlas import load_atlas_set
-from LymphNodeStagingLib.mapping import map_stations
+from LymphNodeStagingLib.mapping.atlas import load_atlas_set
+from LymphNodeStagingLib.mapping.registration import RegistrationConfig
+from LymphNodeStagingLib.mapping.station_mapping import map_stations
+from LymphNodeStagingLib.mapping.weightmap import assign_points
 from LymphNodeStagingLib.phantom import generate_atlas_set, generate_patient
-from LymphNodeStagingLib.registration import RegistrationConfig
-from LymphNodeStagingLib.stations import parse_station
-from LymphNodeStagingLib.weightmap import assign_points
+from LymphNodeStagingLib.staging.stations import parse_station
 
 PATIENT_SEEDS = (4242, 7, 11)  # never an atlas seed
 

@@ -18,7 +18,7 @@ from sklearn.metrics import (
     confusion_matrix as sk_confusion_matrix,
 )
 
-from LymphNodeStagingLib.metrics import (
+from LymphNodeStagingLib.evaluation.metrics import (
     MetricsError,
     ScanPrediction,
     aggregate_per_patient,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from LymphNodeStagingLib.cli import main
+from LymphNodeStagingLib.cli.main import main
 
 
 def test_bench_evaluation_stats(capsys):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from LymphNodeStagingLib.errors import LNSError
-from LymphNodeStagingLib.metrics import ScanPrediction, evaluate_method
-from LymphNodeStagingLib.plots import confusion_matrix_png, write_evaluation_pngs
+from LymphNodeStagingLib.evaluation.metrics import ScanPrediction, evaluate_method
+from LymphNodeStagingLib.evaluation.plots import confusion_matrix_png, write_evaluation_pngs
 
 
 def test_confusion_matrix_png(tmp_path):

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from LymphNodeStagingLib.losses import rule_ordinal_bce
-from LymphNodeStagingLib.model import (
+from LymphNodeStagingLib.classifier.model import (
     ModelConfig,
     ModelConfigError,
     StagingModel,
@@ -18,7 +17,8 @@ from LymphNodeStagingLib.model import (
     predict_stations,
     rule_ordinal,
 )
-from LymphNodeStagingLib.rules import load_rules
+from LymphNodeStagingLib.staging.rules import load_rules
+from LymphNodeStagingLib.training.losses import rule_ordinal_bce
 
 
 def test_reference_configuration_matches_the_paper_network():
@@ -124,8 +124,8 @@ def test_freeze_encoder_and_predict_stations():
 
 
 def test_predict_case_centroid_is_deterministic_and_tta_is_seeded():
-    from LymphNodeStagingLib.model import predict_case
-    from LymphNodeStagingLib.training import make_toy_case
+    from LymphNodeStagingLib.classifier.model import predict_case
+    from LymphNodeStagingLib.training.loops import make_toy_case
 
     case = make_toy_case(1, stations=(7, 10, 14), absent=(14,))
     torch.manual_seed(0)

@@ -14,9 +14,9 @@ pytest.importorskip("slicer")
 import headless_slicer  # noqa: E402
 import slicer  # noqa: E402
 
-from LymphNodeStagingLib import mrml  # noqa: E402
-from LymphNodeStagingLib.probability_colors import probability_color  # noqa: E402
-from LymphNodeStagingLib.stations import STATIONS  # noqa: E402
+from LymphNodeStagingLib.slicer import mrml
+from LymphNodeStagingLib.staging.colors import probability_color
+from LymphNodeStagingLib.staging.stations import STATIONS
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import headless_slicer  # noqa: E402
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from LymphNodeStagingLib import mrml  # noqa: E402
+from LymphNodeStagingLib.slicer import mrml
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "LymphNodeStaging" / "Resources" / "Screenshots"
 

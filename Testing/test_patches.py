@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.errors import LNSError
-from LymphNodeStagingLib.patches import (
+from LymphNodeStagingLib.classifier.patches import (
     PatchError,
     StationSampler,
     crop_to_box,
@@ -15,6 +14,7 @@ from LymphNodeStagingLib.patches import (
     patch_reference,
     resample_patch,
 )
+from LymphNodeStagingLib.errors import LNSError
 
 COEF = np.array([1.5, -2.0, 0.7])
 
@@ -147,8 +147,8 @@ def test_patch_from_crop_equals_patch_from_full_image():
 
 
 def test_sampler_from_the_station_mappings_sparse_weight_maps():
-    from LymphNodeStagingLib.registration import Geometry
-    from LymphNodeStagingLib.weightmap import station_weight_maps
+    from LymphNodeStagingLib.mapping.registration import Geometry
+    from LymphNodeStagingLib.mapping.weightmap import station_weight_maps
 
     img, arr = _station_map()
     maps = station_weight_maps(arr, Geometry.of(img))

@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.cohort import read_cohort
+from LymphNodeStagingLib.anatomy import labels as L
+from LymphNodeStagingLib.anatomy.labels import TOTAL_CLASSES
+from LymphNodeStagingLib.cohort.table import read_cohort
 from LymphNodeStagingLib.errors import LNSError
 from LymphNodeStagingLib.phantom import (
-    TOTAL_CLASSES,
     PhantomConfig,
     generate_atlas_set,
     generate_cohort,
     generate_patient,
     write_patient,
 )
-from LymphNodeStagingLib.phantom import labels as L
-from LymphNodeStagingLib.rules import N_STAGES, load_rules
-from LymphNodeStagingLib.stations import STATIONS, parse_station
+from LymphNodeStagingLib.staging.rules import N_STAGES, load_rules
+from LymphNodeStagingLib.staging.stations import STATIONS, parse_station
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_atlas_set_format(tmp_path):
 
 
 def test_cli_phantom_with_preview_and_atlas(tmp_path, capsys):
-    from LymphNodeStagingLib.cli import main
+    from LymphNodeStagingLib.cli.main import main
 
     assert main(["phantom", "--out", str(tmp_path / "c"), "--patients", "1", "--seed", "2", "--preview", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

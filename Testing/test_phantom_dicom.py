@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from LymphNodeStagingLib.errors import LNSError
 from LymphNodeStagingLib.phantom import generate_patient, write_patient
 from LymphNodeStagingLib.phantom.dicom import PetHeader, write_pet_series
-from LymphNodeStagingLib.suv import suv_from_folder
+from LymphNodeStagingLib.suv.conversion import suv_from_folder
 
 
 @pytest.fixture(scope="module")

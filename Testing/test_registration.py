@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 from mapping_shapes import body, dice, smooth_warp
 
-from LymphNodeStagingLib import registration as R
+from LymphNodeStagingLib.mapping import registration as R
 
 
 def test_fit_similarity_recovers_known_transform():

@@ -8,8 +8,8 @@ import io
 import pytest
 
 from LymphNodeStagingLib.errors import LNSError
-from LymphNodeStagingLib.result import ABSENT, NEGATIVE, POSITIVE, CaseResult, make_case_result
-from LymphNodeStagingLib.stations import STATION_NAMES
+from LymphNodeStagingLib.staging.result import ABSENT, NEGATIVE, POSITIVE, CaseResult, make_case_result
+from LymphNodeStagingLib.staging.stations import STATION_NAMES
 
 
 def example() -> CaseResult:

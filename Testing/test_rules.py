@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from LymphNodeStagingLib.errors import RuleSetError
-from LymphNodeStagingLib.rules import (
+from LymphNodeStagingLib.staging.rules import (
     UNKNOWN,
     available_rule_sets,
     load_rules,
@@ -18,7 +18,7 @@ from LymphNodeStagingLib.rules import (
     stage,
     station_pseudo_labels,
 )
-from LymphNodeStagingLib.stations import NUM_STATIONS, STATION_NAMES, STATIONS, mirror, parse_station
+from LymphNodeStagingLib.staging.stations import NUM_STATIONS, STATION_NAMES, STATIONS, mirror, parse_station
 
 RULES = ("ajcc8", "engelson2026")
 SIDES = ("R", "L")
@@ -209,7 +209,7 @@ def test_parsers_and_errors(tmp_path):
 def test_stage_rows_matches_stage_array_per_patient():
     import numpy as np
 
-    from LymphNodeStagingLib.rules import load_rules
+    from LymphNodeStagingLib.staging.rules import load_rules
 
     rs = load_rules("engelson2026")
     rng = np.random.default_rng(0)

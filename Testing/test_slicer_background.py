@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.assessment import Cancelled, assess_case
-from LymphNodeStagingLib.assessment_process import (
+from LymphNodeStagingLib.assessment.assess import Cancelled, assess_case
+from LymphNodeStagingLib.assessment.process import (
     CANCEL_FILE,
     AssessmentJob,
     AssessmentProcess,
@@ -28,10 +28,10 @@ from LymphNodeStagingLib.assessment_process import (
 
 def write_truth_mapping(stations: sitk.Image, folder: Path) -> Path:
     """A station mapping folder (as the stations step writes it) holding the true station map, one 'atlas'."""
-    from LymphNodeStagingLib.mapping import StationMapping, write_station_mapping
-    from LymphNodeStagingLib.registration import Geometry
-    from LymphNodeStagingLib.stations import STATIONS
-    from LymphNodeStagingLib.weightmap import station_weight_maps
+    from LymphNodeStagingLib.mapping.registration import Geometry
+    from LymphNodeStagingLib.mapping.station_mapping import StationMapping, write_station_mapping
+    from LymphNodeStagingLib.mapping.weightmap import station_weight_maps
+    from LymphNodeStagingLib.staging.stations import STATIONS
 
     labels = sitk.GetArrayFromImage(stations).astype(np.uint8)
     geom = Geometry.of(stations)
@@ -49,8 +49,8 @@ def phantom_case_files(root, seed: int) -> dict:
     """A small phantom patient, a seeded random small model and the patient's true station map as a mapping."""
     import torch
 
-    from LymphNodeStagingLib.checkpoint import save_checkpoint
-    from LymphNodeStagingLib.model import ModelConfig, build_model
+    from LymphNodeStagingLib.classifier.checkpoint import save_checkpoint
+    from LymphNodeStagingLib.classifier.model import ModelConfig, build_model
     from LymphNodeStagingLib.phantom import generate_patient, write_patient
 
     patient = generate_patient(seed, "small")
@@ -98,7 +98,7 @@ def test_job_file_round_trip_and_bad_keys(tmp_path):
 
 
 def test_background_result_equals_in_process_result(case, tmp_path):
-    from LymphNodeStagingLib.mapping import read_station_mapping
+    from LymphNodeStagingLib.mapping.station_mapping import read_station_mapping
 
     seen: list[tuple[float, str]] = []
     logs: list[str] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from LymphNodeStagingLib.cli import main as lnstaging
+from LymphNodeStagingLib.cli.main import main as lnstaging
 
 SCRIPT = Path(__file__).resolve().parents[1] / "LymphNodeStaging" / "LymphNodeStagingBatch.py"
 STEPS = "suv,anatomy"

@@ -266,7 +266,7 @@ def _widget(module):
 def _start(module, widget, files, **kwargs):
     import SimpleITK as sitk
 
-    from LymphNodeStagingLib import mrml
+    from LymphNodeStagingLib.slicer import mrml
 
     scene = headless_slicer.slicer.mrmlScene
     ct = mrml.volume_node_from_image(scene, sitk.ReadImage(files["ct"]), "PH1357 CT")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from LymphNodeStagingLib.splits import (
+from LymphNodeStagingLib.cohort.splits import (
     Split,
     SplitError,
     SplitPatient,

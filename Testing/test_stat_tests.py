@@ -7,8 +7,8 @@ import pytest
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
-from LymphNodeStagingLib.metrics import ScanPrediction, stage_metrics
-from LymphNodeStagingLib.stat_tests import (
+from LymphNodeStagingLib.evaluation.metrics import ScanPrediction, stage_metrics
+from LymphNodeStagingLib.evaluation.stat_tests import (
     EXACT_CUTOFF,
     StatTestError,
     compare_methods,

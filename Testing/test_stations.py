@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from LymphNodeStagingLib.errors import StationNameError
-from LymphNodeStagingLib.stations import (
+from LymphNodeStagingLib.staging.stations import (
     NUM_STATIONS,
     STATION_NAMES,
     STATIONS,

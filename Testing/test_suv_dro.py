@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.suv import suv_from_folder
+from LymphNodeStagingLib.suv.conversion import suv_from_folder
 
 SHARED = Path(os.environ.get("LNS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 DRO_TAR = SHARED / "data" / "suv_dro.tar.gz"

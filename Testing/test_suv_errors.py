@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from LymphNodeStagingLib.dicom_series import DicomSeriesError, find_series
 from LymphNodeStagingLib.errors import LNSError
-from LymphNodeStagingLib.suv import SuvError, suv_factors, suv_from_folder
+from LymphNodeStagingLib.io.dicom_series import DicomSeriesError, find_series
+from LymphNodeStagingLib.suv.conversion import SuvError, suv_factors, suv_from_folder
 
 PET_SOP = "1.2.840.10008.5.1.4.1.1.128"
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 from test_suv_errors import make_slice
 
-from LymphNodeStagingLib.suv import suv_from_folder
+from LymphNodeStagingLib.suv.conversion import suv_from_folder
 
 HALF = 6586.2
 LAM = math.log(2) / HALF

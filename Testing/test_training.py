@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from LymphNodeStagingLib.checkpoint import load_checkpoint, load_model
-from LymphNodeStagingLib.model import ModelConfig, StagingModel
-from LymphNodeStagingLib.rules import UNKNOWN
-from LymphNodeStagingLib.training import (
+from LymphNodeStagingLib.classifier.checkpoint import load_checkpoint, load_model
+from LymphNodeStagingLib.classifier.model import ModelConfig, StagingModel
+from LymphNodeStagingLib.staging.rules import UNKNOWN
+from LymphNodeStagingLib.training.loops import (
     CaseDataset,
     CaseSample,
     StationPatchDataset,
@@ -144,7 +144,7 @@ def test_ts2_with_stage_only_cases_and_ts3_keeps_encoder_frozen(ts1, cases, tmp_
 
 
 def test_augmentation_transforms_keep_the_centre_and_are_seeded():
-    from LymphNodeStagingLib.training import AugmentConfig, random_transform
+    from LymphNodeStagingLib.training.loops import AugmentConfig, random_transform
 
     c = np.array([10.0, -20.0, 30.0])
     affine = random_transform(c, np.random.default_rng(0), AugmentConfig(p_affine=1.0, p_elastic=0.0), 16, 1.0)

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from LymphNodeStagingLib.casedata import prepare_case
-from LymphNodeStagingLib.checkpoint import load_model
-from LymphNodeStagingLib.cli import main
-from LymphNodeStagingLib.cohort import read_cohort
-from LymphNodeStagingLib.training_run import split_rows
+from LymphNodeStagingLib.classifier.checkpoint import load_model
+from LymphNodeStagingLib.cli.main import main
+from LymphNodeStagingLib.cohort.table import read_cohort
+from LymphNodeStagingLib.training.cases import prepare_case
+from LymphNodeStagingLib.training.from_cohort import split_rows
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_split_rows_uses_the_split_column_or_a_stratified_share(cohort_and_atlas
 
 @pytest.mark.slow
 def test_station_maps_are_cached_per_case(cohort_and_atlases, tmp_path):
-    from LymphNodeStagingLib.atlas import load_atlas_set
+    from LymphNodeStagingLib.mapping.atlas import load_atlas_set
 
     csv, atlases, _ = cohort_and_atlases
     row = read_cohort(csv).usable_rows()[0]

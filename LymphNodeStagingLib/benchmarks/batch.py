@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..fileio import peak_memory_mb
+from ..io.files import peak_memory_mb
 
 HELP = "cases per hour of lnstaging batch (all steps incl. assess) with 1 and 2 workers on full-size phantoms"
 
@@ -44,16 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _model(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
     """(checkpoint path, where its weights come from)."""
-    from ..assessment import default_model_path
+    from ..paths import demo_model_path
 
     if args.model:
         return str(args.model), "given"
-    if default_model_path().is_file():
-        return str(default_model_path()), "bundled"
+    if demo_model_path().is_file():
+        return str(demo_model_path()), "bundled"
     import torch
 
-    from ..checkpoint import save_checkpoint
-    from ..model import ModelConfig, build_model
+    from ..classifier.checkpoint import save_checkpoint
+    from ..classifier.model import ModelConfig, build_model
 
     cfg = ModelConfig()
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def _run_stats(out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..batch import BatchError, parse_steps, run_batch
+    from ..batch.run import BatchError, parse_steps, run_batch
     from ..phantom import generate_cohort
 
     if args.cases < 1:
@@ -110,9 +110,9 @@ def run(args: argparse.Namespace) -> dict:
         model, weights = _model(args, root) if "assess" in steps else (None, None)
         atlases = args.atlases
         if "stations" in steps and not atlases:
-            from ..atlas import default_atlas_set_path
+            from ..phantom import build_demo_atlas_set
 
-            atlases = str(default_atlas_set_path())  # made once, outside the timed runs
+            atlases = str(build_demo_atlas_set())  # made once, outside the timed runs
         runs = {}
         for w in workers:
             out = root / f"out_w{w}"

@@ -27,12 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from ..assessment import assess_case, default_model_path
-    from ..atlas import default_atlas_set_path, load_atlas_set
-    from ..checkpoint import save_checkpoint
-    from ..fileio import peak_memory_mb
-    from ..model import ModelConfig, build_model
-    from ..phantom import generate_patient
+    from ..assessment.assess import assess_case
+    from ..classifier.checkpoint import save_checkpoint
+    from ..classifier.model import ModelConfig, build_model
+    from ..io.files import peak_memory_mb
+    from ..mapping.atlas import load_atlas_set
+    from ..paths import demo_model_path
+    from ..phantom import build_demo_atlas_set, generate_patient
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         patient = generate_patient(args.seed, args.size)
         t_phantom = time.perf_counter() - t0
-        model = args.model or (default_model_path() if default_model_path().is_file() else None)
+        model = args.model or (demo_model_path() if demo_model_path().is_file() else None)
         weights = "given" if args.model else ("bundled" if model else "random reference network")
         if model is None:
             cfg = ModelConfig()
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
             model = save_checkpoint(Path(tmp) / "random.pt", build_model("station", cfg),
                                     {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
         t0 = time.perf_counter()
-        atlas_path = args.atlases or default_atlas_set_path()
+        atlas_path = args.atlases or build_demo_atlas_set()
         atlas_set = load_atlas_set(atlas_path)
         t_atlas_load = time.perf_counter() - t0
         runs = []

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..fileio import peak_memory_mb
+from ..io.files import peak_memory_mb
 
 if TYPE_CHECKING:
-    from ..metrics import ScanPrediction
+    from ..evaluation.metrics import ScanPrediction
 
 HELP = "split + metrics with bootstrap CIs + McNemar + permutation test on synthetic predictions"
 
@@ -32,7 +32,7 @@ def synthetic_predictions(n_patients: int, quality: float, seed: int, data_seed:
     The reference labels depend on ``data_seed`` only, so two methods share them; a third of the patients have a
     second scan.
     """
-    from ..metrics import ScanPrediction
+    from ..evaluation.metrics import ScanPrediction
 
     drng = np.random.default_rng(data_seed)
     mrng = np.random.default_rng(seed)
@@ -50,9 +50,9 @@ def synthetic_predictions(n_patients: int, quality: float, seed: int, data_seed:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..metrics import evaluate_method
-    from ..splits import make_split
-    from ..stat_tests import compare_methods
+    from ..cohort.splits import make_split
+    from ..evaluation.metrics import evaluate_method
+    from ..evaluation.stat_tests import compare_methods
 
     times: dict[str, float] = {}
     t = time.perf_counter()

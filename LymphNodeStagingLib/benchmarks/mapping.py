@@ -38,11 +38,11 @@ def _cores() -> int:
 
 def run(args: argparse.Namespace) -> dict:
 
-    from ..atlas import DEFAULT_ATLAS_SEED, load_atlas_set
     from ..errors import LNSError
-    from ..fileio import peak_memory_mb
-    from ..mapping import map_stations
-    from ..registration import RegistrationConfig
+    from ..io.files import peak_memory_mb
+    from ..mapping.atlas import DEFAULT_ATLAS_SEED, load_atlas_set
+    from ..mapping.registration import RegistrationConfig
+    from ..mapping.station_mapping import map_stations
 
     try:
         from ..phantom import generate_atlas_set, generate_patient
@@ -117,7 +117,7 @@ def _truth_crop(m, stations_img) -> np.ndarray:
 
 
 def _nodes(truth: dict) -> list[tuple[str, np.ndarray]]:
-    from ..stations import parse_station
+    from ..staging.stations import parse_station
 
     out = []
     stations = truth.get("stations", {})
@@ -130,8 +130,8 @@ def _nodes(truth: dict) -> list[tuple[str, np.ndarray]]:
 def _quality(m, patient) -> dict:
     import SimpleITK as sitk
 
-    from ..stations import STATION_NAMES
-    from ..weightmap import assign_points
+    from ..mapping.weightmap import assign_points
+    from ..staging.stations import STATION_NAMES
 
     truth = _truth_crop(m, patient.stations)
     full = sitk.GetArrayViewFromImage(patient.stations)
@@ -156,8 +156,8 @@ def _quality(m, patient) -> dict:
 
 def _subsets(m, patient) -> dict:
     """Every 3-atlas subset fused from the same registrations (each atlas is registered independently)."""
-    from ..fusion import fuse
-    from ..weightmap import assign_points, station_weight_maps
+    from ..mapping.fusion import fuse
+    from ..mapping.weightmap import assign_points, station_weight_maps
 
     n = m.warped.shape[0]
     if n < 4:

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..fileio import peak_memory_mb
+    from ..io.files import peak_memory_mb
     from ..phantom import generate_patient, write_patient
 
     out: dict = {}

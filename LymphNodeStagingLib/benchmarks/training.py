@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from ..fileio import peak_memory_mb
-    from ..model import ModelConfig
-    from ..training import measure_ts1_throughput
+    from ..classifier.model import ModelConfig
+    from ..io.files import peak_memory_mb
+    from ..training.loops import measure_ts1_throughput
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,12 +2,11 @@
 nodes, a primary tumour, metastatic spread, confounders and image-level labels; NIfTI/DICOM output, cohorts and
 atlas sets. Deterministic: the same seed gives the same bytes."""
 
-from .atlas_cache import bundled_atlas_set
-from .labels import AZYGOS, PULMONARY_ARTERY, TOTAL_CLASSES
+from .atlas_cache import build_demo_atlas_set
 from .patient import PhantomConfig, PhantomError, PhantomPatient, generate_patient, patient_seed
 from .writer import generate_atlas_set, generate_cohort, write_patient
 
 __all__ = [
-    "AZYGOS", "PULMONARY_ARTERY", "TOTAL_CLASSES", "PhantomConfig", "PhantomError", "PhantomPatient",
-    "bundled_atlas_set", "generate_atlas_set", "generate_cohort", "generate_patient", "patient_seed", "write_patient",
+    "PhantomConfig", "PhantomError", "PhantomPatient",
+    "build_demo_atlas_set", "generate_atlas_set", "generate_cohort", "generate_patient", "patient_seed", "write_patient",
 ]

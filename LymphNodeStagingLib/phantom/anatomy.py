@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import labels as L
+from ..anatomy import labels as L
 from .geometry import Canvas, rotation_from_axis
-from .labels import Material as M
+from .materials import Material as M
 
 
 @dataclass

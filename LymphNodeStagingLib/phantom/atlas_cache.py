@@ -1,37 +1,23 @@
-"""The product's bundled synthetic atlas set: 5 atlases generated deterministically (fixed seed) on first use and
-cached, so that no image binaries live in the repository."""
+"""The synthetic demo atlas set: 5 full-size atlases generated deterministically (fixed seed) on first use and kept
+in the user cache, so that no image binaries live in the repository. It is the default atlas set of every command
+(see ``paths.default_atlas_set_path``) until the user gives one of their own."""
 
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
-from ..fileio import atomic_dir
-from .patient import GENERATOR_VERSION
+from ..paths import DEMO_ATLAS_COUNT, DEMO_ATLAS_SEED, demo_atlas_set_path
 
-BUNDLED_SEED = 20260101
-BUNDLED_ATLASES = 5
-BUNDLED_SIZE = "atlas"  # 2 mm isotropic mediastinal crop, noise-free
+log = logging.getLogger(__name__)
 
 
-def cache_root() -> Path:
-    """$LNSTAGING_CACHE, else $XDG_CACHE_HOME/lnstaging, else ~/.cache/lnstaging."""
-    env = os.environ.get("LNSTAGING_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lnstaging"
-
-
-def bundled_atlas_set(cache_dir: str | Path | None = None) -> Path:
-    """Folder of the bundled synthetic atlas set (manifest.json inside), generating it once if missing."""
+def build_demo_atlas_set(path: str | Path | None = None) -> Path:
+    """Folder of the synthetic demo atlas set (manifest.json inside), generating it once if missing."""
     from .writer import generate_atlas_set
 
-    root = Path(cache_dir) if cache_dir else cache_root()
-    target = root / f"atlas-synthetic-v{GENERATOR_VERSION}-seed{BUNDLED_SEED}"
+    target = Path(path) if path else demo_atlas_set_path()
     if (target / "manifest.json").is_file():
         return target
-    with atomic_dir(target) as tmp:
-        generate_atlas_set(tmp, BUNDLED_ATLASES, BUNDLED_SEED, BUNDLED_SIZE,
-                           name="lnstaging-synthetic-phantom-atlases (synthetic)")
-    return target
+    log.info("generating the synthetic demo atlas set in %s", target)
+    return Path(generate_atlas_set(target, atlases=DEMO_ATLAS_COUNT, seed=DEMO_ATLAS_SEED, size="full"))

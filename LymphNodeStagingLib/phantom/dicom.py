@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ..fileio import atomic_dir
+from ..io.files import atomic_dir
 from .patient import PhantomError
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ..rules import RuleSet
-from ..stations import STATION_NAMES, parse_station
-from . import labels as L
+from ..anatomy import labels as L
+from ..staging.rules import RuleSet
+from ..staging.stations import STATION_NAMES, parse_station
 from .geometry import Canvas
-from .labels import Material as M
+from .materials import Material as M
 
 #: Relative preference of ipsilateral mediastinal (N2-group) stations by tumour lobe (lymphatic drainage).
 DRAINAGE: dict[str, dict[str, float]] = {

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .geometry import Canvas, Grid
-from .labels import MATERIAL_HU
-from .labels import Material as M
+from .materials import MATERIAL_HU
+from .materials import Material as M
 
 
 @dataclass

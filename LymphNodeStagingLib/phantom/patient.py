@@ -10,8 +10,8 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..errors import LNSError
-from ..rules import DEFAULT_RULES, N_STAGES, load_rules
-from ..stations import STATIONS
+from ..staging.rules import DEFAULT_RULES, N_STAGES, load_rules
+from ..staging.stations import STATIONS
 from . import anatomy as anat
 from . import disease as dis
 from .formation import Physiology, activity_map, make_ct, make_pet, pet_grid_for, sample_image_max

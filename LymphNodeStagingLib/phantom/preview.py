@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..fileio import write_figure
-from ..stations import STATIONS, parse_station
+from ..io.files import write_figure
+from ..staging.stations import STATIONS, parse_station
 from .patient import PhantomPatient
 
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..stations import STATIONS, parse_station
+from ..staging.stations import STATIONS, parse_station
 from .anatomy import AnatomyModel
 from .geometry import Canvas, segment_distance
-from .labels import Material as M
+from .materials import Material as M
 
 #: Build order (earlier stations win contested voxels).
 PRIORITY: tuple[str, ...] = ("7", "10R", "10L", "11R", "11L", "4R", "4L", "2R", "2L", "5", "6", "3P", "3A", "8", "9",

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from ..rules import N_STAGES
-from ..stations import STATION_NAMES
+from ..staging.rules import N_STAGES
+from ..staging.stations import STATION_NAMES
 from .patient import PhantomConfig, generate_patient, patient_seed
 
 

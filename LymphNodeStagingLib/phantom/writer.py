@@ -11,7 +11,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ..fileio import atomic_path, write_json, write_text
+from ..io.files import atomic_path, write_json, write_text
 from .patient import (
     GENERATOR,
     GENERATOR_VERSION,

@@ -1,0 +1,1 @@
+"""Anatomy label maps in one vocabulary, and the TotalSegmentator runner."""

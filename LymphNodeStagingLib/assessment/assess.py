@@ -1,0 +1,303 @@
+"""Assessment of one PET/CT: load, anatomy, station mapping, patches, classifier, SUV figures, staging, reports.
+
+``assess_case`` is the one function behind ``lnstaging assess``, the Slicer module's Apply and the cohort runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .. import __version__
+from ..errors import LNSError
+from ..io.files import write_image
+from ..paths import demo_model_path
+from ..staging.result import CaseResult, make_case_result
+from ..staging.rules import DEFAULT_RULES, parse_side
+from ..staging.stations import NUM_STATIONS, STATION_NAMES, STATIONS
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+#: Radius of the sphere of 1 cm^3 used for SUVpeak, in mm.
+SUVPEAK_RADIUS_MM = (3.0 / (4.0 * np.pi) * 1000.0) ** (1.0 / 3.0)
+#: File names that say nothing about the case; the folder name is used instead.
+GENERIC_NAMES = {"ct", "image", "img", "volume", "ct_image", "dicom", "series"}
+
+
+class AssessmentError(LNSError, ValueError):
+    """The assessment cannot run with these inputs."""
+
+
+class Cancelled(LNSError):
+    """The assessment was cancelled by the caller."""
+
+
+@dataclass
+class Assessment:
+    """Everything one assessment produced."""
+
+    result: CaseResult
+    station_map: sitk.Image  # fused station labels 1..17 on (a crop of) the CT grid
+    ct: sitk.Image  # HU
+    pet: sitk.Image  # SUV
+    mapping: Any = None  # mapping.StationMapping
+    inputs_from_dicom: bool = False
+    dicom_sources: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _image(value: str | Path | sitk.Image, what: str) -> sitk.Image:
+    if isinstance(value, sitk.Image):
+        return value
+    path = Path(value)
+    if not path.exists():
+        raise AssessmentError(f"{what} {path} does not exist")
+    from ..io.images import read_image_file
+
+    return read_image_file(path)
+
+
+def station_suv_stats(pet: sitk.Image, station_map: sitk.Image) -> dict[str, dict[str, float]]:
+    """SUVmax, SUVpeak and volume of every station present in the map.
+
+    The PET is resampled (linear) onto the station map's grid. SUVpeak is the largest mean SUV of a 1 cm^3 sphere
+    centred in the station, averaged over the sphere's voxels that lie in the station (so that uptake of the heart
+    or the tumour next to a station does not enter it; SUVpeak <= SUVmax).
+    """
+    pet_on = sitk.Resample(pet, station_map, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    suv = sitk.GetArrayFromImage(pet_on).astype(np.float32)
+    labels = sitk.GetArrayViewFromImage(station_map)
+    spacing_zyx = np.asarray(station_map.GetSpacing(), dtype=float)[::-1]
+    half = np.ceil(SUVPEAK_RADIUS_MM / spacing_zyx).astype(int)
+    zz, yy, xx = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing_zyx, strict=True)],
+                             indexing="ij")
+    ball = (zz**2 + yy**2 + xx**2) <= SUVPEAK_RADIUS_MM**2
+    kernel = ball.astype(np.float32)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    present = np.unique(labels)
+    present = present[(present >= 1) & (present <= NUM_STATIONS)]
+    out: dict[str, dict[str, float]] = {}
+    if present.size:
+        idx = [int(v) for v in present]
+        maxima = ndimage.maximum(suv, labels, idx)
+        peaks = []
+        for v in idx:
+            inside = (labels == v)
+            lo = np.maximum(np.argwhere(inside).min(axis=0) - half, 0)
+            hi = np.argwhere(inside).max(axis=0) + half + 1
+            box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+            m = inside[box].astype(np.float32)
+            num = ndimage.convolve(suv[box] * m, kernel, mode="constant")
+            den = ndimage.convolve(m, kernel, mode="constant")
+            mean = np.where(m > 0, num / np.maximum(den, 1e-6), -np.inf)
+            peaks.append(float(mean.max()))
+        counts = ndimage.sum(np.ones_like(suv), labels, idx)
+        for v, m, p, c in zip(idx, maxima, peaks, counts, strict=True):
+            out[STATION_NAMES[v - 1]] = {"suv_max": float(m), "suv_peak": float(p), "volume_ml": float(c) * voxel_ml}
+    return out
+
+
+def assess_case(
+    ct: str | Path | sitk.Image,
+    pet: str | Path | sitk.Image,
+    side: str,
+    *,
+    anatomy: str | Path | sitk.Image | None = None,
+    model: str | Path | None = None,
+    atlases=None,
+    rules: str = DEFAULT_RULES,
+    device: str = "cpu",
+    pet_is_suv: bool = False,
+    suv_mode: str = "qiba",
+    threshold: float | None = None,
+    tta: int = 0,
+    seed: int = 0,
+    case_id: str | None = None,
+    out_dir: str | Path | None = None,
+    station_mapping=None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Assessment:
+    """Assess one PET/CT. ``ct``/``pet`` are files, DICOM folders or SimpleITK images (PET images are SUV).
+
+    ``anatomy``: precomputed label map (file, folder of masks or image); None runs TotalSegmentator.
+    ``model``: checkpoint (None: the bundled demo model). ``atlases``: atlas set folder or a loaded ``AtlasSet``
+    (reused between cases, it keeps its prepared registration data; None: the bundled synthetic set). ``station_mapping``: a mapping computed before (skips registration). With ``out_dir`` the result JSON,
+    CSV, station map, mapping files and the PNG overview are written there.
+    """
+    side = parse_side(side, "side")
+    report = progress or (lambda f, m: None)
+    timings: dict[str, float] = {}
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("assessment cancelled")
+
+    # 1. images
+    t0 = time.perf_counter()
+    report(0.0, "loading images")
+    suv_info: dict = {}
+    from_dicom = False
+    sources: dict[str, str] = {}
+    if isinstance(ct, sitk.Image) or isinstance(pet, sitk.Image):
+        ct_img = _image(ct, "CT")
+        if isinstance(pet, sitk.Image):
+            pet_img = pet
+            suv_info = {"mode": "user", "decisions": ["PET image given as SUV"], "warnings": []}
+        else:
+            from ..io.images import load_pet
+
+            pet_img, suv_info, _, _ = load_pet(pet, pet_is_suv=pet_is_suv, suv_mode=suv_mode)
+    else:
+        from ..io.images import load_case
+
+        case = load_case(ct, pet, pet_is_suv=pet_is_suv, suv_mode=suv_mode)
+        ct_img, pet_img, suv_info = case.ct, case.pet, case.suv
+        from_dicom = Path(ct).is_dir() or Path(pet).is_dir()
+        sources = {k: str(v) for k, v in (("ct", ct), ("pet", pet)) if Path(v).is_dir()}
+    ct_img = sitk.Cast(ct_img, sitk.sitkFloat32) if ct_img.GetPixelID() != sitk.sitkFloat32 else ct_img
+    pet_img = sitk.Cast(pet_img, sitk.sitkFloat32) if pet_img.GetPixelID() != sitk.sitkFloat32 else pet_img
+    timings["load"] = time.perf_counter() - t0
+    check_cancel()
+
+    # 2. anatomy and station mapping
+    if station_mapping is None:
+        t0 = time.perf_counter()
+        report(0.1, "anatomy")
+        anat_img = _anatomy(anatomy, ct, ct_img, device)
+        timings["anatomy"] = time.perf_counter() - t0
+        check_cancel()
+        from ..mapping.atlas import resolve_atlas_set
+        from ..mapping.station_mapping import map_stations
+
+        t0 = time.perf_counter()
+        atlas_set = resolve_atlas_set(atlases)
+        station_mapping = map_stations(ct_img, anat_img, atlas_set, device=device,
+                                       progress=lambda f, m: report(0.2 + 0.5 * f, m))
+        timings["mapping"] = time.perf_counter() - t0
+        atlas_info = {"name": atlas_set.name, "atlases": station_mapping.atlas_ids, "path": str(atlas_set.root)}
+    else:
+        atlas_info = {"atlases": list(getattr(station_mapping, "atlas_ids", []))}
+    check_cancel()
+    station_map = station_mapping.label_image()
+
+    # 3. classifier
+    t0 = time.perf_counter()
+    report(0.75, "classifying stations")
+    from ..classifier.checkpoint import file_sha256, load_model
+    from ..classifier.model import predict_case
+
+    model_path = Path(model) if model else demo_model_path()
+    if not model_path.is_file():
+        raise AssessmentError(f"model {model_path} does not exist; pass a checkpoint (--model) made by "
+                              "`lnstaging train`")
+    net, manifest = load_model(model_path, device=device)
+    thr = float(threshold if threshold is not None else manifest.get("threshold", 0.5))
+    from ..classifier.patches import StationSampler
+
+    sampler = StationSampler.from_sparse_maps(station_mapping.weight_maps)
+    pred = predict_case(net, ct_img, pet_img, sampler, threshold=thr, tta=tta, seed=seed)
+    timings["classification"] = time.perf_counter() - t0
+    check_cancel()
+
+    # 4. SUV figures and the result
+    t0 = time.perf_counter()
+    stats = station_suv_stats(pet_img, station_map)
+    timings["suv_stats"] = time.perf_counter() - t0
+    probs = {st.name: (float(pred.probabilities[st.index]) if pred.present[st.index] else None) for st in STATIONS}
+    agreement = {k: (None if v is None or not np.isfinite(v) else float(v))
+                 for k, v in station_mapping.agreement.items()}
+    centres = {st.name: tuple(float(c) for c in pred.centres_mm[st.index]) for st in STATIONS
+               if pred.present[st.index]}
+    result = make_case_result(
+        case_id or _case_id(ct), side, probs, threshold=thr, rules=rules,
+        suv_max={k: v["suv_max"] for k, v in stats.items()},
+        suv_peak={k: v["suv_peak"] for k, v in stats.items()},
+        volume_ml={k: v["volume_ml"] for k, v in stats.items()},
+        agreement=agreement, centre_mm=centres,
+    )
+    for st in result.stations:
+        flag = station_mapping.flags.get(st.name)
+        if flag and flag != "ok":
+            st.flags.append(f"mapping:{flag}")
+        if not st.present:
+            result.warnings.append(f"station {st.name} was not found by the station mapping")
+    result.model = {"path": str(model_path), "sha256": file_sha256(model_path),
+                    "kind": manifest.get("kind"), "strategy": manifest.get("strategy"),
+                    "threshold": thr, "tta": tta}
+    result.atlases = atlas_info
+    result.inputs = {"ct": str(ct) if not isinstance(ct, sitk.Image) else "<image>",
+                     "pet": str(pet) if not isinstance(pet, sitk.Image) else "<image>",
+                     "anatomy": str(anatomy) if isinstance(anatomy, (str, Path)) else
+                     ("<image>" if anatomy is not None else "TotalSegmentator")}
+    result.suv = suv_info
+    result.version = __version__
+    timings.update({f"mapping.{k}": v for k, v in getattr(station_mapping, "timings", {}).items()})
+    result.timings_s = {k: round(float(v), 4) for k, v in timings.items()}
+
+    out = Assessment(result=result, station_map=station_map, ct=ct_img, pet=pet_img, mapping=station_mapping,
+                     inputs_from_dicom=from_dicom, dicom_sources=sources)
+    if out_dir is not None:
+        report(0.9, "writing outputs")
+        out.files = write_outputs(out, out_dir)
+    report(1.0, f"done: {result.n_stage}")
+    return out
+
+
+def _case_id(ct) -> str:
+    if isinstance(ct, sitk.Image):
+        return "case"
+    path = Path(ct)
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if name.lower() in GENERIC_NAMES and path.parent.name:
+        return path.parent.name  # e.g. PH0001/ct.nii.gz -> PH0001
+    return name
+
+
+def _anatomy(anatomy, ct, ct_img: sitk.Image, device: str) -> sitk.Image:
+    from ..anatomy.totalsegmentator import run_totalsegmentator
+    from ..anatomy.vocabulary import load_anatomy
+
+    if isinstance(anatomy, sitk.Image):
+        return anatomy
+    if anatomy is not None:
+        return load_anatomy(anatomy, reference=ct_img)
+    with tempfile.TemporaryDirectory(prefix="lns-anatomy-") as tmp:
+        ct_path = Path(ct) if isinstance(ct, (str, Path)) and Path(ct).is_file() else None
+        if ct_path is None:
+            ct_path = Path(tmp) / "ct.nii.gz"
+            sitk.WriteImage(ct_img, str(ct_path))
+        seg = run_totalsegmentator(ct_path, Path(tmp) / "anatomy.nii.gz", device=device)
+        return load_anatomy(seg, reference=ct_img)
+
+
+def write_outputs(assessment: Assessment, out_dir: str | Path) -> dict[str, Path]:
+    """Write result.json, result.csv, stations.nii.gz, the mapping files and overview.png (each atomically)."""
+    from .overview import write_overview
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "result_json": assessment.result.write_json(out / "result.json"),
+        "result_csv": assessment.result.write_csv(out / "result.csv"),
+        "stations": write_image(assessment.station_map, out / "stations.nii.gz"),
+    }
+    if assessment.mapping is not None and hasattr(assessment.mapping, "vote_fraction_image"):
+        files["vote_fractions"] = write_image(assessment.mapping.vote_fraction_image(), out / "vote_fractions.nii.gz")
+    files["overview"] = write_overview(assessment.ct, assessment.pet, assessment.station_map, assessment.result,
+                                       out / "overview.png")
+    return files

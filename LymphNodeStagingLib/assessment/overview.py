@@ -1,0 +1,152 @@
+"""PNG overview of an assessment: CT with PET and the stations coloured by malignancy probability, a legend, the
+station table and the N-stage. Axial views in radiological convention (patient right on the viewer's left)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..io.files import write_figure
+from ..staging.result import ABSENT, POSITIVE, CaseResult
+from ..staging.stations import STATION_NAMES
+
+DISPLAY_SPACING_MM = 1.5
+MARGIN_MM = 40.0
+#: Axial levels shown: the station whose centre sets the slice, with a readable caption.
+LEVELS = (("2R", "upper paratracheal (2R/2L)"), ("4R", "lower paratracheal (4R/4L)"), ("7", "subcarinal (7)"),
+          ("10L", "hilar (10R/10L)"))
+
+
+def _display_grid(station_map: sitk.Image, ct: sitk.Image) -> sitk.Image:
+    arr = sitk.GetArrayViewFromImage(station_map)
+    nz = np.argwhere(arr > 0)
+    if nz.size == 0:
+        ref = ct
+        lo_idx, hi_idx = np.zeros(3), np.asarray(ct.GetSize()[::-1]) - 1
+    else:
+        ref = station_map
+        lo_idx, hi_idx = nz.min(axis=0), nz.max(axis=0)
+    corners = []
+    for z in (lo_idx[0], hi_idx[0]):
+        for y in (lo_idx[1], hi_idx[1]):
+            for x in (lo_idx[2], hi_idx[2]):
+                corners.append(ref.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z))))
+    corners = np.asarray(corners)
+    lo = corners.min(axis=0) - MARGIN_MM
+    hi = corners.max(axis=0) + MARGIN_MM
+    size = np.maximum(np.ceil((hi - lo) / DISPLAY_SPACING_MM).astype(int) + 1, 1)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetOrigin(tuple(float(v) for v in lo))
+    grid.SetSpacing((DISPLAY_SPACING_MM,) * 3)
+    return grid
+
+
+def _index_of(grid: sitk.Image, point_mm) -> tuple[int, int, int] | None:
+    if point_mm is None:
+        return None
+    idx = grid.TransformPhysicalPointToIndex(tuple(float(v) for v in point_mm))
+    return tuple(int(np.clip(i, 0, s - 1)) for i, s in zip(idx, grid.GetSize(), strict=True))
+
+
+def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, result: CaseResult,
+                   path: str | Path) -> Path:
+    """Write the overview PNG (atomically) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    grid = _display_grid(station_map, ct)
+    ct_d = sitk.GetArrayFromImage(sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0,
+                                                sitk.sitkFloat32))
+    pet_d = sitk.GetArrayFromImage(sitk.Resample(pet, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                 sitk.sitkFloat32))
+    st_d = sitk.GetArrayFromImage(sitk.Resample(station_map, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                sitk.sitkUInt8))
+    cmap = colormaps["RdYlGn_r"]
+    norm = Normalize(0.0, 1.0)
+    by_name = {s.name: s for s in result.stations}
+    lut = np.zeros((len(STATION_NAMES) + 1, 4))
+    for i, name in enumerate(STATION_NAMES, start=1):
+        s = by_name.get(name)
+        if s is None or s.status == ABSENT or s.probability is None:
+            lut[i] = (0.6, 0.6, 0.6, 0.35)
+        else:
+            lut[i] = (*cmap(norm(s.probability))[:3], 0.55)
+
+    def draw(ax, ct_sl, pet_sl, st_sl, origin: str, title: str) -> None:
+        ax.imshow(np.clip(ct_sl, -160, 240), cmap="gray", origin=origin, interpolation="bilinear")
+        ax.imshow(np.ma.masked_less(pet_sl, 1.0), cmap="hot", vmin=0, vmax=8, alpha=0.45, origin=origin,
+                  interpolation="bilinear")
+        ax.imshow(lut[st_sl], origin=origin, interpolation="nearest")
+        for v in np.unique(st_sl):
+            if v == 0:
+                continue
+            name = STATION_NAMES[v - 1]
+            s = by_name.get(name)
+            ys, xs = np.nonzero(st_sl == v)
+            positive = s is not None and s.status == POSITIVE
+            ax.contour(st_sl == v, levels=[0.5], colors=["red" if positive else "white"],
+                       linewidths=1.6 if positive else 0.6)
+            ax.text(xs.mean(), ys.mean(), name, color="black" if not positive else "white", fontsize=7,
+                    ha="center", va="center", fontweight="bold")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    fig = plt.figure(figsize=(15, 8.5), dpi=90)
+    gs = fig.add_gridspec(2, 4, width_ratios=[1, 1, 1, 1.05])
+    panels = []
+    for k, (name, caption) in enumerate(LEVELS[:3]):
+        s = by_name.get(name)
+        idx = _index_of(grid, s.centre_mm if s is not None and s.centre_mm else None)
+        if idx is None:  # fall back to the mirror station, then the middle slice
+            alt = by_name.get(name.replace("R", "L") if name.endswith("R") else name.replace("L", "R"))
+            idx = _index_of(grid, alt.centre_mm if alt is not None and alt.centre_mm else None)
+        z = idx[2] if idx is not None else grid.GetSize()[2] // 2
+        panels.append((gs[k // 2, k % 2], z, caption))
+    for spec, z, caption in panels:
+        ax = fig.add_subplot(spec)
+        draw(ax, ct_d[z], pet_d[z], st_d[z], "upper", f"axial, {caption}  (R | L)")
+    # hilar level in the second row
+    s10 = by_name.get("10R") if by_name.get("10R") and by_name["10R"].centre_mm else by_name.get("10L")
+    idx = _index_of(grid, s10.centre_mm if s10 is not None and s10.centre_mm else None)
+    z = idx[2] if idx is not None else grid.GetSize()[2] // 2
+    draw(fig.add_subplot(gs[1, 1]), ct_d[z], pet_d[z], st_d[z], "upper", "axial, hilar (10R/10L)  (R | L)")
+    # coronal through the subcarinal station (or the middle)
+    s7 = by_name.get("7")
+    idx = _index_of(grid, s7.centre_mm if s7 is not None and s7.centre_mm else None)
+    y = idx[1] if idx is not None else grid.GetSize()[1] // 2
+    draw(fig.add_subplot(gs[:, 2]), ct_d[:, y, :], pet_d[:, y, :], st_d[:, y, :], "lower", "coronal  (R | L)")
+
+    # table and stage
+    ax = fig.add_subplot(gs[:, 3])
+    ax.axis("off")
+    rows = [["station", "p", "status", "SUVmax", "agree"]]
+    for s in result.stations:
+        rows.append([s.name, "-" if s.probability is None else f"{s.probability:.2f}", s.status + (" *" if s.override
+                     else ""), "-" if s.suv_max is None else f"{s.suv_max:.1f}",
+                     "-" if s.agreement is None else f"{s.agreement:.2f}"])
+    table = ax.table(cellText=rows, loc="upper center", cellLoc="center", colWidths=[0.16, 0.14, 0.3, 0.18, 0.16])
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.18)
+    for i, s in enumerate(result.stations, start=1):
+        if s.probability is not None:
+            table[i, 1].set_facecolor((*cmap(norm(s.probability))[:3], 0.6))
+        if s.status == POSITIVE:
+            table[i, 2].set_text_props(color="darkred", fontweight="bold")
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    cbar = fig.colorbar(sm, ax=ax, orientation="horizontal", fraction=0.04, pad=0.02, aspect=30)
+    cbar.set_label(f"malignancy probability (threshold {result.threshold:.2f})\ngrey: station not found")
+    deciding = ", ".join(result.deciding_stations) or "none"
+    fig.suptitle(f"{result.case_id}: {result.n_stage} (TNM9 {result.tnm9}) - {result.rules} rules, tumour side "
+                 f"{result.side}; deciding stations: {deciding}", fontsize=13, fontweight="bold")
+    fig.text(0.01, 0.005, "Red outline: positive station. PET (hot, SUV 1-8) over CT. Research software, not a "
+             "medical device.", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.95))
+    return write_figure(fig, path)

@@ -1,0 +1,1 @@
+"""The station classifier: patches, networks, checkpoints and case prediction."""

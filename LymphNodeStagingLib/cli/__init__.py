@@ -1,0 +1,1 @@
+"""The ``lnstaging`` command line: entry point, shared options and one module per subcommand."""

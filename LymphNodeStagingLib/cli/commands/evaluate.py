@@ -1,0 +1,85 @@
+"""lnstaging evaluate: cross-validated evaluation of TS1/TS2/TS3 and the baselines, with ablations and a report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip().lower() for t in text.split(",") if t.strip()]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="cross-validate methods on a cohort and write a report (tables, tests, confusion matrices)",
+        description="Patient-level stratified k-fold cross-validation of the chosen methods on a cohort CSV: per "
+        "fold, training (TS1/TS2/TS3) on the training patients with model selection on the validation patients, "
+        "predictions on the test patients, then metrics per fold and mean +- sd, pooled bootstrap CIs, paired "
+        "tests against TS1, confusion matrices and report.md. The split file OUT/split.json is written once and "
+        "reused; every finished step is reused, so an interrupted run resumes. With --model, a trained model is "
+        "tested on the whole cohort instead.",
+    )
+    p.add_argument("cohort", metavar="COHORT.csv")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--strategy", default="ts1,threshold",
+                   help="methods, comma-separated or 'all': ts1, ts2, ts3, threshold (SUVmax), lesion (lesion mask "
+                   "overlap; needs lesion_path) (default ts1,threshold)")
+    p.add_argument("--ablation", action="append", default=[],
+                   help="centroid (TS1 on fixed centroid patches), no-pseudo (TS2 without pseudo-label loss), "
+                   "rules (TS1 staged with the other rule set), atlases=K (TS1 on maps from K atlases); "
+                   "repeat or comma-separate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the training runs")
+    p.add_argument("--val-fraction", type=float, default=0.25,
+                   help="share of each fold's non-test patients used for validation (default 0.25: 60/20/20)")
+    p.add_argument("--reference", choices=["labels", "truth"], default="labels",
+                   help="reference labels: the cohort's (default) or the true_* columns of a phantom cohort")
+    p.add_argument("--rules", default="ajcc8", help="rule set (ajcc8 | engelson2026 | a JSON file)")
+    p.add_argument("--model", help="test this checkpoint on every scan of the cohort (no folds, no training)")
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--ts23-epochs", type=int, help="epochs of TS2/TS3 (default: --epochs)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--ts23-batch-size", type=int, help="TS2/TS3 patients per batch (default: --batch-size)")
+    p.add_argument("--ts23-steps", type=int, help="TS2/TS3 steps per epoch (default: --max-steps-per-epoch)")
+    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--small", action="store_true", help="the small network (32^3 patches at 2 mm)")
+    p.add_argument("--patch-spacing", type=float)
+    p.add_argument("--atlases", help="atlas set folder (default: the bundled synthetic set)")
+    p.add_argument("--cache", help="folder of the per-case station maps (default OUT/cases)")
+    p.add_argument("--pet-is-suv", action="store_true",
+                   help="every PET holds SUV (else the cohort's pet_is_suv column decides)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs")
+    p.add_argument("--permutations", type=int, default=10000, help="permutations of the N-stage test")
+    p.add_argument("--device", default="cpu", help="cpu | gpu | cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...evaluation.crossval import BASE_METHODS, EvaluationConfig, evaluate_model, run_evaluation
+    from ..main import emit
+
+    methods = list(BASE_METHODS) if args.strategy.strip().lower() == "all" else _list(args.strategy)
+    ablations = [a for text in args.ablation for a in _list(text)]
+    config = EvaluationConfig(
+        folds=args.folds if not args.model else 1, seed=args.seed, val_fraction=args.val_fraction,
+        methods=tuple(methods), ablations=tuple(ablations), reference=args.reference, rules=args.rules,
+        epochs=args.epochs, ts23_epochs=args.ts23_epochs, batch_size=args.batch_size,
+        max_steps_per_epoch=args.max_steps_per_epoch, ts23_batch_size=args.ts23_batch_size,
+        ts23_max_steps=args.ts23_steps, augment=not args.no_augment, lr=args.lr, small=args.small, patch_spacing=args.patch_spacing,
+        device="cuda" if args.device == "gpu" else args.device, pet_is_suv=args.pet_is_suv, n_boot=args.bootstrap,
+        n_permutations=args.permutations)
+    show = None if args.json else (lambda f, m: print(f"[{f * 100:5.1f} %] {m}", file=sys.stderr))
+    if args.model:
+        res = evaluate_model(args.cohort, args.model, args.out, config, atlases=args.atlases, cache_dir=args.cache,
+                             progress=show)
+    else:
+        res = run_evaluation(args.cohort, args.out, config, atlases=args.atlases, cache_dir=args.cache,
+                             progress=show)
+    text = res.files["report"].read_text()
+    emit(res.to_dict(), args.json, text)
+    return 0

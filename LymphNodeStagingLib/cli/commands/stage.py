@@ -1,0 +1,34 @@
+"""lnstaging stage: the N-stage of a list of positive stations for a tumour side."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...staging.rules import DEFAULT_RULES, available_rule_sets, load_rules, parse_side
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stage",
+        help="N-stage from positive stations and tumour side",
+        description="Derive the N-stage (AJCC 8th) and the TNM 9th-edition N category from the positive "
+        "lymph node stations and the side of the primary tumour, with the stations that decided it.",
+    )
+    p.add_argument("stations", nargs="*", metavar="STATION", help="positive stations, e.g. 4R 7 10L (none: N0)")
+    p.add_argument("--side", required=True, help="side of the primary tumour: R or L")
+    p.add_argument(
+        "--rules",
+        default=DEFAULT_RULES,
+        help=f"rule set: {' | '.join(available_rule_sets())} or a rule-set .json file (default {DEFAULT_RULES})",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..main import emit
+
+    stations = [s for arg in args.stations for s in arg.replace(",", ";").split(";") if s.strip()]
+    result = load_rules(args.rules).stage(stations, parse_side(args.side, "--side"))
+    emit(result.to_dict(), args.json, result.explanation())
+    return 0

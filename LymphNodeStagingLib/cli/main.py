@@ -1,0 +1,80 @@
+"""The ``lnstaging`` command line: one entry point, one module per subcommand in ``commands/``.
+
+Conventions for every subcommand: ``--json`` prints exactly one JSON object on stdout; human-readable text
+otherwise; errors go to stderr with a non-zero exit code (1 for bad input or failed work, 2 for usage errors
+and for validations that found problems).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import LNSError
+from . import commands as commands_pkg
+
+#: Order of the subcommands in --help; every module in ``commands/`` with a ``register`` function is a subcommand.
+COMMAND_ORDER: tuple[str, ...] = (
+    "demo", "stage", "validate_cohort", "phantom", "suv", "anatomy", "map", "assess",
+    "train", "evaluate", "batch", "bench",
+)
+
+
+def command_modules() -> list[str]:
+    """Names of the subcommand modules, in COMMAND_ORDER first, then alphabetically."""
+    found = [m.name for m in pkgutil.iter_modules(commands_pkg.__path__) if not m.name.startswith("_")]
+    rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+    return sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lnstaging",
+        description="Mediastinal lymph node station assessment and N-staging on FDG PET/CT.",
+    )
+    parser.add_argument("--version", action="version", version=f"lnstaging {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in command_modules():
+        module = importlib.import_module(f"{__package__}.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def emit(obj: dict, as_json: bool, text: str | None = None) -> None:
+    """Print a result: one JSON object with --json, otherwise the given text (or pretty JSON)."""
+    if as_json:
+        sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    else:
+        sys.stdout.write((text if text is not None else json.dumps(obj, indent=2, default=str)) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LNSError as exc:
+        print(f"lnstaging {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lnstaging {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

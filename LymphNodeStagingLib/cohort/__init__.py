@@ -1,0 +1,1 @@
+"""The cohort table and patient-level splits."""

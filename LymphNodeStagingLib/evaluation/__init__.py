@@ -1,0 +1,1 @@
+"""Cross-validated evaluation: metrics, paired tests, baselines, report and figures."""

@@ -1,0 +1,572 @@
+"""Cross-validated evaluation of the methods on a cohort: training per fold, test predictions, metrics, tests, report.
+
+Methods: ``ts1`` (station classifier; N-stage from the rules), ``ts2`` and ``ts3`` (staging head; warm-started from
+the TS1 model of the same fold, TS3 with the station classifier frozen), ``threshold`` (SUVmax in the fused station
+map, t chosen on the fold's training and validation patients) and ``lesion`` (lesion-mask overlap, the cohort's
+lesion_path). Ablations, each a method of its own: ``centroid`` (TS1 trained on fixed centroid patches instead of
+centres drawn from the weight map), ``no-pseudo`` (TS2 without the pseudo-label loss), ``rules`` (TS1's station
+decisions staged with the other rule set) and ``atlases=K`` (TS1 on station maps from the first K atlases).
+
+Layout of the output folder::
+
+    split.json, split.csv          the patient-level split (written once, reused by every later run)
+    cases/                         cached station maps per scan (or --cache)
+    folds/fold<k>/<method>/        checkpoints of the trained methods and predictions.json (test patients)
+    report.md, report.json         the tables (methods x metrics, mean +- sd over folds), CIs and tests
+    figures/                       confusion matrices per method and a summary chart
+
+Every step is resumable: a finished training or prediction file of the same settings is reused, so an interrupted
+run continues where it stopped and a second method added later trains only what is new. Stations absent from a
+scan's fused map count as predicted negative (score 0) for every method, so that the methods are compared on the
+same stations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LNSError
+from ..io.files import write_json
+from ..staging.rules import DEFAULT_RULES, UNKNOWN, available_rule_sets, load_rules, parse_n_stage
+from ..staging.stations import NUM_STATIONS
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+BASE_METHODS: tuple[str, ...] = ("ts1", "ts2", "ts3", "threshold", "lesion")
+ABLATIONS: tuple[str, ...] = ("centroid", "no-pseudo", "rules", "atlases=K")
+PREDICTIONS_VERSION = 1
+
+
+class EvaluationError(LNSError, ValueError):
+    """An evaluation that cannot run as asked (methods, cohort, reference labels)."""
+
+
+@dataclass
+class EvaluationConfig:
+    """What to evaluate and how to train. Training defaults follow the paper; shorten them for quick runs."""
+
+    folds: int = 5
+    seed: int = 0
+    val_fraction: float = 0.25
+    methods: tuple[str, ...] = ("ts1", "threshold")
+    ablations: tuple[str, ...] = ()
+    reference: str = "labels"  # "labels" (the cohort's) or "truth" (true_n_stage / true_positive_stations columns)
+    rules: str = DEFAULT_RULES
+    epochs: int = 150
+    ts23_epochs: int | None = None  # TS2/TS3 epochs (None: epochs)
+    batch_size: int | None = None
+    max_steps_per_epoch: int | None = None
+    ts23_batch_size: int | None = None  # TS2/TS3: patients per batch (None: batch_size, else the default)
+    ts23_max_steps: int | None = None  # TS2/TS3 steps per epoch (None: max_steps_per_epoch)
+    augment: bool = True
+    lr: float = 5e-4
+    small: bool = False
+    patch_spacing: float | None = None
+    device: str = "cpu"
+    pet_is_suv: bool = False
+    n_boot: int = 1000
+    n_permutations: int = 10000
+    suv_thresholds: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5)
+    overlap_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        self.ablations = tuple(self.ablations)
+        if self.reference not in ("labels", "truth"):
+            raise EvaluationError(f"reference must be 'labels' or 'truth', got {self.reference!r}")
+        for m in self.methods:
+            if m not in BASE_METHODS:
+                raise EvaluationError(f"--strategy {m!r} is not one of {', '.join(BASE_METHODS)}")
+        for a in self.ablations:
+            if a not in ("centroid", "no-pseudo", "rules") and not _atlas_count(a):
+                raise EvaluationError(f"--ablation {a!r} is not one of {', '.join(ABLATIONS)} (K a number >= 1)")
+
+    def training_dict(self) -> dict:
+        keys = ("epochs", "ts23_epochs", "batch_size", "max_steps_per_epoch", "ts23_batch_size", "ts23_max_steps",
+                "augment", "lr", "small", "patch_spacing", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _atlas_count(ablation: str) -> int | None:
+    if ablation.startswith("atlases="):
+        try:
+            k = int(ablation.split("=", 1)[1])
+        except ValueError:
+            return None
+        return k if k >= 1 else None
+    return None
+
+
+@dataclass
+class MethodSpec:
+    """One row of the report: how its predictions are made."""
+
+    name: str
+    kind: str  # ts1 | ts2 | ts3 | threshold | lesion | restage
+    sampling: str = "weight_map"
+    pseudo_loss: bool = True
+    rules: str = DEFAULT_RULES
+    atlases: int | None = None  # first K atlases of the set (None: all)
+    depends_on: str | None = None  # the method whose model (init) or predictions (restage) it uses
+
+    def key(self, config: EvaluationConfig) -> dict:
+        d = asdict(self)
+        if self.kind in ("ts1", "ts2", "ts3"):
+            d["training"] = config.training_dict()
+        elif self.kind == "threshold":
+            d["candidates"] = list(config.suv_thresholds)
+        elif self.kind == "lesion":
+            d["candidates"] = list(config.overlap_thresholds)
+        return d
+
+
+def method_specs(config: EvaluationConfig) -> list[MethodSpec]:
+    """The methods of a run in report order (dependencies first): requested methods, then ablations."""
+    rules = config.rules
+    specs: dict[str, MethodSpec] = {}
+    needs_ts1 = any(m in ("ts1", "ts2", "ts3") for m in config.methods) or any(
+        a in ("no-pseudo", "rules") for a in config.ablations)
+    if needs_ts1:
+        specs["ts1"] = MethodSpec("ts1", "ts1", rules=rules)
+    for m in config.methods:
+        if m in ("ts2", "ts3"):
+            specs[m] = MethodSpec(m, m, rules=rules, depends_on="ts1")
+        elif m in ("threshold", "lesion"):
+            specs[m] = MethodSpec(m, m, rules=rules)
+    for a in config.ablations:
+        if a == "centroid":
+            specs["ts1-centroid"] = MethodSpec("ts1-centroid", "ts1", sampling="centroid", rules=rules)
+        elif a == "no-pseudo":
+            specs["ts2-no-pseudo"] = MethodSpec("ts2-no-pseudo", "ts2", pseudo_loss=False, rules=rules,
+                                                depends_on="ts1")
+        elif a == "rules":
+            other = next(r for r in available_rule_sets() if r != rules)
+            specs[f"ts1-{other}"] = MethodSpec(f"ts1-{other}", "restage", rules=other, depends_on="ts1")
+        else:
+            k = _atlas_count(a)
+            specs[f"ts1-atlases{k}"] = MethodSpec(f"ts1-atlases{k}", "ts1", rules=rules, atlases=k)
+    return list(specs.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass
+class EvalCase:
+    """A scan ready for every method: the training sample, reference labels and the baseline features."""
+
+    row: object  # cohort.CohortRow
+    sample: object  # training.CaseSample (cohort labels, used for training)
+    ref_labels: np.ndarray  # (17,) reference station labels (1/0/-1)
+    ref_n: int  # reference N-stage (0..3, -1 unknown)
+    suv_max: np.ndarray  # (17,) SUVmax per station, NaN where absent
+    lesions: object | None  # baselines.LesionOverlap, None without a lesion mask
+
+    @property
+    def patient_id(self) -> str:
+        return self.row.patient_id
+
+    @property
+    def scan_id(self) -> str:
+        return self.row.scan_id
+
+
+def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
+    """Station labels (17,) and N-stage of a row: the cohort's labels, or its truth columns (phantom cohorts)."""
+    if reference == "labels":
+        return row.station_labels(), (row.n_stage if row.n_stage is not None else UNKNOWN)
+    n_text = row.extra.get("true_n_stage", "").strip()
+    if not n_text:
+        raise EvaluationError(f"line {row.line} ({row.scan_id}): --reference truth needs the columns true_n_stage "
+                              "and true_positive_stations (written by `lnstaging phantom`)")
+    from ..staging.stations import parse_station_list
+
+    labels = np.zeros(NUM_STATIONS, dtype=np.int64)
+    for st in parse_station_list(row.extra.get("true_positive_stations", "")):
+        labels[st.index] = 1
+    return labels, parse_n_stage(n_text)
+
+
+def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path, config: EvaluationConfig, need_lesions: bool,
+                  progress: Progress | None = None) -> list[EvalCase]:
+    """Images, cached station maps, samplers and baseline features of every row."""
+    from ..training.cases import prepare_case
+    from ..training.loops import CaseSample
+    from .baselines import lesion_overlap, station_suv_max
+
+    out = []
+    for i, row in enumerate(rows):
+        if progress:
+            progress(i / max(len(rows), 1), f"preparing {row.scan_id} ({i + 1}/{len(rows)})")
+        prep = prepare_case(row, atlas_set, cache_dir, device=config.device, pet_is_suv=config.pet_is_suv)
+        labels = row.station_labels()
+        sample = CaseSample(patient_id=row.patient_id, ct=prep.ct, pet=prep.pet, sampler=prep.sampler,
+                            side=row.tumour_side, n_stage=row.n_stage if row.n_stage is not None else UNKNOWN,
+                            station_labels=labels, study=row.study)
+        lesions = None
+        if need_lesions:
+            if row.lesion_path is None:
+                raise EvaluationError(f"line {row.line} ({row.scan_id}): the lesion baseline needs lesion_path")
+            import SimpleITK as sitk
+
+            from ..io.images import read_image_file
+
+            lesions = lesion_overlap(read_image_file(row.lesion_path, sitk.sitkUInt8), prep.station_map)
+        ref_labels, ref_n = reference_labels(row, config.reference)
+        out.append(EvalCase(row, sample.cropped(), ref_labels, ref_n, station_suv_max(prep.pet, prep.station_map),
+                            lesions))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predictions
+
+
+@dataclass
+class FoldPredictions:
+    """A method's predictions on the test scans of one fold (reference labels are attached at evaluation)."""
+
+    method: str
+    fold: int
+    scan_ids: list[str]
+    station_score: np.ndarray  # (S, 17): probability (or SUVmax / overlap for the baselines); 0 where absent
+    station_pred: np.ndarray  # (S, 17) bool
+    n_pred: np.ndarray  # (S,)
+    n_prob: np.ndarray | None  # (S, 4) for TS2/TS3
+    params: dict = field(default_factory=dict)  # chosen threshold / cut-off, training summary
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "fold": self.fold, "scan_ids": self.scan_ids,
+                "station_score": self.station_score.tolist(), "station_pred": self.station_pred.astype(int).tolist(),
+                "n_pred": self.n_pred.astype(int).tolist(),
+                "n_prob": None if self.n_prob is None else self.n_prob.tolist(), "params": self.params,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FoldPredictions:
+        return cls(d["method"], int(d["fold"]), list(d["scan_ids"]), np.asarray(d["station_score"], float),
+                   np.asarray(d["station_pred"], bool), np.asarray(d["n_pred"], int),
+                   None if d["n_prob"] is None else np.asarray(d["n_prob"], float), d.get("params", {}),
+                   float(d.get("seconds", 0.0)))
+
+
+def _stage(rules_name: str, decisions: np.ndarray, sides: Sequence[str]) -> np.ndarray:
+    return load_rules(rules_name).stage_rows(decisions, sides).astype(int)
+
+
+def _rule_stage_fn(rules_name: str, sides: dict[str, str]):
+    """metrics' stage_fn for methods whose N-stage is the rules applied to the station decisions."""
+    rs = load_rules(rules_name)
+    return lambda pid, decisions: int(rs.stage_array(decisions, sides[pid]))
+
+
+def _staged_rows(cohort_csv: str | Path, rules: str) -> list:
+    """The valid rows of a cohort that have an N-stage and a tumour side (what every evaluation uses)."""
+    from ..cohort.table import read_cohort
+
+    cohort = read_cohort(cohort_csv, rules=rules).require_valid()
+    rows = [r for r in cohort.usable_rows() if r.n_stage is not None and r.tumour_side]
+    if not rows:
+        raise EvaluationError(f"cohort {cohort_csv}: no row with an N-stage and a tumour side")
+    return rows
+
+
+def _labels_scores(cases: Sequence[EvalCase], scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training labels (the cohort's) and scores of the given cases, flattened."""
+    return np.stack([c.sample.station_labels for c in cases]).ravel(), scores.ravel()
+
+
+def predict_threshold(spec: MethodSpec, fit: Sequence[EvalCase], test: Sequence[EvalCase],
+                      config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    from .metrics import best_threshold
+
+    fit_scores = np.nan_to_num(np.stack([c.suv_max for c in fit]), nan=0.0)
+    t, ba = best_threshold(*_labels_scores(fit, fit_scores), config.suv_thresholds, strict=False)
+    score = np.nan_to_num(np.stack([c.suv_max for c in test]), nan=0.0)
+    pred = score >= t
+    return score, pred, _stage(spec.rules, pred, [c.sample.side for c in test]), {
+        "suv_threshold": t, "train_balanced_accuracy": ba}
+
+
+def predict_lesion(spec: MethodSpec, fit: Sequence[EvalCase], test: Sequence[EvalCase],
+                   config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    from .metrics import best_threshold
+
+    fit_scores = np.stack([c.lesions.station_scores() for c in fit])
+    o, ba = best_threshold(*_labels_scores(fit, fit_scores), config.overlap_thresholds, strict=False)
+    score = np.stack([c.lesions.station_scores() for c in test])
+    pred = score >= o
+    return score, pred, _stage(spec.rules, pred, [c.sample.side for c in test]), {
+        "overlap_threshold": o, "train_balanced_accuracy": ba}
+
+
+def _train_method(spec: MethodSpec, fold_dir: Path, train: Sequence[EvalCase], val: Sequence[EvalCase],
+                  config: EvaluationConfig, progress: Progress | None):
+    from ..classifier.model import ModelConfig
+    from ..training.loops import TrainConfig
+    from ..training.loops import train as train_model
+    from ..training.losses import LossWeights
+
+    mconfig = ModelConfig.small(32, rules=spec.rules) if config.small else ModelConfig(rules=spec.rules)
+    from ..training.loops import AugmentConfig
+
+    ts23 = spec.kind in ("ts2", "ts3")
+    epochs = config.ts23_epochs if (ts23 and config.ts23_epochs) else config.epochs
+    batch = (config.ts23_batch_size or config.batch_size) if ts23 else config.batch_size
+    steps = (config.ts23_max_steps or config.max_steps_per_epoch) if ts23 else config.max_steps_per_epoch
+    tconfig = TrainConfig(epochs=epochs, batch_size=batch, lr=config.lr, seed=config.seed,
+                          sampling=spec.sampling, loss=LossWeights() if spec.pseudo_loss else LossWeights(pseudo=0.0),
+                          rules=spec.rules, device=config.device, max_steps_per_epoch=steps,
+                          patch_spacing=config.patch_spacing, augment=AugmentConfig(enabled=config.augment))
+    init = fold_dir / spec.depends_on / "best.pt" if spec.depends_on else None
+    return train_model(spec.kind, [c.sample for c in train], [c.sample for c in val], fold_dir / spec.name,
+                       mconfig, tconfig, init=init, progress=progress)
+
+
+def predict_model(checkpoint: Path, test: Sequence[EvalCase], rules_name: str | None = None,
+                  device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """Station probabilities, decisions (at the checkpoint's threshold), N-stage and stage probabilities of the
+    test cases from a TS1 (N from the rules) or TS2/TS3 checkpoint (N from the head), centroid patches."""
+    import torch
+
+    from ..classifier.checkpoint import load_model
+    from ..classifier.model import StagingModel, predict_stations, station_classifier_of
+    from ..training.loops import SIDE_INDEX, case_patches
+
+    model, manifest = load_model(checkpoint, device=device)
+    clf = station_classifier_of(model)
+    size, spacing = clf.config.patch_size, clf.config.patch_spacing
+    thr = float(manifest.get("threshold", 0.5))
+    probs = np.zeros((len(test), NUM_STATIONS))
+    n_prob = np.zeros((len(test), 4)) if isinstance(model, StagingModel) else None
+    for i, c in enumerate(test):
+        present = c.sample.present
+        idx = np.flatnonzero(present)
+        if not idx.size:
+            continue
+        patches = case_patches(c.sample, idx.tolist(), None, size, spacing)
+        if n_prob is None:
+            probs[i, idx] = predict_stations(model, patches, idx)
+        else:
+            full = np.zeros((NUM_STATIONS, *patches.shape[1:]), dtype=np.float32)
+            full[idx] = patches
+            dev = next(model.parameters()).device
+            with torch.no_grad():
+                out = model(torch.from_numpy(full)[None].to(dev),
+                            torch.tensor([SIDE_INDEX[c.sample.side]], device=dev),
+                            torch.from_numpy(present)[None].to(dev))
+            probs[i, idx] = out.station_probs[0].cpu().numpy()[idx]
+            n_prob[i] = torch.softmax(out.n_logits[0], 0).cpu().numpy()
+    pred = probs >= thr
+    if n_prob is None:
+        n_pred = _stage(rules_name or manifest.get("rules") or DEFAULT_RULES, pred, [c.sample.side for c in test])
+    else:
+        n_pred = n_prob.argmax(axis=1)
+    return probs, pred, n_pred, n_prob, {"threshold": thr, "epoch": manifest.get("epoch"),
+                                         "validation": manifest.get("metrics", {})}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_fold_method(spec: MethodSpec, fold: int, fold_dir: Path, cases: dict[str, Sequence[EvalCase]],
+                    config: EvaluationConfig, split_fp: str, done: dict[str, FoldPredictions],
+                    progress: Progress | None = None) -> FoldPredictions:
+    """Train (if needed) and predict one method on one fold; reuses predictions.json of the same settings."""
+    pred_file = fold_dir / spec.name / "predictions.json"
+    key = _digest({"spec": spec.key(config), "split": split_fp, "fold": fold, "version": PREDICTIONS_VERSION,
+                   "test": [c.scan_id for c in cases["test"]]})
+    if pred_file.is_file():
+        data = json.loads(pred_file.read_text())
+        if data.get("key") == key:
+            return FoldPredictions.from_dict(data)
+    t0 = time.perf_counter()
+    test = cases["test"]
+    n_prob = None
+    if spec.kind == "threshold":
+        score, pred, n_pred, params = predict_threshold(spec, [*cases["train"], *cases["validation"]], test, config)
+    elif spec.kind == "lesion":
+        score, pred, n_pred, params = predict_lesion(spec, [*cases["train"], *cases["validation"]], test, config)
+    elif spec.kind == "restage":
+        base = done[spec.depends_on]
+        score, pred = base.station_score, base.station_pred
+        n_pred = _stage(spec.rules, pred, [c.sample.side for c in test])
+        params = {"restaged_from": spec.depends_on, **base.params}
+    else:
+        result = _train_method(spec, fold_dir, cases["train"], cases["validation"], config, progress)
+        score, pred, n_pred, n_prob, params = predict_model(result.checkpoint, test, spec.rules, config.device)
+        params.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch)
+    fp = FoldPredictions(spec.name, fold, [c.scan_id for c in test], score, pred, n_pred, n_prob, params,
+                         round(time.perf_counter() - t0, 2))
+    write_json(pred_file, {"key": key, **fp.to_dict()})
+    return fp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class EvaluationRun:
+    """What ``run_evaluation`` returns: per-method results, comparisons, the files written."""
+
+    out_dir: Path
+    methods: list[str]
+    results: dict  # method -> metrics.MethodEvaluation
+    comparisons: list  # stat_tests.Comparison
+    predictions: dict[str, list[FoldPredictions]]
+    files: dict[str, Path]
+    seconds: float
+    n_patients: int
+    n_scans: int
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out_dir), "methods": self.methods, "patients": self.n_patients,
+                "scans": self.n_scans, "seconds": round(self.seconds, 1),
+                "summary": {m: {k: v.to_dict() for k, v in r.summary["patient"].items()}
+                            for m, r in self.results.items()},
+                "comparisons": [c.to_dict() for c in self.comparisons],
+                "files": {k: str(v) for k, v in self.files.items()}}
+
+
+def scan_predictions(preds: Sequence[FoldPredictions], cases_by_scan: dict[str, EvalCase]) -> list:
+    """metrics.ScanPrediction for every test scan of every fold (reference labels attached)."""
+    from .metrics import ScanPrediction
+
+    out = []
+    for fp in preds:
+        for i, sid in enumerate(fp.scan_ids):
+            c = cases_by_scan[sid]
+            if c.ref_n == UNKNOWN:
+                continue
+            out.append(ScanPrediction(c.patient_id, sid, c.ref_labels, fp.station_score[i], c.ref_n,
+                                      int(fp.n_pred[i]), station_pred=fp.station_pred[i],
+                                      n_prob=None if fp.n_prob is None else fp.n_prob[i], fold=fp.fold))
+    return out
+
+
+def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: EvaluationConfig | None = None, *,
+                   atlases=None, cache_dir: str | Path | None = None,
+                   progress: Progress | None = None) -> EvaluationRun:
+    """Cross-validate the configured methods on a cohort and write the report (see the module docstring)."""
+    from ..cohort.splits import load_or_make_split, patients_from_rows
+    from ..mapping.atlas import resolve_atlas_set
+    from .metrics import evaluate_method
+    from .stat_tests import compare_methods
+
+    t_start = time.perf_counter()
+    config = config or EvaluationConfig()
+    out_dir = Path(out_dir)
+    report = progress or (lambda f, m: None)
+    rows = _staged_rows(cohort_csv, config.rules)
+    specs = method_specs(config)
+    if not specs:
+        raise EvaluationError("nothing to evaluate: give --strategy and/or --ablation")
+    split = load_or_make_split(out_dir / "split.json", patients_from_rows(rows), n_folds=config.folds,
+                               seed=config.seed, val_fraction=config.val_fraction)
+    split_fp = split.fingerprint
+
+    atlas_set = resolve_atlas_set(atlases)
+    cache = Path(cache_dir) if cache_dir else out_dir / "cases"
+    need_lesions = any(s.kind == "lesion" for s in specs)
+    report(0.0, f"preparing {len(rows)} scans")
+    case_sets: dict[int | None, list[EvalCase]] = {
+        None: prepare_cases(rows, atlas_set, cache, config, need_lesions,
+                            lambda f, m: report(0.1 * f, m))}
+    for k in sorted({s.atlases for s in specs if s.atlases}):
+        if k > len(atlas_set):
+            raise EvaluationError(f"--ablation atlases={k}: the atlas set has only {len(atlas_set)} atlases")
+        sub = atlas_set.subset([a.id for a in atlas_set.atlases[:k]])
+        case_sets[k] = prepare_cases(rows, sub, cache / f"atlases{k}", config, False,
+                                     lambda f, m, k=k: report(0.1 * f, f"{k} atlases: {m}"))
+    cases_by_scan = {c.scan_id: c for c in case_sets[None]}
+
+    predictions: dict[str, list[FoldPredictions]] = {s.name: [] for s in specs}
+    n_steps = config.folds * len(specs)
+    step = 0
+    for k in range(config.folds):
+        fold = split.fold(k)
+        fold_ids = {role: set(fold.ids(role)) for role in ("train", "validation", "test")}
+        fold_dir = out_dir / "folds" / f"fold{k}"
+        done: dict[str, FoldPredictions] = {}
+        for spec in specs:
+            frac0 = 0.1 + 0.85 * step / n_steps
+            report(frac0, f"fold {k + 1}/{config.folds}: {spec.name}")
+            pool = case_sets[spec.atlases]
+            roles = {role: [c for c in pool if c.patient_id in ids] for role, ids in fold_ids.items()}
+
+            def sub_progress(f: float, m: str, frac0: float = frac0, k: int = k) -> None:
+                report(frac0 + 0.85 / n_steps * f, f"fold {k + 1}/{config.folds}: {m}")
+
+            fp = run_fold_method(spec, k, fold_dir, roles, config, split_fp, done, sub_progress)
+            done[spec.name] = fp
+            predictions[spec.name].append(fp)
+            step += 1
+
+    report(0.96, "metrics and tests")
+    sides = {c.patient_id: c.sample.side for c in case_sets[None]}
+    results, scans_of = {}, {}
+    for spec in specs:
+        scans = scan_predictions(predictions[spec.name], cases_by_scan)
+        scans_of[spec.name] = scans
+        stage_fn = _rule_stage_fn(spec.rules, sides) if spec.kind in ("ts1", "threshold", "lesion", "restage") \
+            else None
+        results[spec.name] = evaluate_method(spec.name, scans, stage_fn=stage_fn, n_boot=config.n_boot,
+                                             seed=config.seed)
+    comparisons = []
+    base = "ts1" if "ts1" in results else specs[0].name
+    for spec in specs:
+        if spec.name == base:
+            continue
+        comparisons.append(compare_methods(scans_of[base], scans_of[spec.name], base, spec.name, level="patient",
+                                           n_permutations=config.n_permutations, seed=config.seed))
+    run = EvaluationRun(out_dir, [s.name for s in specs], results, comparisons, predictions, {},
+                        time.perf_counter() - t_start, len({r.patient_id for r in rows}), len(rows))
+    from .report import write_report
+
+    run.files = write_report(run, config, split, cohort_csv)
+    report(1.0, f"report: {run.files['report']}")
+    return run
+
+
+def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Path,
+                   config: EvaluationConfig | None = None, *, atlases=None, cache_dir: str | Path | None = None,
+                   progress: Progress | None = None) -> EvaluationRun:
+    """Test a trained model (e.g. the bundled one) on a whole cohort: every scan is a test scan (one 'fold')."""
+    from ..mapping.atlas import resolve_atlas_set
+    from .metrics import evaluate_method
+
+    t_start = time.perf_counter()
+    config = config or EvaluationConfig(folds=1)
+    out_dir = Path(out_dir)
+    report = progress or (lambda f, m: None)
+    rows = _staged_rows(cohort_csv, config.rules)
+    atlas_set = resolve_atlas_set(atlases)
+    cache = Path(cache_dir) if cache_dir else out_dir / "cases"
+    cases = prepare_cases(rows, atlas_set, cache, config, False, lambda f, m: report(0.8 * f, m))
+    report(0.85, "classifying")
+    score, pred, n_pred, n_prob, params = predict_model(Path(model), cases, config.rules, config.device)
+    name = Path(model).name
+    fp = FoldPredictions(name, 0, [c.scan_id for c in cases], score, pred, n_pred, n_prob, params)
+    scans = scan_predictions([fp], {c.scan_id: c for c in cases})
+    sides = {c.patient_id: c.sample.side for c in cases}
+    stage_fn = None if n_prob is not None else _rule_stage_fn(config.rules, sides)
+    results = {name: evaluate_method(name, scans, stage_fn=stage_fn, n_boot=config.n_boot, seed=config.seed)}
+    run = EvaluationRun(out_dir, [name], results, [], {name: [fp]}, {}, time.perf_counter() - t_start,
+                        len({r.patient_id for r in rows}), len(rows))
+    from .report import write_report
+
+    run.files = write_report(run, config, None, cohort_csv, model=Path(model))
+    return run

@@ -1,0 +1,1 @@
+"""Reading and writing images: DICOM series, image files and their geometry, DICOM SEG, atomic writes."""

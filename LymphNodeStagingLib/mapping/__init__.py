@@ -1,0 +1,1 @@
+"""Station mapping: atlas sets, registration, label fusion, weight maps and inference centres."""

@@ -1,0 +1,90 @@
+"""Where things live: the package's resources, the user cache, and every environment variable the library reads.
+
+Environment variables (all optional):
+
+==========================  ===========================================================================
+``LNSTAGING_CACHE``         cache folder (default ``$XDG_CACHE_HOME/lnstaging`` or ``~/.cache/lnstaging``)
+``LNSTAGING_ATLASES``       atlas set used when none is given (default: the synthetic demo set in the cache)
+``XDG_CACHE_HOME``          base of the default cache folder
+``TOTALSEG_HOME_DIR``       TotalSegmentator's home (default ``~/.totalsegmentator``)
+``TOTALSEG_WEIGHTS_PATH``   TotalSegmentator's weights folder (default ``<home>/nnunet/results``)
+==========================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_CACHE = "LNSTAGING_CACHE"
+ENV_ATLASES = "LNSTAGING_ATLASES"
+ENV_TOTALSEG_HOME = "TOTALSEG_HOME_DIR"
+ENV_TOTALSEG_WEIGHTS = "TOTALSEG_WEIGHTS_PATH"
+
+#: Seed and size of the synthetic demo atlas set (patients drawn for tests and benchmarks use other seeds).
+DEMO_ATLAS_SEED = 1000
+DEMO_ATLAS_COUNT = 5
+
+#: The bundled demo classifier (trained on a synthetic phantom cohort), relative to the resources folder.
+DEMO_MODEL = Path("models") / "demo_ts1.pt"
+
+
+def package_dir() -> Path:
+    """The LymphNodeStagingLib folder."""
+    return Path(__file__).resolve().parent
+
+
+def package_root() -> Path:
+    """The folder that holds the LymphNodeStagingLib package (what a child process needs on its PYTHONPATH)."""
+    return package_dir().parent
+
+
+def resources_dir() -> Path:
+    """The package data: rule sets, bundled models."""
+    return package_dir() / "resources"
+
+
+def rules_dir() -> Path:
+    return resources_dir() / "rules"
+
+
+def demo_model_path() -> Path:
+    """The bundled demo classifier checkpoint."""
+    return resources_dir() / DEMO_MODEL
+
+
+def cache_root() -> Path:
+    """``$LNSTAGING_CACHE``, else ``$XDG_CACHE_HOME/lnstaging``, else ``~/.cache/lnstaging``."""
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lnstaging"
+
+
+def demo_atlas_set_path() -> Path:
+    """Where the synthetic demo atlas set lives once it is built (``lnstaging demo`` builds it)."""
+    return cache_root() / "atlases" / f"synthetic-seed{DEMO_ATLAS_SEED}"
+
+
+def default_atlas_set_path() -> Path:
+    """The atlas set used when none is given: ``$LNSTAGING_ATLASES``, else the synthetic demo set."""
+    env = os.environ.get(ENV_ATLASES)
+    return Path(env) if env else demo_atlas_set_path()
+
+
+def totalseg_home(home_dir: str | Path | None = None) -> Path:
+    """TotalSegmentator's home: the argument, else ``$TOTALSEG_HOME_DIR``, else ``~/.totalsegmentator``."""
+    if home_dir is not None:
+        return Path(home_dir)
+    if ENV_TOTALSEG_HOME in os.environ:
+        return Path(os.environ[ENV_TOTALSEG_HOME])
+    home = Path.home()
+    return (Path("/tmp") if str(home) == "/" else home) / ".totalsegmentator"
+
+
+def totalseg_weights_dir(home_dir: str | Path | None = None) -> Path:
+    """TotalSegmentator's weights: ``$TOTALSEG_WEIGHTS_PATH`` (unless a home is given), else ``<home>/nnunet/results``."""
+    if home_dir is None and ENV_TOTALSEG_WEIGHTS in os.environ:
+        return Path(os.environ[ENV_TOTALSEG_WEIGHTS])
+    return totalseg_home(home_dir) / "nnunet" / "results"

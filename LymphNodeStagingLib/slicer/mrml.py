@@ -1,0 +1,542 @@
+"""MRML bridge: shows a case assessment in a Slicer scene and exports it. Qt-free; the scene is always passed in.
+
+What it builds for one case (``show_result``):
+
+* a segmentation node with the 17 stations as segments (ID = station name, name "Station 4R"), each coloured by
+  its malignancy probability through one colour map (green 0 -> yellow 0.5 -> red 1) that also feeds a colour
+  legend, with an IASLC terminology entry and per-segment tags (probability, status, SUVmax, SUVpeak, agreement,
+  override);
+* a table node (one row per station), a text node with the N-stage report, and the N-stage, TNM 9 category, rule
+  set and deciding stations as attributes of the segmentation node (the full result JSON too, so that a saved scene
+  can be re-staged after reloading);
+* all of it in one subject-hierarchy folder next to the CT volume.
+
+``update_result`` re-stages in place (colours do not change: probabilities are fixed; statuses, tags, table, text
+and attributes do). The same code runs in the Slicer application, in ``Slicer --python-script`` and in tests with
+the headless core.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from ..errors import LNSError
+from ..io.dicom_seg import station_codes
+from ..io.files import atomic_path
+from ..staging.colors import COLOR_POINTS, probability_color
+from ..staging.result import ABSENT, CaseResult
+from ..staging.stations import STATIONS, Station
+
+log = logging.getLogger(__name__)
+
+PREFIX = "LymphNodeStaging."
+ATTR_ROLE = PREFIX + "Role"
+ATTR_N_STAGE = PREFIX + "NStage"
+ATTR_TNM9 = PREFIX + "TNM9"
+ATTR_DECIDING = PREFIX + "DecidingStations"
+ATTR_RULES = PREFIX + "RuleSet"
+ATTR_SIDE = PREFIX + "TumourSide"
+ATTR_THRESHOLD = PREFIX + "Threshold"
+ATTR_CASE = PREFIX + "CaseId"
+ATTR_RESULT = PREFIX + "ResultJSON"
+TAG_STATION = PREFIX + "Station"
+TAG_PROBABILITY = PREFIX + "Probability"
+TAG_STATUS = PREFIX + "Status"
+TAG_OVERRIDE = PREFIX + "Override"
+TAG_SUV_MAX = PREFIX + "SUVmax"
+TAG_SUV_PEAK = PREFIX + "SUVpeak"
+TAG_AGREEMENT = PREFIX + "Agreement"
+
+COLOR_MAP_NAME = "LymphNodeStaging probability"
+TABLE_COLUMNS = ("Station", "Probability", "Status", "Override", "SUVmax", "SUVpeak", "Agreement", "Group")
+
+# Terminology (Slicer's "category~type~modifier" entry): category "Anatomical Structure" as in Slicer's general
+# anatomy list, the lymph node site of the station as type (SNOMED CT, shared with the DICOM SEG export) and the
+# laterality as type modifier.
+SLICER_CATEGORY = ("SCT", "123037004", "Anatomical Structure")
+TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+class MRMLBridgeError(LNSError, ValueError):
+    """Inputs the MRML bridge cannot show (wrong node type, station map not a label map, ...)."""
+
+
+def segment_tag(segment, name: str) -> str | None:
+    """The value of a segment tag, None when the tag is not set."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else None
+
+
+# ----- geometry ------------------------------------------------------------------------------------------------
+def ijk_to_ras(image: sitk.Image) -> vtk.vtkMatrix4x4:
+    """IJK-to-RAS matrix of a SimpleITK image (SimpleITK is LPS: the first two rows flip sign)."""
+    if image.GetDimension() != 3:
+        raise MRMLBridgeError(f"expected a 3D image, got {image.GetDimension()}D")
+    d = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = d @ np.diag(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    m[:2, :] *= -1.0
+    m[3, :] = (0.0, 0.0, 0.0, 1.0)
+    out = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            out.SetElement(r, c, float(m[r, c]))
+    return out
+
+
+def lps_to_ras(point) -> tuple[float, float, float]:
+    x, y, z = (float(v) for v in point)
+    return (-x, -y, z)
+
+
+def _image_data(array: np.ndarray) -> vtk.vtkImageData:
+    """vtkImageData from an array indexed [k, j, i] (SimpleITK/slicer.util order)."""
+    array = np.ascontiguousarray(array)
+    data = vtk.vtkImageData()
+    data.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    vtk_array = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    data.GetPointData().SetScalars(vtk_array)
+    return data
+
+
+def volume_node_from_image(scene, image: sitk.Image, name: str, *, labelmap: bool = False, node=None):
+    """A scalar (or label map) volume node holding a copy of ``image``, with its geometry."""
+    cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    if node is None:
+        node = scene.AddNewNodeByClass(cls, name)
+    array = sitk.GetArrayViewFromImage(image)
+    if labelmap:
+        array = array.astype(np.int16)
+    node.SetIJKToRASMatrix(ijk_to_ras(image))
+    node.SetAndObserveImageData(_image_data(array))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def image_from_volume_node(node) -> sitk.Image:
+    """A SimpleITK image (LPS) from a scalar volume node (parent transforms are not applied)."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
+        raise MRMLBridgeError(f"expected a scalar volume node with image data, got {node!r}")
+    data = node.GetImageData()
+    nx, ny, nz = data.GetDimensions()
+    scalars = data.GetPointData().GetScalars()
+    if scalars.GetNumberOfComponents() != 1:
+        raise MRMLBridgeError(f"volume {node.GetName()!r}: expected one scalar component, got "
+                              f"{scalars.GetNumberOfComponents()}")
+    array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx)
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    a = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    a[:2, :] *= -1.0  # RAS -> LPS
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(array.copy())
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(v) for v in a[:3, 3]))
+    image.SetDirection(tuple(float(v) for v in (a[:3, :3] / spacing).ravel()))
+    return image
+
+
+# ----- display of the inputs -----------------------------------------------------------------------------------
+def show_pet_over_ct(scene, ct_node, pet_node=None, *, opacity: float = 0.4, suv_max: float = 8.0,
+                     pet_color: str = "PET-Heat") -> None:
+    """CT in the background (mediastinal window), PET in the foreground with a PET colour map, in every slice view."""
+    ct_display = ct_node.GetDisplayNode() or (ct_node.CreateDefaultDisplayNodes() or ct_node.GetDisplayNode())
+    ct_display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    ct_display.SetAutoWindowLevel(False)
+    ct_display.SetWindowLevel(400.0, 40.0)
+    if pet_node is not None:
+        pet_display = pet_node.GetDisplayNode() or (pet_node.CreateDefaultDisplayNodes()
+                                                     or pet_node.GetDisplayNode())
+        color = scene.GetFirstNodeByName(pet_color)
+        if color is not None:
+            pet_display.SetAndObserveColorNodeID(color.GetID())
+        pet_display.SetAutoWindowLevel(False)
+        pet_display.SetWindowLevelMinMax(0.0, suv_max)
+    for composite in _nodes(scene, "vtkMRMLSliceCompositeNode"):
+        composite.SetBackgroundVolumeID(ct_node.GetID())
+        composite.SetForegroundVolumeID(pet_node.GetID() if pet_node is not None else None)
+        composite.SetForegroundOpacity(opacity if pet_node is not None else 0.0)
+
+
+def _nodes(scene, cls: str) -> list:
+    col = scene.GetNodesByClass(cls)
+    return [col.GetItemAsObject(i) for i in range(col.GetNumberOfItems())]
+
+
+# ----- colours -------------------------------------------------------------------------------------------------
+def probability_color_node(scene):
+    """The probability colour map (a procedural colour node over 0..1), created once per scene."""
+    node = scene.GetFirstNodeByName(COLOR_MAP_NAME)
+    if node is not None and node.IsA("vtkMRMLProceduralColorNode"):
+        return node
+    node = scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", COLOR_MAP_NAME)
+    node.SetAttribute(ATTR_ROLE, "probability-colors")
+    ctf = vtk.vtkColorTransferFunction()
+    for p, r, g, b in COLOR_POINTS:
+        ctf.AddRGBPoint(p, r, g, b)
+    ctf.SetColorSpaceToRGB()
+    node.SetAndObserveColorTransferFunction(ctf)
+    node.SetDescription("Malignancy probability of a lymph node station: green 0, yellow 0.5, red 1")
+    return node
+
+
+def _add_legend(scene, seg_node, color_node):
+    """A colour legend (probability 0..1) shown in every view where the segmentation is shown.
+
+    Slicer's colour legend displayable manager draws the colours and the range of the legend's *primary display
+    node* (here the segmentation display node), not those set on the legend node: without a colour node on the
+    segmentation display node it hides the legend ("No color node is set in primary display node"), and without a
+    scalar range it labels 0..100. It updates its actor only on a ModifiedEvent of the legend node, so the legend
+    is signalled once it is attached.
+    """
+    display = seg_node.GetDisplayNode()
+    if display is None:
+        raise MRMLBridgeError(f"segmentation {seg_node.GetName()!r} has no display node for the colour legend")
+    # segments keep their own colours; the display node's colour node and range only feed the legend
+    display.SetAndObserveColorNodeID(color_node.GetID())
+    display.SetScalarRangeFlag(display.UseManualScalarRange)
+    display.SetScalarRange(0.0, 1.0)
+    legend = scene.AddNewNodeByClass("vtkMRMLColorLegendDisplayNode", f"{seg_node.GetName()} legend")
+    legend.SetAndObserveColorNodeID(color_node.GetID())
+    legend.SetTitleText("Malignancy probability")
+    legend.SetLabelFormat("%.2f")  # 5 labels: 0, 0.25, 0.5, 0.75, 1
+    legend.SetNumberOfLabels(5)
+    legend.SetUseColorNamesForLabels(False)
+    legend.SetOrientation(legend.Vertical)
+    legend.SetPosition(0.95, 0.5)
+    legend.SetSize(0.12, 0.5)
+    seg_node.AddAndObserveDisplayNodeID(legend.GetID())
+    legend.SetAndObservePrimaryDisplayNode(display)
+    legend.Modified()
+    return legend
+
+
+# ----- terminology ---------------------------------------------------------------------------------------------
+def station_terminology(station: Station | str) -> str:
+    """Slicer terminology entry string of a station: lymph node site (SNOMED CT) with laterality."""
+    _category, site, laterality = station_codes(station)
+
+    def code(scheme: str, value: str, meaning: str) -> str:
+        return f"{scheme}^{value}^{meaning}"
+
+    modifier = code(laterality.scheme, laterality.value, laterality.meaning) if laterality else "^^"
+    return "~".join([TERMINOLOGY_CONTEXT, code(*SLICER_CATEGORY), code(site.scheme, site.value, site.meaning),
+                     modifier, ANATOMIC_CONTEXT, "^^", "^^"])
+
+
+# ----- result nodes --------------------------------------------------------------------------------------------
+@dataclass
+class ResultNodes:
+    """The nodes that show one case."""
+
+    segmentation: object
+    table: object
+    text: object
+    color: object
+    legend: object | None
+    folder_item: int
+
+    def all_nodes(self) -> list:
+        return [n for n in (self.segmentation, self.table, self.text, self.legend) if n is not None]
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _set_segments(seg_node, station_map: sitk.Image) -> None:
+    scene = seg_node.GetScene()
+    if station_map.GetDimension() != 3:
+        raise MRMLBridgeError(f"station map: expected a 3D label image, got {station_map.GetDimension()}D")
+    values = np.unique(sitk.GetArrayViewFromImage(station_map))
+    bad = [int(v) for v in values if v != 0 and not 1 <= v <= len(STATIONS)]
+    if bad or not np.allclose(values, np.round(values)):
+        raise MRMLBridgeError(f"station map: expected label values 0..{len(STATIONS)}, found {bad or values}")
+    labelmap = volume_node_from_image(scene, station_map, "LymphNodeStaging station map (import)", labelmap=True)
+    try:
+        ids = vtk.vtkStringArray()
+        for st in STATIONS:
+            ids.InsertNextValue(st.name)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg_node, ids):
+            raise MRMLBridgeError("station map: importing the label map into the segmentation failed")
+    finally:
+        scene.RemoveNode(labelmap)
+    segmentation = seg_node.GetSegmentation()
+    for st in STATIONS:
+        segment = segmentation.GetSegment(st.name)
+        segment.SetName(f"Station {st.name}")
+        segment.SetTag(TAG_STATION, st.name)
+        segment.SetTerminology(station_terminology(st))
+
+
+def show_result(scene, result: CaseResult, station_map: sitk.Image, *, reference_node=None,
+                nodes: ResultNodes | None = None, name: str | None = None) -> ResultNodes:
+    """Create (or refill) the result nodes of a case. ``reference_node``: the CT, for geometry and hierarchy."""
+    name = name or f"{result.case_id} stations"
+    color = probability_color_node(scene)
+    if nodes is None:
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        seg.CreateDefaultDisplayNodes()
+        seg.SetAttribute(ATTR_ROLE, "stations")
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{result.case_id} station table")
+        table.SetAttribute(ATTR_ROLE, "table")
+        text = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{result.case_id} N-stage report")
+        text.SetAttribute(ATTR_ROLE, "report")
+        legend = _add_legend(scene, seg, color)
+        nodes = ResultNodes(seg, table, text, color, legend, 0)
+    else:
+        nodes.segmentation.GetSegmentation().RemoveAllSegments()
+    seg = nodes.segmentation
+    _set_segments(seg, station_map)
+    if reference_node is not None:
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    display = seg.GetDisplayNode()
+    display.SetOpacity2DFill(0.45)
+    display.SetOpacity2DOutline(1.0)
+    display.SetOpacity3D(0.8)
+    _place_in_hierarchy(scene, nodes, reference_node, result.case_id)
+    update_result(nodes, result)
+    return nodes
+
+
+def _place_in_hierarchy(scene, nodes: ResultNodes, reference_node, case_id: str) -> None:
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None:
+        return
+    if not nodes.folder_item:
+        parent = sh.GetSceneItemID()
+        if reference_node is not None:
+            item = sh.GetItemByDataNode(reference_node)
+            if item:
+                parent = sh.GetItemParent(item)
+        nodes.folder_item = sh.CreateFolderItem(parent, f"Lymph node staging {case_id}")
+    for node in (nodes.segmentation, nodes.table, nodes.text):
+        item = sh.GetItemByDataNode(node) or sh.CreateItem(nodes.folder_item, node)
+        sh.SetItemParent(item, nodes.folder_item)
+
+
+def update_result(nodes: ResultNodes, result: CaseResult) -> None:
+    """Write a (re-staged) result into the nodes: segment colours and tags, table, text, attributes."""
+    seg = nodes.segmentation
+    segmentation = seg.GetSegmentation()
+    with _modify(seg):
+        for st in result.stations:
+            segment = segmentation.GetSegment(st.name)
+            if segment is None:
+                raise MRMLBridgeError(f"segmentation {seg.GetName()!r} has no segment {st.name!r}")
+            segment.SetColor(*probability_color(st.probability if st.present else None))
+            segment.SetTag(TAG_PROBABILITY, _fmt(st.probability))
+            segment.SetTag(TAG_STATUS, st.status)
+            segment.SetTag(TAG_OVERRIDE, st.override or "")
+            segment.SetTag(TAG_SUV_MAX, _fmt(st.suv_max, 2))
+            segment.SetTag(TAG_SUV_PEAK, _fmt(st.suv_peak, 2))
+            segment.SetTag(TAG_AGREEMENT, _fmt(st.agreement))
+        attrs = {
+            ATTR_CASE: result.case_id, ATTR_N_STAGE: result.n_stage, ATTR_TNM9: result.tnm9,
+            ATTR_DECIDING: ";".join(result.deciding_stations), ATTR_RULES: result.rules, ATTR_SIDE: result.side,
+            ATTR_THRESHOLD: f"{result.threshold:.3f}", ATTR_RESULT: json.dumps(result.to_dict(), default=str),
+        }
+        for key, value in attrs.items():
+            seg.SetAttribute(key, value)
+    display = seg.GetDisplayNode()
+    if display is not None:
+        for st in result.stations:
+            # absent stations (empty segments) are hidden
+            display.SetSegmentVisibility(st.name, st.status != ABSENT)
+    _fill_table(nodes.table, result)
+    nodes.text.SetText(report_text(result))
+    for node in (nodes.table, nodes.text):
+        node.SetAttribute(ATTR_N_STAGE, result.n_stage)
+        node.SetAttribute(ATTR_TNM9, result.tnm9)
+
+
+class _modify:
+    """StartModify/EndModify as a context manager (one Modified event)."""
+
+    def __init__(self, node) -> None:
+        self.node = node
+
+    def __enter__(self):
+        self.was = self.node.StartModify()
+        return self.node
+
+    def __exit__(self, *exc) -> None:
+        self.node.EndModify(self.was)
+
+
+def _fill_table(table_node, result: CaseResult) -> None:
+    table = vtk.vtkTable()
+    string_cols = {"Station", "Status", "Override", "Group"}
+    arrays = {}
+    for col in TABLE_COLUMNS:
+        arr = vtk.vtkStringArray() if col in string_cols else vtk.vtkDoubleArray()
+        arr.SetName(col)
+        arrays[col] = arr
+        table.AddColumn(arr)
+    for st in result.stations:
+        values = {"Station": st.name, "Probability": st.probability, "Status": st.status,
+                  "Override": st.override or "", "SUVmax": st.suv_max, "SUVpeak": st.suv_peak,
+                  "Agreement": st.agreement, "Group": result.groups.get(st.name, "")}
+        for col, arr in arrays.items():
+            v = values[col]
+            if col in string_cols:
+                arr.InsertNextValue(str(v))
+            else:
+                arr.InsertNextValue(float("nan") if v is None else float(v))
+    was = table_node.StartModify()
+    table_node.SetAndObserveTable(table)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+    descriptions = {"Probability": "malignancy probability (0..1)", "SUVmax": "maximum SUV in the station",
+                    "SUVpeak": "mean SUV in a 1 cm^3 sphere at the hottest voxel",
+                    "Agreement": "atlas agreement (mean pairwise Dice)", "Group": "N group of a positive station"}
+    for col, text in descriptions.items():
+        table_node.SetColumnDescription(col, text)
+    table_node.EndModify(was)
+
+
+def report_text(result: CaseResult) -> str:
+    """Plain-text report: N-stage, TNM 9, deciding stations, rule set, threshold, positive and overridden stations."""
+    lines = [
+        f"Case {result.case_id}: {result.n_stage} (TNM 9: {result.tnm9})",
+        f"Deciding stations: {', '.join(result.deciding_stations) or 'none'}",
+        f"Rule set: {result.rules}; tumour side: {result.side}; probability threshold: {result.threshold:.2f}",
+        f"Positive stations: {', '.join(result.positive_stations()) or 'none'}",
+    ]
+    overridden = [f"{s.name} -> {s.override}" for s in result.stations if s.override]
+    if overridden:
+        lines.append(f"Reader overrides: {', '.join(overridden)}")
+    if result.explanation:
+        lines.append(result.explanation)
+    lines.append("Not a medical device; results must be reviewed by a qualified physician.")
+    return "\n".join(lines)
+
+
+def result_from_node(seg_node) -> CaseResult:
+    """The CaseResult stored on a segmentation node by ``show_result`` (e.g. after loading a saved scene)."""
+    text = seg_node.GetAttribute(ATTR_RESULT) if seg_node is not None else None
+    if not text:
+        raise MRMLBridgeError(f"node {seg_node.GetName() if seg_node else None!r} holds no LymphNodeStaging result "
+                              f"(attribute {ATTR_RESULT} missing)")
+    return CaseResult.from_dict(json.loads(text))
+
+
+def find_result_nodes(scene, seg_node) -> ResultNodes:
+    """The ResultNodes of a segmentation made by ``show_result`` (table, text, legend found next to it)."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    folder = sh.GetItemParent(sh.GetItemByDataNode(seg_node))
+    found = {}
+    children = vtk.vtkIdList()
+    sh.GetItemChildren(folder, children)
+    for i in range(children.GetNumberOfIds()):
+        node = sh.GetItemDataNode(children.GetId(i))
+        if node is not None and node.GetAttribute(ATTR_ROLE):
+            found[node.GetAttribute(ATTR_ROLE)] = node
+    legend = None
+    for i in range(seg_node.GetNumberOfDisplayNodes()):
+        d = seg_node.GetNthDisplayNode(i)
+        if d is not None and d.IsA("vtkMRMLColorLegendDisplayNode"):
+            legend = d
+    if "table" not in found or "report" not in found:
+        raise MRMLBridgeError(f"no table or report node next to segmentation {seg_node.GetName()!r}")
+    return ResultNodes(seg_node, found["table"], found["report"], probability_color_node(scene), legend, folder)
+
+
+# ----- navigation ----------------------------------------------------------------------------------------------
+def station_center_ras(result: CaseResult, station: str, seg_node=None) -> tuple[float, float, float] | None:
+    """RAS centre of a station: the result's patch centre (LPS) if known, else the segment's centre."""
+    st = result.station(station)
+    if st.centre_mm is not None:
+        return lps_to_ras(st.centre_mm)
+    if seg_node is not None and st.present:
+        centre = seg_node.GetSegmentCenterRAS(st.name)
+        if centre is not None:
+            return tuple(float(v) for v in centre)
+    return None
+
+
+def jump_to_station(scene, result: CaseResult, station: str, seg_node=None) -> tuple[float, float, float] | None:
+    """Centre every slice view on the station; returns the RAS point (None for an absent station)."""
+    ras = station_center_ras(result, station, seg_node)
+    if ras is not None:
+        slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        crosshairs = _nodes(scene, "vtkMRMLCrosshairNode")
+        for crosshair in crosshairs:
+            crosshair.SetCrosshairRAS(*ras)
+    return ras
+
+
+# ----- export --------------------------------------------------------------------------------------------------
+def save_segmentation(seg_node, path: str | Path) -> Path:
+    """Write the segmentation as .seg.nrrd (names, colours, tags and terminology kept), atomically."""
+    path = Path(path)
+    if not path.name.endswith(".seg.nrrd"):
+        raise MRMLBridgeError(f"segmentation file {path}: expected a name ending in .seg.nrrd")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    with atomic_path(path, suffix=".seg.nrrd") as tmp:
+        storage.SetFileName(str(tmp))
+        if not storage.WriteData(seg_node):
+            raise MRMLBridgeError(f"writing segmentation {seg_node.GetName()!r} to {path} failed")
+    return path
+
+
+def load_segmentation(scene, path: str | Path, name: str | None = None):
+    """Read a .seg.nrrd into a new segmentation node with Slicer's segmentation storage node."""
+    path = Path(path)
+    if not path.is_file():
+        raise MRMLBridgeError(f"segmentation file {path} does not exist")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name.split(".")[0])
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise MRMLBridgeError(f"{path}: not readable as a Slicer segmentation (.seg.nrrd)")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def export_result(nodes: ResultNodes, result: CaseResult, out_dir: str | Path, *, station_map: sitk.Image | None = None,
+                  dicom_ct_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write .seg.nrrd, result JSON and CSV, the report text, and DICOM SEG when the CT came from DICOM."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _safe(result.case_id)
+    paths = {
+        "segmentation": save_segmentation(nodes.segmentation, out_dir / f"{stem}_stations.seg.nrrd"),
+        "json": result.write_json(out_dir / f"{stem}_result.json"),
+        "csv": result.write_csv(out_dir / f"{stem}_stations.csv"),
+    }
+    with atomic_path(out_dir / f"{stem}_report.txt") as tmp:
+        tmp.write_text(report_text(result) + "\n", encoding="utf-8")
+    paths["report"] = out_dir / f"{stem}_report.txt"
+    if dicom_ct_dir is not None:
+        if station_map is None:
+            raise MRMLBridgeError("DICOM SEG export needs the station map (station_map=None was given)")
+        from ..io.dicom_seg import write_dicom_seg
+
+        paths["dicom_seg"] = write_dicom_seg(station_map, result, dicom_ct_dir, out_dir / f"{stem}_stations.seg.dcm")
+    log.info("exported %s to %s", result.case_id, out_dir)
+    return paths
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text)) or "case"
+
+
+__all__ = [
+    "MRMLBridgeError", "ResultNodes", "export_result", "find_result_nodes", "ijk_to_ras",
+    "image_from_volume_node", "jump_to_station", "load_segmentation", "probability_color", "probability_color_node",
+    "report_text", "result_from_node", "save_segmentation", "show_pet_over_ct", "show_result", "station_center_ras",
+    "station_terminology", "update_result", "volume_node_from_image",
+]

@@ -1,0 +1,219 @@
+"""The result of assessing one case: per-station findings and the N-stage, with re-staging without the network.
+
+``CaseResult`` is what the assessment returns, what the JSON/CSV files hold, what the Slicer module shows and what
+the cohort runs summarise. ``restage`` applies another probability threshold, per-station overrides or another rule
+set instantly: the probabilities stay, only the statuses and the N-stage are derived again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import LNSError
+from ..io.files import write_json, write_text
+from .rules import DEFAULT_RULES, load_rules, parse_side
+from .stations import STATIONS, parse_station
+
+POSITIVE, NEGATIVE, ABSENT = "positive", "negative", "absent"
+RESULT_FORMAT = "lnstaging-case-result"
+RESULT_FORMAT_VERSION = 1
+
+
+@dataclass
+class StationResult:
+    """Findings for one station of one case."""
+
+    name: str
+    label: int
+    present: bool  # found in the fused station map
+    probability: float | None  # malignancy probability; None when absent
+    status: str  # POSITIVE | NEGATIVE | ABSENT (after threshold and override)
+    suv_max: float | None = None
+    suv_peak: float | None = None  # mean SUV in the 1 cm^3 sphere around the hottest voxel
+    agreement: float | None = None  # atlas agreement (mean pairwise Dice of the warped station masks)
+    centre_mm: tuple[float, float, float] | None = None  # patch centre, LPS physical point
+    volume_ml: float | None = None
+    override: str | None = None  # POSITIVE | NEGATIVE set by a reader; None = model decides
+    flags: list[str] = field(default_factory=list)  # e.g. "fallback:best_atlas"
+
+    def model_status(self, threshold: float) -> str:
+        if not self.present or self.probability is None:
+            return ABSENT
+        return POSITIVE if self.probability >= threshold else NEGATIVE
+
+
+@dataclass
+class CaseResult:
+    """The assessment of one PET/CT."""
+
+    case_id: str
+    side: str
+    rules: str
+    threshold: float
+    stations: list[StationResult]
+    n_stage: str = "N0"
+    tnm9: str = "N0"
+    deciding_stations: list[str] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)
+    explanation: str = ""
+    learned_n_stage: str | None = None  # from a TS2/TS3 head, when the model has one
+    learned_n_probabilities: list[float] | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # name, version, fingerprint of the checkpoint
+    atlases: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    suv: dict[str, Any] = field(default_factory=dict)  # SUV provenance
+    timings_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        self.side = parse_side(self.side)
+
+    # ----- staging -------------------------------------------------------------------------------------------
+    def station(self, name: str) -> StationResult:
+        key = parse_station(name).name
+        for s in self.stations:
+            if s.name == key:
+                return s
+        raise LNSError(f"station {key} is not in the result of case {self.case_id}")
+
+    def positive_stations(self) -> list[str]:
+        return [s.name for s in self.stations if s.status == POSITIVE]
+
+    def restage(
+        self,
+        threshold: float | None = None,
+        overrides: dict[str, str | None] | None = None,
+        rules: str | None = None,
+    ) -> CaseResult:
+        """A new result with statuses and N-stage derived again (probabilities unchanged).
+
+        ``overrides`` maps station names to "positive", "negative" or None (None removes an override).
+        """
+        threshold = self.threshold if threshold is None else float(threshold)
+        if not 0.0 <= threshold <= 1.0:
+            raise LNSError(f"threshold must be within 0..1, got {threshold}")
+        rules = rules or self.rules
+        stations = [replace(s, flags=list(s.flags)) for s in self.stations]
+        by_name = {s.name: s for s in stations}
+        for name, value in (overrides or {}).items():
+            st = by_name[parse_station(name).name]
+            if value not in (None, POSITIVE, NEGATIVE):
+                raise LNSError(f"override for station {st.name} must be 'positive', 'negative' or None, got {value!r}")
+            st.override = value
+        for st in stations:
+            st.status = st.override or st.model_status(threshold)
+        out = replace(self, threshold=threshold, rules=rules, stations=stations)
+        out._apply_staging()
+        return out
+
+    def _apply_staging(self) -> None:
+        staging = load_rules(self.rules).stage(self.positive_stations(), self.side)
+        self.rules = staging.rules
+        self.n_stage = staging.n_label
+        self.tnm9 = staging.tnm9
+        self.deciding_stations = staging.deciding_stations
+        self.groups = staging.groups
+        self.explanation = staging.explanation()
+
+    # ----- serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d = {"format": RESULT_FORMAT, "format_version": RESULT_FORMAT_VERSION, **d}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaseResult:
+        if data.get("format") != RESULT_FORMAT:
+            raise LNSError(f"not a case result (format {data.get('format')!r}, expected {RESULT_FORMAT!r})")
+        data = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+        stations = []
+        for s in data.pop("stations"):
+            if s.get("centre_mm") is not None:
+                s["centre_mm"] = tuple(s["centre_mm"])
+            stations.append(StationResult(**s))
+        return cls(stations=stations, **data)
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> CaseResult:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise LNSError(f"cannot read case result {path}: {exc}") from None
+
+    def write_json(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    CSV_COLUMNS = ("case_id", "station", "label", "present", "probability", "status", "override", "suv_max",
+                   "suv_peak", "agreement", "volume_ml", "centre_x_mm", "centre_y_mm", "centre_z_mm", "group",
+                   "flags")
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.CSV_COLUMNS)
+        for s in self.stations:
+            c = s.centre_mm or (None, None, None)
+            writer.writerow([
+                self.case_id, s.name, s.label, int(s.present), _fmt(s.probability), s.status, s.override or "",
+                _fmt(s.suv_max), _fmt(s.suv_peak), _fmt(s.agreement), _fmt(s.volume_ml),
+                _fmt(c[0]), _fmt(c[1]), _fmt(c[2]), self.groups.get(s.name, ""), ";".join(s.flags),
+            ])
+        return buf.getvalue()
+
+    def text_table(self, truth: list[str] | None = None) -> str:
+        """The station table as aligned text (present stations; with ``truth``, a column marking true positives)."""
+        def f(v: float | None, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        head = f"{'station':8s} {'p':>6s} {'status':9s} {'SUVmax':>7s} {'SUVpeak':>7s} {'agree':>6s}"
+        lines = [head + ("  truth" if truth is not None else "")]
+        true_set = set(truth or [])
+        for st in self.stations:
+            line = (f"{st.name:8s} {f(st.probability, '6.3f')} {st.status:9s} {f(st.suv_max, '7.2f')} "
+                    f"{f(st.suv_peak, '7.2f')} {f(st.agreement, '6.2f')}")
+            if truth is not None:
+                line += "  malignant" if st.name in true_set else ""
+            lines.append(line)
+        return "\n".join(lines)
+
+    def write_csv(self, path: str | Path) -> Path:
+        return write_text(path, self.to_csv())
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.6g}"
+
+
+def make_case_result(
+    case_id: str,
+    side: str,
+    probabilities: dict[str, float | None],
+    *,
+    threshold: float = 0.5,
+    rules: str = DEFAULT_RULES,
+    **station_fields: dict[str, dict[str, Any]],
+) -> CaseResult:
+    """Build a staged CaseResult from per-station probabilities (None or missing = absent station).
+
+    ``station_fields`` maps a StationResult field name (suv_max, agreement, centre_mm, ...) to {station: value}.
+    """
+    from .. import __version__
+
+    probs = {parse_station(k).name: v for k, v in probabilities.items()}
+    stations = []
+    for st in STATIONS:
+        p = probs.get(st.name)
+        extra = {f: vals.get(st.name) for f, vals in station_fields.items() if vals.get(st.name) is not None}
+        sr = StationResult(name=st.name, label=st.label, present=p is not None,
+                           probability=None if p is None else float(p), status=ABSENT, **extra)
+        stations.append(sr)
+    result = CaseResult(case_id=case_id, side=side, rules=rules, threshold=threshold, stations=stations,
+                        version=__version__)
+    return result.restage()

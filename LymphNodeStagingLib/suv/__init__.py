@@ -1,0 +1,1 @@
+"""SUV from PET DICOM (QIBA / IBSI) with provenance, and SUV statistics of stations."""

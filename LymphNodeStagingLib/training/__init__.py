@@ -1,0 +1,1 @@
+"""Training the classifier: losses, loops, cases from a cohort and training from a cohort table."""

@@ -1,0 +1,125 @@
+"""Cohort rows turned into training/evaluation cases: images, cached station maps and patch-centre samplers.
+
+The station mapping of a scan is cached in ``CACHE/<scan_id>/`` (the files of ``mapping.write_station_mapping``
+and mapping_key.json with the inputs it was made from), so a second training or evaluation run skips registration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..cohort.table import CohortRow
+from ..errors import LNSError
+from ..io.files import atomic_dir, write_json
+from ..staging.stations import NUM_STATIONS
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class CaseDataError(LNSError, ValueError):
+    """A cohort row cannot be turned into a case."""
+
+
+@dataclass
+class PreparedCase:
+    row: CohortRow
+    ct: sitk.Image
+    pet: sitk.Image
+    station_map: sitk.Image
+    vote_fractions: np.ndarray  # (17, z, y, x) float32 on the station map's grid
+    sampler: object  # patches.StationSampler
+    from_cache: bool
+
+
+def _mapping_key(row: CohortRow, atlas_set) -> dict:
+    anat = row.anatomy_path
+    return {
+        "cache_version": CACHE_VERSION,
+        "atlas_set": atlas_set.name,
+        "atlases": [a.id for a in atlas_set.atlases],
+        "ct": str(row.ct_path),
+        "anatomy": str(anat) if anat else None,
+        "anatomy_mtime": anat.stat().st_mtime if anat and anat.exists() else None,
+    }
+
+
+def row_pet_is_suv(row: CohortRow, pet_is_suv: bool = False) -> bool:
+    """Whether the row's PET is taken as SUV: the cohort's pet_is_suv column, else the command's flag.
+
+    DICOM series without either are converted to SUV from their headers; a PET image file without either is an
+    error (it has no header to compute SUV from, and guessing would silently change every SUV figure).
+    """
+    declared = row.pet_is_suv if row.pet_is_suv is not None else (True if pet_is_suv else None)
+    pet = row.pet_path
+    if declared is None and pet is not None and pet.is_file() and not pet.name.lower().endswith(".dcm"):
+        raise CaseDataError(f"line {row.line} ({row.scan_id}): PET file {pet} is an image without a DICOM header; "
+                            "declare that it holds SUV (cohort column pet_is_suv=yes, or --pet-is-suv) or give the "
+                            "DICOM series folder")
+    return bool(declared)
+
+
+def load_images(row: CohortRow, pet_is_suv: bool = False) -> tuple[sitk.Image, sitk.Image]:
+    """CT and SUV PET of a cohort row (see :func:`row_pet_is_suv`)."""
+    from ..io.images import load_case
+
+    if row.ct_path is None or row.pet_path is None:
+        raise CaseDataError(f"line {row.line}: ct_path and pet_path are required")
+    case = load_case(row.ct_path, row.pet_path, pet_is_suv=row_pet_is_suv(row, pet_is_suv))
+    return case.ct, case.pet
+
+
+def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: str = "cpu",
+                 pet_is_suv: bool = False) -> PreparedCase:
+    """Images, station map (cached) and sampler of one cohort row."""
+    from ..classifier.patches import StationSampler
+    from ..mapping.station_mapping import map_stations, read_station_mapping, write_station_mapping
+
+    ct, pet = load_images(row, pet_is_suv)
+    folder = Path(cache_dir) / row.scan_id
+    key = _mapping_key(row, atlas_set)
+    key_file = folder / "mapping_key.json"
+    from_cache = key_file.is_file() and json.loads(key_file.read_text()) == key
+    if from_cache:
+        mapping = read_station_mapping(folder)
+    else:
+        from ..anatomy.vocabulary import load_anatomy
+
+        if row.anatomy_path is None:
+            raise CaseDataError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and "
+                                "evaluation (run `lnstaging anatomy` or `lnstaging batch --steps anatomy` first)")
+        anatomy = load_anatomy(row.anatomy_path, reference=ct)
+        mapping = map_stations(ct, anatomy, atlas_set, device=device)
+        with atomic_dir(folder) as tmp:
+            write_station_mapping(mapping, tmp)
+            write_json(tmp / "mapping_key.json", key)
+    return PreparedCase(row, ct, pet, mapping.label_image(), mapping.votes.astype(np.float32) / mapping.n_atlases,
+                        StationSampler.from_sparse_maps(mapping.weight_maps), from_cache)
+
+
+def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path, *, device: str = "cpu",
+                 pet_is_suv: bool = False, crop_margin_mm: float = 48.0,
+                 progress: Callable[[int, int, str], None] | None = None) -> list:
+    """training.CaseSample for each row (cropped around the stations to save memory)."""
+    from .loops import CaseSample
+
+    out = []
+    for i, row in enumerate(rows):
+        if progress:
+            progress(i, len(rows), row.scan_id)
+        prep = prepare_case(row, atlas_set, cache_dir, device=device, pet_is_suv=pet_is_suv)
+        labels = row.station_labels() if row.has_station_labels else np.full(NUM_STATIONS, -1, dtype=np.int64)
+        sample = CaseSample(patient_id=row.patient_id, ct=prep.ct, pet=prep.pet, sampler=prep.sampler,
+                            side=row.tumour_side, n_stage=row.n_stage if row.n_stage is not None else -1,
+                            station_labels=labels, study=row.study)
+        out.append(sample.cropped(crop_margin_mm))
+    if progress:
+        progress(len(rows), len(rows), "done")
+    return out
