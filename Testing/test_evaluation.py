@@ -11,9 +11,10 @@ import SimpleITK as sitk
 
 from LymphNodeStagingLib.cli.main import main
 from LymphNodeStagingLib.cohort.table import read_cohort
-from LymphNodeStagingLib.evaluation.baselines import lesion_overlap, station_suv_max
+from LymphNodeStagingLib.evaluation.baselines import lesion_overlap
 from LymphNodeStagingLib.evaluation.crossval import EvaluationConfig, EvaluationError, method_specs, reference_labels
 from LymphNodeStagingLib.staging.stations import NUM_STATIONS
+from LymphNodeStagingLib.suv.statistics import station_suv_max
 
 
 def _image(arr: np.ndarray, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0)) -> sitk.Image:

@@ -11,19 +11,11 @@ import SimpleITK as sitk
 from test_suv_errors import expected_suv, write_series
 
 from LymphNodeStagingLib.anatomy.vocabulary import id_of
+from LymphNodeStagingLib.classifier.patches import normalise_ct, normalise_pet
 from LymphNodeStagingLib.cli import main as cli
-from LymphNodeStagingLib.io.images import (
-    ImagingError,
-    check_pet_covers,
-    load_case,
-    mediastinal_crop,
-    normalise_ct,
-    normalise_pet,
-    physical_bounds,
-    preprocess,
-    resample_to,
-    to_isotropic,
-)
+from LymphNodeStagingLib.io.images import ImagingError, physical_bounds, resample_to
+from LymphNodeStagingLib.mapping.crop import check_pet_covers, mediastinal_crop
+from LymphNodeStagingLib.suv.inputs import load_case
 
 
 def _image(arr, spacing=(2.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0)) -> sitk.Image:
@@ -83,13 +75,8 @@ def test_image_files_and_pet_is_suv(tmp_path):
         load_case(tmp_path / "ct.nrrd", tmp_path / "x.txt", pet_is_suv=True)
 
 
-def test_resampling_and_isotropic():
+def test_resampling():
     img = _image(np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4), spacing=(2.0, 2.0, 3.0), origin=(1, 2, 3))
-    iso = to_isotropic(img, 1.0)
-    assert iso.GetSpacing() == (1.0, 1.0, 1.0) and iso.GetSize() == (8, 8, 12)
-    lo, hi = physical_bounds(img)
-    lo2, hi2 = physical_bounds(iso)
-    np.testing.assert_allclose(lo, lo2) and np.testing.assert_allclose(hi, hi2)
     back = resample_to(img, img, "nearest")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
     with pytest.raises(ImagingError, match="interpolator"):
@@ -141,25 +128,6 @@ def test_pet_not_covering_mediastinum_refused():
     pet = _image(np.zeros((5, 40, 40), np.float32), spacing=(4.0, 4.0, 4.0), origin=(-80.0, -80.0, 0.0))
     with pytest.raises(ImagingError, match="PET does not cover the mediastinum"):
         check_pet_covers(pet, box)
-
-
-def test_preprocess_on_isotropic_crop():
-    anat = _thorax()
-    ct = _image(np.full((40, 60, 60), 100.0, np.float32), spacing=(2.0, 2.0, 2.0), origin=(-60.0, -60.0, 0.0))
-    pet = _image(np.full((25, 35, 35), 8.0, np.float32), spacing=(4.0, 4.0, 4.0), origin=(-68.0, -68.0, -4.0))
-    from LymphNodeStagingLib.io.images import Case
-
-    pre = preprocess(Case(ct=ct, pet=pet), anat, spacing_mm=1.5, margin_mm=10.0)
-    assert pre.ct.GetSpacing() == (1.5, 1.5, 1.5) and pre.ct.GetSize() == pre.pet.GetSize()
-    ct_arr, pet_arr = sitk.GetArrayFromImage(pre.ct), sitk.GetArrayFromImage(pre.pet)
-    assert ct_arr.max() == pytest.approx(0.5) and ct_arr.min() >= 0.0
-    centre = tuple(s // 2 for s in pet_arr.shape)
-    assert pet_arr[centre] == pytest.approx(2.0)
-    extent = np.array(pre.ct.GetSize()) * 1.5
-    assert np.all(extent >= (pre.box.upper - pre.box.lower) - 1e-6)
-    assert np.all(extent <= (pre.box.upper - pre.box.lower) + 1.5 + 1e-6)
-    with pytest.raises(ImagingError, match="spacing_mm"):
-        preprocess(Case(ct=ct, pet=pet), anat, spacing_mm=0)
 
 
 def test_cli_suv_json(tmp_path, capsys):

@@ -124,7 +124,7 @@ def test_freeze_encoder_and_predict_stations():
 
 
 def test_predict_case_centroid_is_deterministic_and_tta_is_seeded():
-    from LymphNodeStagingLib.classifier.model import predict_case
+    from LymphNodeStagingLib.classifier.predict import predict_case
     from LymphNodeStagingLib.training.loops import make_toy_case
 
     case = make_toy_case(1, stations=(7, 10, 14), absent=(14,))

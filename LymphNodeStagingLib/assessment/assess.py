@@ -15,21 +15,20 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .. import __version__
 from ..errors import LNSError
 from ..io.files import write_image
+from ..mapping.crop import check_pet_covers, mediastinal_crop
 from ..paths import demo_model_path
 from ..staging.result import CaseResult, make_case_result
 from ..staging.rules import DEFAULT_RULES, parse_side
-from ..staging.stations import NUM_STATIONS, STATION_NAMES, STATIONS
+from ..staging.stations import STATIONS
+from ..suv.statistics import station_suv_stats
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-#: Radius of the sphere of 1 cm^3 used for SUVpeak, in mm.
-SUVPEAK_RADIUS_MM = (3.0 / (4.0 * np.pi) * 1000.0) ** (1.0 / 3.0)
 #: File names that say nothing about the case; the folder name is used instead.
 GENERIC_NAMES = {"ct", "image", "img", "volume", "ct_image", "dicom", "series"}
 
@@ -65,46 +64,6 @@ def _image(value: str | Path | sitk.Image, what: str) -> sitk.Image:
     from ..io.images import read_image_file
 
     return read_image_file(path)
-
-
-def station_suv_stats(pet: sitk.Image, station_map: sitk.Image) -> dict[str, dict[str, float]]:
-    """SUVmax, SUVpeak and volume of every station present in the map.
-
-    The PET is resampled (linear) onto the station map's grid. SUVpeak is the largest mean SUV of a 1 cm^3 sphere
-    centred in the station, averaged over the sphere's voxels that lie in the station (so that uptake of the heart
-    or the tumour next to a station does not enter it; SUVpeak <= SUVmax).
-    """
-    pet_on = sitk.Resample(pet, station_map, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    suv = sitk.GetArrayFromImage(pet_on).astype(np.float32)
-    labels = sitk.GetArrayViewFromImage(station_map)
-    spacing_zyx = np.asarray(station_map.GetSpacing(), dtype=float)[::-1]
-    half = np.ceil(SUVPEAK_RADIUS_MM / spacing_zyx).astype(int)
-    zz, yy, xx = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing_zyx, strict=True)],
-                             indexing="ij")
-    ball = (zz**2 + yy**2 + xx**2) <= SUVPEAK_RADIUS_MM**2
-    kernel = ball.astype(np.float32)
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    present = np.unique(labels)
-    present = present[(present >= 1) & (present <= NUM_STATIONS)]
-    out: dict[str, dict[str, float]] = {}
-    if present.size:
-        idx = [int(v) for v in present]
-        maxima = ndimage.maximum(suv, labels, idx)
-        peaks = []
-        for v in idx:
-            inside = (labels == v)
-            lo = np.maximum(np.argwhere(inside).min(axis=0) - half, 0)
-            hi = np.argwhere(inside).max(axis=0) + half + 1
-            box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-            m = inside[box].astype(np.float32)
-            num = ndimage.convolve(suv[box] * m, kernel, mode="constant")
-            den = ndimage.convolve(m, kernel, mode="constant")
-            mean = np.where(m > 0, num / np.maximum(den, 1e-6), -np.inf)
-            peaks.append(float(mean.max()))
-        counts = ndimage.sum(np.ones_like(suv), labels, idx)
-        for v, m, p, c in zip(idx, maxima, peaks, counts, strict=True):
-            out[STATION_NAMES[v - 1]] = {"suv_max": float(m), "suv_peak": float(p), "volume_ml": float(c) * voxel_ml}
-    return out
 
 
 def assess_case(
@@ -155,11 +114,11 @@ def assess_case(
             pet_img = pet
             suv_info = {"mode": "user", "decisions": ["PET image given as SUV"], "warnings": []}
         else:
-            from ..io.images import load_pet
+            from ..suv.inputs import load_pet
 
             pet_img, suv_info, _, _ = load_pet(pet, pet_is_suv=pet_is_suv, suv_mode=suv_mode)
     else:
-        from ..io.images import load_case
+        from ..suv.inputs import load_case
 
         case = load_case(ct, pet, pet_is_suv=pet_is_suv, suv_mode=suv_mode)
         ct_img, pet_img, suv_info = case.ct, case.pet, case.suv
@@ -176,6 +135,7 @@ def assess_case(
         report(0.1, "anatomy")
         anat_img = _anatomy(anatomy, ct, ct_img, device)
         timings["anatomy"] = time.perf_counter() - t0
+        check_pet_covers(pet_img, mediastinal_crop(anat_img, clip_to=ct_img))
         check_cancel()
         from ..mapping.atlas import resolve_atlas_set
         from ..mapping.station_mapping import map_stations
@@ -190,12 +150,14 @@ def assess_case(
         atlas_info = {"atlases": list(getattr(station_mapping, "atlas_ids", []))}
     check_cancel()
     station_map = station_mapping.label_image()
+    if "mapping" not in timings:  # a mapping given by the caller: the PET must cover its stations
+        check_pet_covers(pet_img, mediastinal_crop(stations=station_map, margin_mm=0.0))
 
     # 3. classifier
     t0 = time.perf_counter()
     report(0.75, "classifying stations")
     from ..classifier.checkpoint import file_sha256, load_model
-    from ..classifier.model import predict_case
+    from ..classifier.predict import predict_case
 
     model_path = Path(model) if model else demo_model_path()
     if not model_path.is_file():

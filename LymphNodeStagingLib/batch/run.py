@@ -333,7 +333,7 @@ class _CaseRun:
     # ----- the steps
     def suv(self, out: Path) -> dict:
         from ..io.files import write_image
-        from ..io.images import load_case
+        from ..suv.inputs import load_case
 
         spec = self.task.spec("suv")
         case = load_case(self.row["ct_path"], self.row["pet_path"], pet_is_suv=spec.params["pet_is_suv"],

@@ -21,7 +21,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import LNSError
-from ..io.images import normalise_ct, normalise_pet
 from ..staging.stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
@@ -32,10 +31,24 @@ PET_OUTSIDE_SUV = 0.0
 
 DEFAULT_PATCH_SIZE = 64
 DEFAULT_PATCH_SPACING = 1.0
+#: The paper's normalisation: CT window in HU mapped to [0, 1]; PET SUV divided by this scale.
+CT_WINDOW_HU = (-200.0, 400.0)
+PET_SUV_SCALE = 4.0
 
 
 class PatchError(LNSError, ValueError):
     """Bad input to patch extraction or sampling (geometry, shapes, missing stations)."""
+
+
+def normalise_ct(array: np.ndarray) -> np.ndarray:
+    """CT HU -> [0, 1]: -200 HU -> 0, 400 HU -> 1, clipped."""
+    lo, hi = CT_WINDOW_HU
+    return np.clip((np.asarray(array, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def normalise_pet(array: np.ndarray) -> np.ndarray:
+    """SUV -> SUV / 4, not clipped (SUV 10 -> 2.5)."""
+    return (np.asarray(array, dtype=np.float32) / PET_SUV_SCALE).astype(np.float32)
 
 
 def patch_reference(centre_mm: Sequence[float], size: int = DEFAULT_PATCH_SIZE,

@@ -27,19 +27,6 @@ class BaselineError(LNSError, ValueError):
     """A baseline cannot be computed from the given images."""
 
 
-def station_suv_max(pet: sitk.Image, station_map: sitk.Image) -> np.ndarray:
-    """SUVmax per station (17,) inside the station map (PET resampled linearly onto its grid); NaN when absent."""
-    pet_on = sitk.Resample(pet, station_map, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    suv = sitk.GetArrayViewFromImage(pet_on)
-    labels = sitk.GetArrayViewFromImage(station_map)
-    out = np.full(NUM_STATIONS, np.nan)
-    present = np.unique(labels)
-    present = present[(present >= 1) & (present <= NUM_STATIONS)].astype(int)
-    if present.size:
-        out[present - 1] = ndimage.maximum(suv, labels, present.tolist())
-    return out
-
-
 @dataclass
 class LesionOverlap:
     """Per lesion component: the station (0-based index, -1 none) holding most of it and that fraction."""

@@ -200,9 +200,10 @@ def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
 def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path, config: EvaluationConfig, need_lesions: bool,
                   progress: Progress | None = None) -> list[EvalCase]:
     """Images, cached station maps, samplers and baseline features of every row."""
+    from ..suv.statistics import station_suv_max
     from ..training.cases import prepare_case
     from ..training.loops import CaseSample
-    from .baselines import lesion_overlap, station_suv_max
+    from .baselines import lesion_overlap
 
     out = []
     for i, row in enumerate(rows):

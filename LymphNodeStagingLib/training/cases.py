@@ -68,7 +68,7 @@ def row_pet_is_suv(row: CohortRow, pet_is_suv: bool = False) -> bool:
 
 def load_images(row: CohortRow, pet_is_suv: bool = False) -> tuple[sitk.Image, sitk.Image]:
     """CT and SUV PET of a cohort row (see :func:`row_pet_is_suv`)."""
-    from ..io.images import load_case
+    from ..suv.inputs import load_case
 
     if row.ct_path is None or row.pet_path is None:
         raise CaseDataError(f"line {row.line}: ct_path and pet_path are required")

@@ -1,0 +1,61 @@
+"""Station probabilities of one case: the centroid patch of every present station (and optional test-time patches
+drawn from its weight map) cut from the CT and PET, through the station classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from torch import nn
+
+from ..staging.stations import NUM_STATIONS
+from .model import predict_stations, station_classifier_of
+from .patches import StationSampler, extract_patches
+
+
+@dataclass
+class StationPrediction:
+    """Per-station malignancy of one case. Arrays are in catalogue order (17,); absent stations hold NaN."""
+
+    probabilities: np.ndarray  # mean over the patches of the station
+    present: np.ndarray  # bool: station found in the station map
+    centres_mm: np.ndarray  # (17, 3) centroid used for the deterministic patch (NaN when absent)
+    threshold: float
+    tta: int  # number of extra weighted centres per station (0: centroid only)
+    tta_std: np.ndarray  # spread of the TTA probabilities (0 without TTA)
+
+    @property
+    def positive(self) -> np.ndarray:
+        """bool (17,): present and probability >= threshold."""
+        return self.present & (np.nan_to_num(self.probabilities, nan=0.0) >= self.threshold)
+
+
+def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image, sampler: StationSampler, *,
+                 threshold: float = 0.5, tta: int = 0, seed: int = 0, spacing: float | None = None,
+                 batch_size: int = 17) -> StationPrediction:
+    """Probabilities of the present stations of one case from their centroid patches (deterministic).
+
+    ``spacing`` (mm) defaults to the model's patch spacing. With ``tta`` > 0, ``tta`` further centres per station are
+    drawn from the station's weight map (seeded) and the probabilities of all patches are averaged.
+    """
+    clf = station_classifier_of(model)
+    present = sampler.present
+    idx = np.flatnonzero(present)
+    centres = sampler.centroids()
+    probs = np.full(NUM_STATIONS, np.nan)
+    spread = np.zeros(NUM_STATIONS)
+    size = clf.config.patch_size
+    spacing = clf.config.patch_spacing if spacing is None else float(spacing)
+    if idx.size:
+        p0 = predict_stations(clf, extract_patches(ct, pet, centres[idx], size, spacing), idx, batch_size)
+        probs[idx] = p0
+        if tta > 0:
+            rng = np.random.default_rng(seed)
+            pts = np.concatenate([sampler.sample(i, tta, rng) for i in idx])
+            st = np.repeat(idx, tta)
+            extra = predict_stations(clf, extract_patches(ct, pet, pts, size, spacing), st, batch_size)
+            allp = np.concatenate([p0[:, None], extra.reshape(len(idx), tta)], axis=1)
+            probs[idx] = allp.mean(axis=1)
+            spread[idx] = allp.std(axis=1)
+    return StationPrediction(probs, present, centres, float(threshold), int(tta), spread)
