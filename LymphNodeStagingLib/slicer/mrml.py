@@ -29,8 +29,8 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from ..assessment.dicom_seg import station_codes
 from ..errors import LNSError
-from ..io.dicom_seg import station_codes
 from ..io.files import atomic_path
 from ..staging.colors import COLOR_POINTS, probability_color
 from ..staging.result import ABSENT, CaseResult
@@ -523,7 +523,7 @@ def export_result(nodes: ResultNodes, result: CaseResult, out_dir: str | Path, *
     if dicom_ct_dir is not None:
         if station_map is None:
             raise MRMLBridgeError("DICOM SEG export needs the station map (station_map=None was given)")
-        from ..io.dicom_seg import write_dicom_seg
+        from ..assessment.dicom_seg import write_dicom_seg
 
         paths["dicom_seg"] = write_dicom_seg(station_map, result, dicom_ct_dir, out_dir / f"{stem}_stations.seg.dcm")
     log.info("exported %s to %s", result.case_id, out_dir)

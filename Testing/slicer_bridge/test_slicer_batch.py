@@ -14,7 +14,7 @@ import pytest
 
 from LymphNodeStagingLib.cli.main import main as lnstaging
 
-SCRIPT = Path(__file__).resolve().parents[1] / "LymphNodeStaging" / "LymphNodeStagingBatch.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "LymphNodeStaging" / "LymphNodeStagingBatch.py"
 STEPS = "suv,anatomy"
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("slicer")
 import headless_slicer  # noqa: E402
 import standins  # noqa: E402
 
-MODULE_DIR = Path(__file__).resolve().parents[1] / "LymphNodeStaging"
+MODULE_DIR = Path(__file__).resolve().parents[2] / "LymphNodeStaging"
 MODULE_FILE = MODULE_DIR / "LymphNodeStaging.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "LymphNodeStaging.ui"
 

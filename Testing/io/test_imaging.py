@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_suv_errors import expected_suv, write_series
+from dicom_fixtures import expected_suv, write_series
 
 from LymphNodeStagingLib.anatomy.vocabulary import id_of
 from LymphNodeStagingLib.classifier.patches import normalise_ct, normalise_pet

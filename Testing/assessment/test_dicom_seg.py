@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from LymphNodeStagingLib.io.dicom_seg import DicomSegError, station_codes, write_dicom_seg
+from LymphNodeStagingLib.assessment.dicom_seg import DicomSegError, station_codes, write_dicom_seg
 from LymphNodeStagingLib.staging.colors import probability_color
 from LymphNodeStagingLib.staging.stations import STATIONS
 

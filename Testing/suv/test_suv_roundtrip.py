@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from test_suv_errors import make_slice
+from dicom_fixtures import make_slice
 
 from LymphNodeStagingLib.suv.conversion import suv_from_folder
 

@@ -20,7 +20,7 @@ from vtk.util import numpy_support  # noqa: E402
 
 from LymphNodeStagingLib.slicer import mrml
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "LymphNodeStaging" / "Resources" / "Screenshots"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "LymphNodeStaging" / "Resources" / "Screenshots"
 
 
 def read_png(path: Path) -> np.ndarray:

@@ -1,9 +1,8 @@
-"""Conformance: the 17 IBSI/OncoRay SUV digital reference objects (shared/data/suv_dro.tar.gz)."""
+"""Conformance: the 17 IBSI/OncoRay SUV digital reference objects (Testing/data/ibsi_suv_dro, CC BY 4.0)."""
 
 from __future__ import annotations
 
 import csv
-import os
 import tarfile
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import SimpleITK as sitk
 
 from LymphNodeStagingLib.suv.conversion import suv_from_folder
 
-SHARED = Path(os.environ.get("LNS_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-DRO_TAR = SHARED / "data" / "suv_dro.tar.gz"
+DRO_TAR = Path(__file__).resolve().parents[1] / "data" / "ibsi_suv_dro" / "suv_dro.tar.gz"
 
 #: DRO_2_3 (Units CM2ML): its stored integers with RescaleSlope 0.01 give these values for any exact implementation.
 DRO_2_3_QUANTISED = (0.189, 0.985, 3.977)
@@ -27,8 +25,7 @@ DRO_IDS = ["DRO_0_0", "DRO_1_0", "DRO_2_0", "DRO_2_1", "DRO_2_2", "DRO_2_3", "DR
 @pytest.fixture(scope="module")
 def dro_root(tmp_path_factory) -> Path:
     if not DRO_TAR.is_file():
-        pytest.fail(f"IBSI SUV reference objects not found at {DRO_TAR}: the repository's parent folder must hold "
-                    "shared/data/suv_dro.tar.gz (or set LNS_SHARED_DIR to the shared folder)")
+        pytest.fail(f"IBSI SUV reference objects not found at {DRO_TAR} (part of the repository's test data)")
     out = tmp_path_factory.mktemp("dro")
     with tarfile.open(DRO_TAR) as tar:
         tar.extractall(out, filter="data")

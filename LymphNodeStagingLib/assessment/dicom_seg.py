@@ -18,9 +18,9 @@ import pydicom
 import SimpleITK as sitk
 
 from ..errors import LNSError
+from ..io.files import atomic_path
 from ..staging.result import CaseResult
 from ..staging.stations import STATIONS, Station, parse_station
-from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
