@@ -81,6 +81,8 @@ def test_every_unit_has_a_layer():
 @pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_go_down_only(path):
     rel = path.relative_to(PACKAGE)
+    if rel == Path("__init__.py"):
+        return  # the front door names the public API of every layer, imported on first use (Testing/test_api.py)
     own = unit_of(rel)
     higher = sorted(u for u in imported_units(path) if RANK[u] > RANK[own])
     assert not higher, f"{rel} (layer {own}) imports the higher layer(s) {higher}"
@@ -102,3 +104,15 @@ def test_the_rule_catches_a_violation(tmp_path, monkeypatch):
     bad.write_text("def f():\n    from ..assessment.assess import assess_case\n    from ..phantom import x\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert imported_units(bad) == {"assessment", "phantom"}
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_relative_imports_resolve(path):
+    """Every ``from .x import`` inside the package names a module or package that exists (lazy imports included)."""
+    package = list(path.relative_to(PACKAGE).parent.parts)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level and node.module:
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = PACKAGE.joinpath(*base, *node.module.split("."))
+            assert target.with_suffix(".py").is_file() or (target / "__init__.py").is_file(), \
+                f"{path.relative_to(PACKAGE)}:{node.lineno}: from {'.' * node.level}{node.module} does not exist"

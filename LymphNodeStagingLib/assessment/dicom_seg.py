@@ -90,7 +90,7 @@ def write_dicom_seg(station_map: sitk.Image, result: CaseResult, ct_dicom_dir: s
     from pydicom.uid import generate_uid
 
     from .. import __version__
-    from .dicom_series import find_series
+    from ..io.dicom_series import find_series
 
     ct_dicom_dir = Path(ct_dicom_dir)
     if not ct_dicom_dir.is_dir():
