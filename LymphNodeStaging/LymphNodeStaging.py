@@ -25,6 +25,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from LymphNodeStagingLib.errors import Cancelled
+
 # In a checkout the library sits next to this folder; in a built extension it is copied next to this file.
 for _candidate in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
     if (_candidate / "LymphNodeStagingLib").is_dir() and str(_candidate) not in sys.path:
@@ -244,7 +246,7 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._pollTimer.stop()
         self._process = None
-        from LymphNodeStagingLib.assessment.assess import Cancelled
+        pass
 
         try:
             with slicer.util.tryWithErrorDisplay(_("Failed to assess the lymph node stations."), waitCursor=False):

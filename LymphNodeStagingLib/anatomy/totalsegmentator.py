@@ -15,9 +15,10 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from ..errors import InputError, ProcessingError, UsageError
 from ..io.files import write_image, write_json
 from ..paths import ENV_TOTALSEG_HOME, ENV_TOTALSEG_WEIGHTS, totalseg_home, totalseg_weights_dir
-from .vocabulary import THORACIC_ROI, AnatomyError, TotalSegmentatorWeightsError, _v2_total, load_anatomy
+from .vocabulary import THORACIC_ROI, _v2_total, load_anatomy
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def required_tasks(fast: bool = True, roi_subset: Iterable[str] | None = None) -
 
 def check_weights(fast: bool = True, roi_subset: Iterable[str] | None = None,
                   home_dir: str | Path | None = None) -> Path:
-    """Raise :class:`TotalSegmentatorWeightsError` (with offline installation steps) unless the weights are there."""
+    """Raise :class:`ProcessingError` (with offline installation steps) unless the weights are there."""
     wdir = totalseg_weights_dir(home_dir)
     missing = []
     for task in required_tasks(fast, roi_subset):
@@ -53,7 +54,7 @@ def check_weights(fast: bool = True, roi_subset: Iterable[str] | None = None,
             missing.append((task, folder))
     if missing:
         lines = "; ".join(f"task {t}: {f}" for t, f in missing)
-        raise TotalSegmentatorWeightsError(
+        raise ProcessingError(
             f"TotalSegmentator weights not found ({lines}). Nothing is downloaded at run time. To install them "
             "offline: on a machine with internet run `totalseg_download_weights -t total_fast` (and "
             "`-t total_fastest` for the 6 mm crop model used with roi_subset), or download the release files "
@@ -108,15 +109,15 @@ def run_totalsegmentator(ct_path: str | Path, out_path: str | Path, device: str 
     network blocked inside the run."""
     ct_path, out_path = Path(ct_path), Path(out_path)
     if not ct_path.is_file():
-        raise AnatomyError(f"{ct_path}: CT file not found (expected a NIfTI image)")
+        raise InputError(f"{ct_path}: CT file not found (expected a NIfTI image)")
     if device not in ("cpu", "gpu") and not re.fullmatch(r"gpu:\d+", device):
-        raise AnatomyError(f"device '{device}' is unknown; expected cpu, gpu or gpu:N")
+        raise UsageError(f"device '{device}' is unknown; expected cpu, gpu or gpu:N")
     roi = list(roi_subset) if roi_subset else None
     if roi:
         v2_names = set(_v2_total().values())
         bad = [r for r in roi if r not in v2_names]
         if bad:
-            raise AnatomyError(f"roi_subset: {', '.join(bad)} are not TotalSegmentator 'total' classes")
+            raise UsageError(f"roi_subset: {', '.join(bad)} are not TotalSegmentator 'total' classes")
     home = totalseg_home(home_dir)
     write_totalseg_config(home)
     check_weights(fast, roi, home)
@@ -137,10 +138,10 @@ def run_totalsegmentator(ct_path: str | Path, out_path: str | Path, device: str 
             proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(args)], env=run_env,
                                   capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
-            raise AnatomyError(f"TotalSegmentator on {ct_path} did not finish within {timeout_s} s") from exc
+            raise ProcessingError(f"TotalSegmentator on {ct_path} did not finish within {timeout_s} s") from exc
         if proc.returncode != 0 or not raw.is_file() or raw.stat().st_size == 0:
             tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
-            raise AnatomyError(f"TotalSegmentator on {ct_path} failed (exit {proc.returncode}): {tail}")
+            raise ProcessingError(f"TotalSegmentator on {ct_path} failed (exit {proc.returncode}): {tail}")
         log.debug("TotalSegmentator output: %s", proc.stdout[-2000:])
         labels = load_anatomy(raw, version="v2")
     if labels.GetSize() == ct_img.GetSize():

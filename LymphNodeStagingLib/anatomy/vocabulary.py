@@ -17,20 +17,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 from .labels import EXTRA_CLASSES, TOTAL_CLASSES
 
 log = logging.getLogger(__name__)
 
 VOCABULARY = "totalsegmentator-total-v2"
-
-
-class AnatomyError(LNSError, ValueError):
-    """An anatomy label map that cannot be mapped to the vocabulary, or a failed TotalSegmentator run."""
-
-
-class TotalSegmentatorWeightsError(AnatomyError):
-    """The TotalSegmentator model weights are not installed (nothing is downloaded at run time)."""
 
 
 # TotalSegmentator v1 (1.5.x) 'total' class ids -> names (104 classes).
@@ -134,7 +126,7 @@ def _relabel(arr: np.ndarray, id_to_name: dict[int, str], source: str) -> tuple[
     present = [int(v) for v in np.unique(arr) if v != 0]
     for v in present:
         if v not in id_to_name:
-            raise AnatomyError(f"{source}: label value {v} has no name in the label table; expected ids of the "
+            raise InputError(f"{source}: label value {v} has no name in the label table; expected ids of the "
                                "table (v1, v2 or a label file)")
         target = id_of(id_to_name[v])
         if target is None:
@@ -173,7 +165,7 @@ def _label_table(table) -> dict[int, str]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise AnatomyError(f"{path}: cannot read the label table (expected JSON {{id: name}}): {exc}") from exc
+        raise InputError(f"{path}: cannot read the label table (expected JSON {{id: name}}): {exc}") from exc
     return {int(k): str(v) for k, v in data.items()}
 
 
@@ -203,7 +195,7 @@ def load_anatomy(path_or_folder: str | Path, *, version: str = "auto", label_tab
     elif path.is_file():
         img = _load_multilabel(path, version, label_table)
     else:
-        raise AnatomyError(f"{path}: not found; expected a multilabel image or a folder of per-structure masks")
+        raise InputError(f"{path}: not found; expected a multilabel image or a folder of per-structure masks")
     if reference is not None and (img.GetSize() != reference.GetSize()
                                   or not np.allclose(img.GetOrigin(), reference.GetOrigin(), atol=1e-3)
                                   or not np.allclose(img.GetSpacing(), reference.GetSpacing(), atol=1e-5)
@@ -214,18 +206,18 @@ def load_anatomy(path_or_folder: str | Path, *, version: str = "auto", label_tab
 
 def _load_multilabel(path: Path, version: str, label_table) -> sitk.Image:
     if version not in ("auto", "v1", "v2"):
-        raise AnatomyError(f"version '{version}' is unknown; expected auto, v1 or v2")
+        raise InputError(f"version '{version}' is unknown; expected auto, v1 or v2")
     try:
         src = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise AnatomyError(f"{path}: cannot be read as a label image: {exc}") from exc
+        raise InputError(f"{path}: cannot be read as a label image: {exc}") from exc
     if src.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         arr_f = sitk.GetArrayFromImage(src)
         if not np.allclose(arr_f, np.round(arr_f)):
-            raise AnatomyError(f"{path}: label map holds non-integer values; expected integer label ids")
+            raise InputError(f"{path}: label map holds non-integer values; expected integer label ids")
     arr = sitk.GetArrayFromImage(src).astype(np.int64)
     if arr.min() < 0:
-        raise AnatomyError(f"{path}: negative label values; expected label ids >= 0")
+        raise InputError(f"{path}: negative label values; expected label ids >= 0")
     if label_table is not None:
         table, how = _label_table(label_table), "label table"
     elif version == "v1":
@@ -242,7 +234,7 @@ def _load_multilabel(path: Path, version: str, label_table) -> sitk.Image:
 def _load_folder(folder: Path) -> sitk.Image:
     files = sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p))
     if not files:
-        raise AnatomyError(f"{folder}: no mask files (<structure>.nii.gz) in the folder")
+        raise InputError(f"{folder}: no mask files (<structure>.nii.gz) in the folder")
     ref = None
     out = None
     unknown = []
@@ -257,12 +249,12 @@ def _load_folder(folder: Path) -> sitk.Image:
             ref = m
             out = np.zeros(sitk.GetArrayViewFromImage(m).shape, dtype=np.uint16)
         elif m.GetSize() != ref.GetSize():
-            raise AnatomyError(f"{p}: size {m.GetSize()} differs from {files[0].name} {ref.GetSize()}; expected masks "
+            raise InputError(f"{p}: size {m.GetSize()} differs from {files[0].name} {ref.GetSize()}; expected masks "
                                "on one grid")
         sel = sitk.GetArrayViewFromImage(m) > 0
         out[sel & (out == 0)] = target
     if ref is None:
-        raise AnatomyError(f"{folder}: none of the {len(files)} mask names is a TotalSegmentator v1/v2 structure "
+        raise InputError(f"{folder}: none of the {len(files)} mask names is a TotalSegmentator v1/v2 structure "
                            f"(e.g. {', '.join(unknown[:5])})")
     if unknown:
         log.warning("%s: masks not in the anatomy vocabulary, ignored: %s", folder, ", ".join(unknown))

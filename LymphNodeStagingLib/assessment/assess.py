@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from ..errors import LNSError
+from ..errors import Cancelled, InputError
 from ..io.files import write_image
 from ..mapping.crop import check_pet_covers, mediastinal_crop
 from ..paths import demo_model_path
@@ -31,14 +31,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 #: File names that say nothing about the case; the folder name is used instead.
 GENERIC_NAMES = {"ct", "image", "img", "volume", "ct_image", "dicom", "series"}
-
-
-class AssessmentError(LNSError, ValueError):
-    """The assessment cannot run with these inputs."""
-
-
-class Cancelled(LNSError):
-    """The assessment was cancelled by the caller."""
 
 
 @dataclass
@@ -60,7 +52,7 @@ def _image(value: str | Path | sitk.Image, what: str) -> sitk.Image:
         return value
     path = Path(value)
     if not path.exists():
-        raise AssessmentError(f"{what} {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     from ..io.images import read_image_file
 
     return read_image_file(path)
@@ -161,7 +153,7 @@ def assess_case(
 
     model_path = Path(model) if model else demo_model_path()
     if not model_path.is_file():
-        raise AssessmentError(f"model {model_path} does not exist; pass a checkpoint (--model) made by "
+        raise InputError(f"model {model_path} does not exist; pass a checkpoint (--model) made by "
                               "`lnstaging train`")
     net, manifest = load_model(model_path, device=device)
     thr = float(threshold if threshold is not None else manifest.get("threshold", 0.5))

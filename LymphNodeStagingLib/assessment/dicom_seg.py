@@ -17,16 +17,12 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..io.files import atomic_path
 from ..staging.result import CaseResult
 from ..staging.stations import STATIONS, Station, parse_station
 
 log = logging.getLogger(__name__)
-
-
-class DicomSegError(LNSError, ValueError):
-    """A DICOM SEG that cannot be written from the given inputs."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ def write_dicom_seg(station_map: sitk.Image, result: CaseResult, ct_dicom_dir: s
 
     ct_dicom_dir = Path(ct_dicom_dir)
     if not ct_dicom_dir.is_dir():
-        raise DicomSegError(f"CT DICOM folder {ct_dicom_dir} does not exist; DICOM SEG needs the source CT series")
+        raise InputError(f"CT DICOM folder {ct_dicom_dir} does not exist; DICOM SEG needs the source CT series")
     series = find_series(ct_dicom_dir, "CT")
     grid = _reference_grid(series.headers, series.origin, series.spacing, series.direction)
     labels = sitk.Resample(sitk.Cast(station_map, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
@@ -105,7 +101,7 @@ def write_dicom_seg(station_map: sitk.Image, result: CaseResult, ct_dicom_dir: s
 
     present = [st for st in STATIONS if np.any(array == st.label)]
     if not present:
-        raise DicomSegError(f"station map has no station voxels inside CT series {series.info.label()}; "
+        raise InputError(f"station map has no station voxels inside CT series {series.info.label()}; "
                             "expected label values 1..17 overlapping the CT")
     descriptions = []
     masks = np.zeros(array.shape + (len(present),), dtype=bool)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import LNSError
+from ..errors import Cancelled, LNSError, ProcessingError
 from ..io.files import write_image, write_json
 from ..paths import package_root
 
@@ -41,10 +41,6 @@ JOB_FILE = "job.json"
 PET_SUV_FILE = "pet_suv.nrrd"
 #: exit codes of the child
 EXIT_OK, EXIT_CRASH, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 2, 3
-
-
-class AssessmentProcessError(LNSError, RuntimeError):
-    """The assessment child process failed (its error kind and message are in the text)."""
 
 
 @dataclass
@@ -75,7 +71,7 @@ class AssessmentJob:
         unknown = sorted(set(data) - known)
         missing = sorted(k for k in ("ct", "pet", "side", "out_dir") if not data.get(k))
         if unknown or missing:
-            raise AssessmentProcessError(f"{source}: unknown keys {unknown}, missing keys {missing}; expected "
+            raise ProcessingError(f"{source}: unknown keys {unknown}, missing keys {missing}; expected "
                                          f"keys among {sorted(known)}")
         return cls(**data)
 
@@ -88,9 +84,9 @@ class AssessmentJob:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise AssessmentProcessError(f"job file {path}: expected a JSON object ({exc})") from None
+            raise ProcessingError(f"job file {path}: expected a JSON object ({exc})") from None
         if not isinstance(data, dict):
-            raise AssessmentProcessError(f"job file {path}: expected a JSON object, got {type(data).__name__}")
+            raise ProcessingError(f"job file {path}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, str(path))
 
 
@@ -154,7 +150,7 @@ class AssessmentProcess:
 
     def start(self) -> AssessmentProcess:
         if self._proc is not None:
-            raise AssessmentProcessError("this assessment process was started already")
+            raise ProcessingError("this assessment process was started already")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / CANCEL_FILE).unlink(missing_ok=True)
         job_file = self.job.write(self.out_dir / JOB_FILE)
@@ -167,7 +163,7 @@ class AssessmentProcess:
             self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, text=True, encoding="utf-8", errors="replace", bufsize=1)
         except OSError as exc:
-            raise AssessmentProcessError(f"python {self.python!r}: cannot start the assessment process ({exc})") from None
+            raise ProcessingError(f"python {self.python!r}: cannot start the assessment process ({exc})") from None
         self._reader = threading.Thread(target=self._read, name="assessment-process-reader", daemon=True)
         self._reader.start()
         return self
@@ -241,7 +237,7 @@ class AssessmentProcess:
                     on_event(event)
             if deadline is not None and time.monotonic() > deadline:
                 self.kill()
-                raise AssessmentProcessError(f"assessment process still running after {timeout} s: terminated")
+                raise ProcessingError(f"assessment process still running after {timeout} s: terminated")
             time.sleep(interval_s)
         for event in self.poll():
             if on_event is not None:
@@ -249,23 +245,23 @@ class AssessmentProcess:
         return self.output()
 
     def output(self) -> ProcessOutput:
-        """The finished child's output; raises Cancelled, or AssessmentProcessError with the child's message."""
+        """The finished child's output; raises Cancelled, or ProcessingError with the child's message."""
         import SimpleITK as sitk
 
         from ..staging.result import CaseResult
-        from .assess import Cancelled
+        pass
 
         if not self.finished:
-            raise AssessmentProcessError("the assessment process has not finished")
+            raise ProcessingError("the assessment process has not finished")
         last = {e.kind: e for e in self.events}
         if "cancelled" in last or (self._terminated and self._cancel_at is not None):
             raise Cancelled("assessment cancelled")
         if "error" in last:
             err = last["error"]
-            raise AssessmentProcessError(f"{err.data.get('kind', 'error')}: {err.message}")
+            raise ProcessingError(f"{err.data.get('kind', 'error')}: {err.message}")
         if self.returncode != EXIT_OK or "done" not in last:
             tail = "\n".join(e.message for e in self.events[-15:] if e.kind == "log")
-            raise AssessmentProcessError(f"assessment process ended with exit code {self.returncode} and no result"
+            raise ProcessingError(f"assessment process ended with exit code {self.returncode} and no result"
                                          + (f"; its last output:\n{tail}" if tail else ""))
         done = last["done"]
         files = {k: Path(v) for k, v in done.data.get("files", {}).items()}
@@ -316,12 +312,12 @@ def child_main(argv: list[str] | None = None) -> int:
     root.setLevel(logging.INFO)
     try:
         if len(argv) != 1:
-            raise AssessmentProcessError(f"usage: python -m LymphNodeStagingLib.assessment.process JOB.json "
+            raise ProcessingError(f"usage: python -m LymphNodeStagingLib.assessment.process JOB.json "
                                          f"(got {len(argv)} arguments)")
         job = AssessmentJob.read(argv[0])
         return _run_job(job)
     except LNSError as exc:
-        from .assess import Cancelled
+        pass
 
         if isinstance(exc, Cancelled):
             _emit("cancelled", message=str(exc))

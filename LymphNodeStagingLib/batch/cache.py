@@ -32,17 +32,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..io.files import atomic_dir, write_json
 
 STEP_FORMAT = "lnstaging-step"
 CASE_FORMAT = "lnstaging-case"
 STEP_MANIFEST = "step.json"
 CASE_MANIFEST = "case.json"
-
-
-class CacheError(LNSError, ValueError):
-    """A cache folder that cannot be used (a step that wrote no manifest, an unreadable manifest)."""
 
 
 def _library_version() -> str:
@@ -120,7 +116,7 @@ class StepRecord:
     @classmethod
     def from_dict(cls, data: dict) -> StepRecord:
         if data.get("format") != STEP_FORMAT:
-            raise CacheError(f"not a step manifest (format {data.get('format')!r}, expected {STEP_FORMAT!r})")
+            raise InputError(f"not a step manifest (format {data.get('format')!r}, expected {STEP_FORMAT!r})")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -179,7 +175,7 @@ class CaseCache:
         path = self.step_dir(step) / STEP_MANIFEST
         try:
             rec = StepRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError, CacheError):
+        except (OSError, ValueError, TypeError, InputError):
             return None
         for name, size in rec.outputs.items():
             f = self.step_dir(step) / name

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LNSError
+from ..errors import InputError, LNSError, UsageError
 from ..io.files import write_json
 from .cache import CaseCache, StepSpec, clean_partial, fingerprint
 
@@ -59,15 +59,6 @@ MAX_WORKER_DEATHS = 2
 OK, FAILED, PENDING = "ok", "failed", "pending"
 
 
-class BatchError(LNSError, ValueError):
-    """A batch that cannot start: unknown steps, an output folder in use by another batch, a bad scheduler."""
-
-
-class PetSuvError(LNSError, ValueError):
-    """A case whose PET cannot be taken as SUV or converted: an undeclared PET image file, or a cohort column
-    that contradicts the batch's --pet-is-suv (recorded as a failed case; the other cases go on)."""
-
-
 # ------------------------------------------------------------------------------------------------ options, tasks
 
 
@@ -80,7 +71,7 @@ def parse_steps(steps: str | Sequence[str] | None) -> list[str]:
         wanted = [s.strip().lower() for s in items if s and s.strip()]
         bad = [s for s in wanted if s not in STEPS]
         if bad or not wanted:
-            raise BatchError(f"steps {','.join(items) if items else '(empty)'!s}: unknown step(s) "
+            raise UsageError(f"steps {','.join(items) if items else '(empty)'!s}: unknown step(s) "
                              f"{', '.join(bad) or '(none given)'}; expected a comma-separated subset of "
                              f"{','.join(STEPS)}")
     closure: set[str] = set()
@@ -104,7 +95,7 @@ def pet_is_suv_option(value: str | bool | None) -> bool | None:
         return value
     key = str(value).strip().lower()
     if key not in PET_IS_SUV_CHOICES:
-        raise BatchError(f"pet_is_suv {value!r}: expected declared (the cohort's pet_is_suv column decides; "
+        raise UsageError(f"pet_is_suv {value!r}: expected declared (the cohort's pet_is_suv column decides; "
                          "undeclared PET image files are refused), yes (every PET holds SUV) or no (none does: "
                          "DICOM PET is converted, PET image files are refused)")
     return PET_IS_SUV_CHOICES[key]
@@ -117,13 +108,13 @@ def pet_is_suv_name(value: bool | None) -> str:
 
 def row_pet_is_suv(row: dict[str, Any], flag: bool | None) -> bool:
     """Whether a case's PET is taken as SUV: the row's pet_is_suv column, else the batch's flag, else only a DICOM
-    series, which is converted from its header (False). Raises PetSuvError for a PET image file that nobody
+    series, which is converted from its header (False). Raises InputError for a PET image file that nobody
     declared, and for a column that contradicts the flag (neither is guessed: either would change every SUV figure).
     """
     column = row.get("pet_is_suv")
     where = f"line {row.get('line')} ({row.get('scan_id') or row.get('patient_id')})"
     if column is not None and flag is not None and bool(column) != flag:
-        raise PetSuvError(f"{where}: cohort column pet_is_suv={'yes' if column else 'no'} contradicts "
+        raise InputError(f"{where}: cohort column pet_is_suv={'yes' if column else 'no'} contradicts "
                           f"--pet-is-suv {pet_is_suv_name(flag)}; correct the column, or run with --pet-is-suv "
                           "declared to let the column decide")
     declared = flag if column is None else bool(column)
@@ -136,7 +127,7 @@ def row_pet_is_suv(row: dict[str, Any], flag: bool | None) -> bool:
             how = "--pet-is-suv no refuses PET image files; give the DICOM PET series folder"
         else:
             how = "the cohort column pet_is_suv=no refuses it; give the DICOM PET series folder"
-        raise PetSuvError(f"{where}: PET file {pet} is an image without a DICOM header, so its SUV cannot be "
+        raise InputError(f"{where}: PET file {pet} is an image without a DICOM header, so its SUV cannot be "
                           f"computed; {how}")
     return bool(declared)
 
@@ -150,7 +141,7 @@ def torch_device(device: str) -> str:
         return "cuda"
     if d.startswith(("cuda:", "gpu:")) and d.split(":", 1)[1].isdigit():
         return "cuda:" + d.split(":", 1)[1]
-    raise BatchError(f"device {device!r}: expected cpu, gpu, cuda or cuda:N")
+    raise UsageError(f"device {device!r}: expected cpu, gpu, cuda or cuda:N")
 
 
 @dataclass
@@ -205,7 +196,7 @@ def _row_dict(row) -> dict[str, Any]:
 
 
 def case_specs(row: dict[str, Any], options: BatchOptions) -> dict[str, StepSpec]:
-    """The step specifications (and so the keys) of one case; PetSuvError for a PET that cannot be used."""
+    """The step specifications (and so the keys) of one case; InputError for a PET that cannot be used."""
     ct_is_dicom = bool(row["ct_path"]) and Path(row["ct_path"]).is_dir()
     pet_is_suv = row_pet_is_suv(row, options.pet_is_suv)
     declared = row.get("pet_is_suv") is not None or options.pet_is_suv is not None
@@ -273,12 +264,12 @@ def _check_registration(overrides: dict | None) -> dict:
     allowed = {f.name for f in fields(RegistrationConfig)} - {"structures", "threads"}
     bad = sorted(set(overrides) - allowed)
     if bad:
-        raise BatchError(f"registration settings {', '.join(bad)} are unknown; expected some of {sorted(allowed)}")
+        raise UsageError(f"registration settings {', '.join(bad)} are unknown; expected some of {sorted(allowed)}")
     clean = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(overrides.items())}
     try:
         registration_config(clean, 1)
     except (TypeError, LNSError) as exc:
-        raise BatchError(f"registration settings {clean}: {exc}") from None
+        raise UsageError(f"registration settings {clean}: {exc}") from None
     return clean
 
 
@@ -498,7 +489,7 @@ def _lock(out_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BatchError(f"output folder {out_dir} is in use by another running batch (lock .batch.lock); "
+            raise UsageError(f"output folder {out_dir} is in use by another running batch (lock .batch.lock); "
                              "wait for it or choose another --out") from None
         yield
     finally:
@@ -513,7 +504,7 @@ def _fingerprint_atlases(path: str) -> dict:
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise BatchError(f"atlas set {root}: cannot read {manifest} ({exc})") from None
+        raise UsageError(f"atlas set {root}: cannot read {manifest} ({exc})") from None
     files = {}
     for entry in data.get("atlases", []):
         for k in ("ct", "anatomy", "stations"):
@@ -527,7 +518,7 @@ def _case_folder_name(scan_id: str) -> str:
     return name
 
 
-def _invalid_row(row, problems: list[str], step: str = "cohort", kind: str = "CohortError") -> dict:
+def _invalid_row(row, problems: list[str], step: str = "cohort", kind: str = "InputError") -> dict:
     """The manifest of a row refused before any work (kept in the summary only, nothing is written)."""
     return {"scan_id": row.scan_id, "row": _row_dict(row), "status": FAILED, "steps": {}, "result": None,
             "error": {"step": step, "type": kind, "message": "; ".join(problems), "traceback": ""},
@@ -574,19 +565,19 @@ def run_batch(
     tdev = torch_device(device)
     load_rules(rules)  # fails early for an unknown rule set
     if workers < 0:
-        raise BatchError(f"workers {workers}: expected 0 (in this process) or more")
+        raise UsageError(f"workers {workers}: expected 0 (in this process) or more")
     if threads_per_worker is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads_per_worker = max(1, cores // max(1, workers))
     if threads_per_worker < 1:
-        raise BatchError(f"threads_per_worker {threads_per_worker}: expected 1 or more")
+        raise UsageError(f"threads_per_worker {threads_per_worker}: expected 1 or more")
     if "assess" in step_list:
         try:
             import importlib
 
             importlib.import_module("..assessment.assess", __package__)
         except ImportError as exc:
-            raise BatchError(f"the assess step is not available ({exc}); run --steps suv,anatomy,stations") from None
+            raise UsageError(f"the assess step is not available ({exc}); run --steps suv,anatomy,stations") from None
     atlas_path: str | None = None
     if "stations" in step_list:
         from ..mapping.atlas import resolve_atlas_set
@@ -599,7 +590,7 @@ def run_batch(
 
         model_file = Path(model) if model else demo_model_path()
         if not model_file.is_file():
-            raise BatchError(f"model {model_file} does not exist; pass a checkpoint made by `lnstaging train` "
+            raise UsageError(f"model {model_file} does not exist; pass a checkpoint made by `lnstaging train` "
                              "(--model), or run only --steps suv,anatomy,stations")
         model_used = str(model_file.resolve())
         model_fp = fingerprint(model_file)  # the bundled model too: a new bundled model recomputes assess
@@ -644,7 +635,7 @@ def run_batch(
             rd = _row_dict(row)
             try:
                 specs = case_specs(rd, opts)
-            except PetSuvError as exc:
+            except InputError as exc:
                 manifests[i] = _invalid_row(row, [str(exc)], "suv", type(exc).__name__)
                 continue
             except LNSError as exc:
@@ -767,7 +758,7 @@ def _run_dask(tasks: list[CaseTask], scheduler: Any, workers: int,
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError as exc:  # pragma: no cover - distributed is a dependency
-        raise BatchError(f"scheduler {scheduler!r} needs dask.distributed ({exc})") from None
+        raise UsageError(f"scheduler {scheduler!r} needs dask.distributed ({exc})") from None
     cluster = None
     own_client = True
     if isinstance(scheduler, Client):
@@ -780,10 +771,10 @@ def _run_dask(tasks: list[CaseTask], scheduler: Any, workers: int,
         try:
             client = Client(scheduler, timeout="30s")
         except OSError as exc:
-            raise BatchError(f"scheduler {scheduler}: cannot connect ({exc}); expected the address of a running "
+            raise UsageError(f"scheduler {scheduler}: cannot connect ({exc}); expected the address of a running "
                              "Dask scheduler, e.g. tcp://host:8786, or 'local'") from None
     else:
-        raise BatchError(f"scheduler {scheduler!r}: expected 'local', an address tcp://host:port or a Client")
+        raise UsageError(f"scheduler {scheduler!r}: expected 'local', an address tcp://host:port or a Client")
     try:
         futures = {client.submit(process_case, t, key=f"lnstaging-case-{t.index}-{t.scan_id}-{os.getpid()}",
                                  pure=False): t for t in tasks}

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..errors import UsageError
 from ..io.files import peak_memory_mb
 
 HELP = "cases per hour of lnstaging batch (all steps incl. assess) with 1 and 2 workers on full-size phantoms"
@@ -93,11 +94,11 @@ def _run_stats(out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..batch.run import BatchError, parse_steps, run_batch
+    from ..batch.run import parse_steps, run_batch
     from ..phantom import generate_cohort
 
     if args.cases < 1:
-        raise BatchError(f"--cases {args.cases}: expected 1 or more")
+        raise UsageError(f"--cases {args.cases}: expected 1 or more")
     steps = parse_steps(args.steps)
     workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -23,16 +23,12 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import LNSError
+from ..errors import LNSError, ModelError
 from ..io.files import atomic_path, write_json
 
 FORMAT = "lnstaging-checkpoint"
 FORMAT_VERSION = 1
 MODEL_KINDS = ("station", "staging")
-
-
-class CheckpointError(LNSError, ValueError):
-    """A checkpoint that cannot be read, fails verification or does not match its manifest."""
 
 
 @dataclass
@@ -86,9 +82,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, manifest: dict, training
     path = Path(path)
     kind = manifest.get("kind")
     if kind not in MODEL_KINDS:
-        raise CheckpointError(f"checkpoint manifest 'kind' must be one of {MODEL_KINDS}, got {kind!r}")
+        raise ModelError(f"checkpoint manifest 'kind' must be one of {MODEL_KINDS}, got {kind!r}")
     if "model_config" not in manifest:
-        raise CheckpointError("checkpoint manifest needs 'model_config' (the architecture of the weights)")
+        raise ModelError("checkpoint manifest needs 'model_config' (the architecture of the weights)")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     man = _json_safe({**manifest, "format": FORMAT, "format_version": FORMAT_VERSION,
                       "versions": manifest["versions"] if "versions" in manifest else environment_versions(),
@@ -103,39 +99,39 @@ def save_checkpoint(path: str | Path, model: nn.Module, manifest: dict, training
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
-    """Read and verify a checkpoint (torch.load with weights_only=True). Raises CheckpointError on any problem."""
+    """Read and verify a checkpoint (torch.load with weights_only=True). Raises ModelError on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written by lnstaging)")
+        raise ModelError(f"checkpoint {path} does not exist (expected a .pt file written by lnstaging)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unreadable, truncated, or holds pickled objects
-        raise CheckpointError(f"checkpoint {path} cannot be read as a weights-only torch file: {exc}") from None
+        raise ModelError(f"checkpoint {path} cannot be read as a weights-only torch file: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not an lnstaging checkpoint (expected format {FORMAT!r})")
+        raise ModelError(f"checkpoint {path}: not an lnstaging checkpoint (expected format {FORMAT!r})")
     if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format_version {payload.get('format_version')!r} is not "
+        raise ModelError(f"checkpoint {path}: format_version {payload.get('format_version')!r} is not "
                               f"supported (expected {FORMAT_VERSION})")
     manifest, state = payload.get("manifest"), payload.get("state_dict")
     if not isinstance(manifest, dict) or not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path}: missing 'manifest' or 'state_dict'")
+        raise ModelError(f"checkpoint {path}: missing 'manifest' or 'state_dict'")
     if verify:
         expected = manifest.get("weights_sha256")
         actual = weights_sha256(state)
         if expected != actual:
-            raise CheckpointError(f"checkpoint {path}: weights do not match the manifest's weights_sha256 "
+            raise ModelError(f"checkpoint {path}: weights do not match the manifest's weights_sha256 "
                                   f"(expected {expected}, got {actual}); the file was modified or is corrupt")
         side = sidecar_path(path)
         if side.is_file():
             try:
                 info = json.loads(side.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"checkpoint manifest {side} is not valid JSON: {exc}") from None
+                raise ModelError(f"checkpoint manifest {side} is not valid JSON: {exc}") from None
             if _canonical(info.get("manifest")) != _canonical(manifest):  # NaN-safe comparison
-                raise CheckpointError(f"checkpoint manifest {side} differs from the manifest inside {path}; "
+                raise ModelError(f"checkpoint manifest {side} differs from the manifest inside {path}; "
                                       "one of them was edited or they belong to different checkpoints")
             if info.get("file_sha256") not in (None, file_sha256(path)):
-                raise CheckpointError(f"checkpoint {path}: file sha256 differs from {side}; the file was modified")
+                raise ModelError(f"checkpoint {path}: file sha256 differs from {side}; the file was modified")
     return Checkpoint(path, manifest, state, payload.get("training_state"))
 
 
@@ -150,16 +146,16 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
 
     man = ckpt.manifest
     if man.get("kind") not in MODEL_KINDS:
-        raise CheckpointError(f"checkpoint {ckpt.path}: manifest 'kind' must be one of {MODEL_KINDS}, "
+        raise ModelError(f"checkpoint {ckpt.path}: manifest 'kind' must be one of {MODEL_KINDS}, "
                               f"got {man.get('kind')!r}")
     try:
         config = ModelConfig.from_dict(dict(man["model_config"]))
         model = build_model(man["kind"], config)
         model.load_state_dict(ckpt.state_dict, strict=True)
     except KeyError as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path}: manifest lacks {exc}") from None
+        raise ModelError(f"checkpoint {ckpt.path}: manifest lacks {exc}") from None
     except (RuntimeError, LNSError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt.path}: weights do not fit the manifest's model_config "
+        raise ModelError(f"checkpoint {ckpt.path}: weights do not fit the manifest's model_config "
                               f"({str(exc).splitlines()[0]})") from None
     return model
 

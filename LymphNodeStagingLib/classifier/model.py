@@ -17,16 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LNSError
+from ..errors import UsageError
 from ..staging.rules import DEFAULT_RULES, SIDES, load_rules
 from ..staging.stations import NUM_STATIONS
 
 #: Number of N-stages (N0..N3) and of ordinal thresholds (N>=1, N>=2, N>=3).
 NUM_N_STAGES = 4
-
-
-class ModelConfigError(LNSError, ValueError):
-    """A model configuration that cannot be built or does not match the weights."""
 
 
 @dataclass
@@ -48,15 +44,15 @@ class ModelConfig:
         self.dropout = tuple(float(p) for p in self.dropout)
         self.patch_spacing = float(self.patch_spacing)
         if not self.patch_spacing > 0:
-            raise ModelConfigError(f"patch_spacing must be > 0 mm, got {self.patch_spacing}")
+            raise UsageError(f"patch_spacing must be > 0 mm, got {self.patch_spacing}")
         if not self.channels or len(self.channels) != len(self.dropout):
-            raise ModelConfigError(f"model channels {self.channels} and dropout {self.dropout} must be non-empty "
+            raise UsageError(f"model channels {self.channels} and dropout {self.dropout} must be non-empty "
                                    "and of the same length (one entry per block)")
         if self.patch_size < 2 ** len(self.channels):
-            raise ModelConfigError(f"patch_size {self.patch_size} is too small for {len(self.channels)} blocks "
+            raise UsageError(f"patch_size {self.patch_size} is too small for {len(self.channels)} blocks "
                                    f"(each halves the size; need >= {2 ** len(self.channels)})")
         if self.in_channels < 1 or self.station_embedding_dim < 0 or self.head_hidden < 1:
-            raise ModelConfigError(f"invalid model configuration {self}")
+            raise UsageError(f"invalid model configuration {self}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,7 +65,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ModelConfigError(f"model configuration has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+            raise UsageError(f"model configuration has unknown keys {sorted(unknown)}; expected {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -191,7 +187,7 @@ class StagingModel(nn.Module):
         """patches (B, 17, C, S, S, S), side (B,) 0 = R / 1 = L, present (B, 17) bool."""
         b, s = patches.shape[:2]
         if s != NUM_STATIONS:
-            raise ModelConfigError(f"staging model expects {NUM_STATIONS} station patches per patient, got {s}")
+            raise UsageError(f"staging model expects {NUM_STATIONS} station patches per patient, got {s}")
         present = present.bool()
         station = torch.arange(NUM_STATIONS, device=patches.device).expand(b, -1)
         logits = self.absent_logit.expand(b, s).clone()
@@ -211,7 +207,7 @@ def build_model(kind: str, config: ModelConfig) -> nn.Module:
         return StationClassifier(config)
     if kind == "staging":
         return StagingModel(config)
-    raise ModelConfigError(f"model kind must be 'station' or 'staging', got {kind!r}")
+    raise UsageError(f"model kind must be 'station' or 'staging', got {kind!r}")
 
 
 def station_classifier_of(model: nn.Module) -> StationClassifier:
@@ -220,7 +216,7 @@ def station_classifier_of(model: nn.Module) -> StationClassifier:
         return model
     if isinstance(model, StagingModel):
         return model.classifier
-    raise ModelConfigError(f"not a LymphNodeStaging model: {type(model).__name__}")
+    raise UsageError(f"not a LymphNodeStaging model: {type(model).__name__}")
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -238,7 +234,7 @@ def predict_stations(model: nn.Module, patches: np.ndarray | torch.Tensor, stati
     x = torch.as_tensor(np.asarray(patches) if not isinstance(patches, torch.Tensor) else patches)
     st = torch.as_tensor(np.asarray(stations), dtype=torch.long)
     if x.ndim != 5 or len(st) != len(x):
-        raise ModelConfigError(f"patches must be (S, C, D, H, W) with one station index each, got {tuple(x.shape)} "
+        raise UsageError(f"patches must be (S, C, D, H, W) with one station index each, got {tuple(x.shape)} "
                                f"and {len(st)} indices")
     out = []
     try:

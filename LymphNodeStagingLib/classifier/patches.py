@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..staging.stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ DEFAULT_PATCH_SPACING = 1.0
 #: The paper's normalisation: CT window in HU mapped to [0, 1]; PET SUV divided by this scale.
 CT_WINDOW_HU = (-200.0, 400.0)
 PET_SUV_SCALE = 4.0
-
-
-class PatchError(LNSError, ValueError):
-    """Bad input to patch extraction or sampling (geometry, shapes, missing stations)."""
 
 
 def normalise_ct(array: np.ndarray) -> np.ndarray:
@@ -55,10 +51,10 @@ def patch_reference(centre_mm: Sequence[float], size: int = DEFAULT_PATCH_SIZE,
                     spacing: float = DEFAULT_PATCH_SPACING) -> sitk.Image:
     """An empty ``size``^3 image of ``spacing`` mm, identity direction, whose voxel (size//2,)*3 is ``centre_mm``."""
     if size < 1 or spacing <= 0:
-        raise PatchError(f"patch size must be >= 1 and spacing > 0 mm, got size={size}, spacing={spacing}")
+        raise InputError(f"patch size must be >= 1 and spacing > 0 mm, got size={size}, spacing={spacing}")
     centre = np.asarray(centre_mm, dtype=np.float64).reshape(3)
     if not np.all(np.isfinite(centre)):
-        raise PatchError(f"patch centre must be a finite physical point (mm), got {centre.tolist()}")
+        raise InputError(f"patch centre must be a finite physical point (mm), got {centre.tolist()}")
     ref = sitk.Image([int(size)] * 3, sitk.sitkUInt8)
     ref.SetSpacing([float(spacing)] * 3)
     ref.SetOrigin((centre - (size // 2) * spacing).tolist())
@@ -67,9 +63,9 @@ def patch_reference(centre_mm: Sequence[float], size: int = DEFAULT_PATCH_SIZE,
 
 def _check_image(image: sitk.Image, name: str) -> None:
     if not isinstance(image, sitk.Image):
-        raise PatchError(f"{name} must be a SimpleITK image, got {type(image).__name__}")
+        raise InputError(f"{name} must be a SimpleITK image, got {type(image).__name__}")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise PatchError(f"{name} must be a 3D scalar image, got dimension {image.GetDimension()} with "
+        raise InputError(f"{name} must be a 3D scalar image, got dimension {image.GetDimension()} with "
                          f"{image.GetNumberOfComponentsPerPixel()} components")
 
 
@@ -104,9 +100,9 @@ def extract_patches(ct: sitk.Image, pet: sitk.Image, centres_mm: np.ndarray, siz
     if centres.ndim == 1:
         centres = centres[None]
     if centres.ndim != 2 or centres.shape[1] != 3:
-        raise PatchError(f"centres_mm must have shape (S, 3) (physical points in mm), got {centres.shape}")
+        raise InputError(f"centres_mm must have shape (S, 3) (physical points in mm), got {centres.shape}")
     if transforms is not None and len(transforms) != len(centres):
-        raise PatchError(f"transforms must have one entry per centre ({len(centres)}), got {len(transforms)}")
+        raise InputError(f"transforms must have one entry per centre ({len(centres)}), got {len(transforms)}")
     ct_f, pet_f = _as_float(ct), _as_float(pet)
     out = np.empty((len(centres), 2, size, size, size), dtype=np.float32)
     for i, c in enumerate(centres):
@@ -158,7 +154,7 @@ class StationSampler:
         _check_image(station_map, "station_map")
         arr = sitk.GetArrayViewFromImage(station_map)
         if arr.size and (arr.min() < 0 or arr.max() > NUM_STATIONS):
-            raise PatchError(f"station_map values must be 0..{NUM_STATIONS} (catalogue labels), "
+            raise InputError(f"station_map values must be 0..{NUM_STATIONS} (catalogue labels), "
                              f"got range {arr.min()}..{arr.max()}")
         axes = cls._voxel_axes(station_map)
         h = float(np.linalg.norm(axes.sum(axis=1)))
@@ -186,12 +182,12 @@ class StationSampler:
             if image is None:
                 continue
             if not 0 <= int(index) < NUM_STATIONS:
-                raise PatchError(f"weight map station index must be 0..{NUM_STATIONS - 1}, got {index}")
+                raise InputError(f"weight map station index must be 0..{NUM_STATIONS - 1}, got {index}")
             _check_image(image, f"weight map of station index {index}")
             arr = sitk.GetArrayViewFromImage(image)
             flat = np.asarray(arr, dtype=np.float64).reshape(-1)
             if not np.all(np.isfinite(flat)) or (flat.size and flat.min() < 0):
-                raise PatchError(f"weight map of station index {index} must be finite and >= 0")
+                raise InputError(f"weight map of station index {index} must be finite and >= 0")
             nz = np.flatnonzero(flat > 0)
             if nz.size == 0:
                 continue
@@ -219,11 +215,11 @@ class StationSampler:
         out: dict[int, _StationPoints] = {}
         for index, (pts, w, centre, axes) in stations.items():
             if not 0 <= int(index) < NUM_STATIONS:
-                raise PatchError(f"station index must be 0..{NUM_STATIONS - 1}, got {index}")
+                raise InputError(f"station index must be 0..{NUM_STATIONS - 1}, got {index}")
             pts = np.asarray(pts, dtype=np.float64).reshape(-1, 3)
             w = np.asarray(w, dtype=np.float64).reshape(-1)
             if len(pts) == 0 or len(w) != len(pts) or not np.all(np.isfinite(w)) or w.min() < 0 or w.sum() <= 0:
-                raise PatchError(f"station index {index}: need one finite weight >= 0 per point and a positive sum")
+                raise InputError(f"station index {index}: need one finite weight >= 0 per point and a positive sum")
             ax = np.zeros((3, 3)) if axes is None else np.asarray(axes, dtype=np.float64).reshape(3, 3)
             out[int(index)] = cls._station(pts, w, np.asarray(centre, dtype=np.float64).reshape(3), ax)
         return cls(out)
@@ -272,7 +268,7 @@ class StationSampler:
         """k centres (k, 3) in mm drawn with probability proportional to the weight, uniform within the voxel."""
         st = self._stations.get(int(index))
         if st is None:
-            raise PatchError(f"station index {index} is absent from the station map; it cannot be sampled")
+            raise InputError(f"station index {index} is absent from the station map; it cannot be sampled")
         pick = np.searchsorted(st.cdf, rng.random(k), side="right").clip(max=len(st.cdf) - 1)
         pts = st.points_mm[pick].astype(np.float64)
         if jitter:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from ..errors import LNSError
+from ..errors import Cancelled, LNSError, UsageError
 from . import commands as commands_pkg
 
 #: Order of the subcommands in --help; every module in ``commands/`` with a ``register`` function is a subcommand.
@@ -68,12 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except (Cancelled, KeyboardInterrupt):
+        print(f"lnstaging {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as exc:
+        print(f"lnstaging {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except LNSError as exc:
         print(f"lnstaging {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"lnstaging {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ generator seeded with (seed, k); the rest is the training set. With 5 folds and 
 paper's 60/20/20 split.
 
 The split is written to a JSON file (with a CSV beside it for reading by eye or other tools) and reused: a reused
-file must match the cohort's patients and labels and the requested parameters, otherwise ``SplitError`` says what
+file must match the cohort's patients and labels and the requested parameters, otherwise ``UsageError`` says what
 differs. The TS1, TS2 and TS3 runs of one evaluation share the file, so a TS2/TS3 model warm-started from the TS1
 model of fold k never saw fold k's test patients; ``Split.subset`` drops patients (e.g. those without a tumour side)
 without moving anyone else.
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LNSError
+from ..errors import UsageError
 from ..io.files import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,6 @@ MERGE_RULE = (
     "stratum of its N-stage, else the next higher of its N-stage, else the adjacent stratum of the lower N-stage, "
     "else of the higher N-stage"
 )
-
-
-class SplitError(LNSError, ValueError):
-    """A split that cannot be made, or a split file that is malformed or does not match the cohort."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ class Fold:
 
     def ids(self, role: str) -> list[str]:
         if role not in ROLES:
-            raise SplitError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+            raise UsageError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         return {"train": self.train, "validation": self.validation, "test": self.test}[role]
 
 
@@ -114,14 +110,14 @@ class Split:
 
     def fold(self, k: int) -> Fold:
         if not 0 <= k < self.n_folds:
-            raise SplitError(f"fold must be in 0..{self.n_folds - 1}, got {k}")
+            raise UsageError(f"fold must be in 0..{self.n_folds - 1}, got {k}")
         return self.folds[k]
 
     def test_fold_of(self, patient_id: str) -> int:
         for f in self.folds:
             if patient_id in f.test:
                 return f.index
-        raise SplitError(f"patient {patient_id!r} is not in the split")
+        raise UsageError(f"patient {patient_id!r} is not in the split")
 
     def stratum_counts(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
@@ -130,11 +126,11 @@ class Split:
         return dict(sorted(counts.items(), key=lambda kv: _stratum_sort_key(kv[0])))
 
     def subset(self, patient_ids: Iterable[str]) -> Split:
-        """The same split restricted to some patients; nobody changes set. Unknown ids raise SplitError."""
+        """The same split restricted to some patients; nobody changes set. Unknown ids raise UsageError."""
         keep = set(patient_ids)
         unknown = sorted(keep - set(self.patients))
         if unknown:
-            raise SplitError(f"cannot restrict the split to patients it does not contain: {_few(unknown)}")
+            raise UsageError(f"cannot restrict the split to patients it does not contain: {_few(unknown)}")
         return Split(
             n_folds=self.n_folds, seed=self.seed, val_fraction=self.val_fraction,
             min_stratum_size=self.min_stratum_size,
@@ -146,7 +142,7 @@ class Split:
         )
 
     def check_matches(self, patients: Iterable[SplitPatient | Sequence], source: str = "split") -> None:
-        """Raise SplitError if the cohort's patients or labels differ from those the split was made for."""
+        """Raise UsageError if the cohort's patients or labels differ from those the split was made for."""
         wanted = collapse_patients(patients)
         missing = sorted(set(wanted) - set(self.patients))
         extra = sorted(set(self.patients) - set(wanted))
@@ -160,7 +156,7 @@ class Split:
             if changed:
                 parts.append(f"{len(changed)} patient(s) with different N-stage or positive-station count "
                              f"({_few(changed)})")
-            raise SplitError(f"{source} does not match the cohort: {'; '.join(parts)}. "
+            raise UsageError(f"{source} does not match the cohort: {'; '.join(parts)}. "
                              "Remove the split file to make a new split, or use the cohort it was made for.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,10 +185,10 @@ class Split:
     def from_dict(cls, d: dict[str, Any], source: str = "split") -> Split:
         try:
             if d.get("format") != SPLIT_FORMAT:
-                raise SplitError(f"{source}: not a split file (format must be {SPLIT_FORMAT!r}, "
+                raise UsageError(f"{source}: not a split file (format must be {SPLIT_FORMAT!r}, "
                                  f"got {d.get('format')!r})")
             if int(d["version"]) > SPLIT_VERSION:
-                raise SplitError(f"{source}: split file version {d['version']} is newer than {SPLIT_VERSION}")
+                raise UsageError(f"{source}: split file version {d['version']} is newer than {SPLIT_VERSION}")
             patients = {}
             strata = {}
             for row in d["patients"]:
@@ -209,35 +205,35 @@ class Split:
                 version=int(d["version"]), extra=dict(d.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, SplitError):
+            if isinstance(exc, UsageError):
                 raise
-            raise SplitError(f"{source}: malformed split file ({type(exc).__name__}: {exc})") from exc
+            raise UsageError(f"{source}: malformed split file ({type(exc).__name__}: {exc})") from exc
         split.validate(source)
         return split
 
     def validate(self, source: str = "split") -> None:
         """Check the invariants: every patient in exactly one test fold and one set per fold, no leakage."""
         if len(self.folds) != self.n_folds or [f.index for f in self.folds] != list(range(self.n_folds)):
-            raise SplitError(f"{source}: expected folds 0..{self.n_folds - 1}, got {[f.index for f in self.folds]}")
+            raise UsageError(f"{source}: expected folds 0..{self.n_folds - 1}, got {[f.index for f in self.folds]}")
         everyone = set(self.patients)
         seen_test: dict[str, int] = {}
         for f in self.folds:
             sets = [set(f.train), set(f.validation), set(f.test)]
             if sum(len(s) for s in sets) != len(f.train) + len(f.validation) + len(f.test):
-                raise SplitError(f"{source}: fold {f.index} lists a patient twice")
+                raise UsageError(f"{source}: fold {f.index} lists a patient twice")
             if sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2]:
-                raise SplitError(f"{source}: fold {f.index} has a patient in two of train/validation/test")
+                raise UsageError(f"{source}: fold {f.index} has a patient in two of train/validation/test")
             union = sets[0] | sets[1] | sets[2]
             if union != everyone:
-                raise SplitError(f"{source}: fold {f.index} does not cover exactly the split's patients "
+                raise UsageError(f"{source}: fold {f.index} does not cover exactly the split's patients "
                                  f"(missing {_few(sorted(everyone - union))}, unknown {_few(sorted(union - everyone))})")
             for p in f.test:
                 if p in seen_test:
-                    raise SplitError(f"{source}: patient {p!r} is in the test sets of folds {seen_test[p]} "
+                    raise UsageError(f"{source}: patient {p!r} is in the test sets of folds {seen_test[p]} "
                                      f"and {f.index}")
                 seen_test[p] = f.index
         if set(seen_test) != everyone:
-            raise SplitError(f"{source}: patients in no test fold: {_few(sorted(everyone - set(seen_test)))}")
+            raise UsageError(f"{source}: patients in no test fold: {_few(sorted(everyone - set(seen_test)))}")
 
 
 def _few(ids: Sequence[str], n: int = 5) -> str:
@@ -251,13 +247,13 @@ def _as_patient(item: SplitPatient | Sequence) -> SplitPatient:
     try:
         pid, n_stage, n_pos = item
     except (TypeError, ValueError) as exc:
-        raise SplitError(f"a patient must be (patient_id, n_stage, n_positive), got {item!r}") from exc
+        raise UsageError(f"a patient must be (patient_id, n_stage, n_positive), got {item!r}") from exc
     if pid is None or str(pid).strip() == "":
-        raise SplitError(f"patient_id must be a non-empty string, got {pid!r}")
+        raise UsageError(f"patient_id must be a non-empty string, got {pid!r}")
     if n_stage is None or int(n_stage) not in (0, 1, 2, 3) or int(n_stage) != n_stage:
-        raise SplitError(f"n_stage of patient {pid!r} must be 0..3 for the stratified split, got {n_stage!r}")
+        raise UsageError(f"n_stage of patient {pid!r} must be 0..3 for the stratified split, got {n_stage!r}")
     if n_pos is not None and (int(n_pos) != n_pos or int(n_pos) < 0):
-        raise SplitError(f"n_positive of patient {pid!r} must be a count >= 0 or None, got {n_pos!r}")
+        raise UsageError(f"n_positive of patient {pid!r} must be a count >= 0 or None, got {n_pos!r}")
     return SplitPatient(str(pid), int(n_stage), None if n_pos is None else int(n_pos))
 
 
@@ -280,7 +276,7 @@ def collapse_patients(patients: Iterable[SplitPatient | Sequence]) -> dict[str, 
                         p.patient_id, q, p, merged.n_stage, merged.n_positive)
             out[p.patient_id] = merged
     if not out:
-        raise SplitError("cannot split an empty cohort")
+        raise UsageError("cannot split an empty cohort")
     return out
 
 
@@ -341,7 +337,7 @@ def _stratum_sort_key(name: str) -> tuple:
 def assign_strata(patients: dict[str, SplitPatient], min_stratum_size: int) -> dict[str, str]:
     """Stratum name of every patient after merging rare strata by the rule in MERGE_RULE."""
     if min_stratum_size < 1:
-        raise SplitError(f"min_stratum_size must be >= 1, got {min_stratum_size}")
+        raise UsageError(f"min_stratum_size must be >= 1, got {min_stratum_size}")
     by_key: dict[tuple[int, int], list[str]] = defaultdict(list)
     for p in sorted(patients.values(), key=lambda q: q.patient_id):
         by_key[(p.n_stage, _UNKNOWN_KEY if p.n_positive is None else p.n_positive)].append(p.patient_id)
@@ -395,12 +391,12 @@ def make_split(
     ``val_fraction``: share of each fold's non-test patients that forms its validation set.
     """
     if int(n_folds) != n_folds or n_folds < 2:
-        raise SplitError(f"n_folds (--folds) must be an integer >= 2, got {n_folds!r}")
+        raise UsageError(f"n_folds (--folds) must be an integer >= 2, got {n_folds!r}")
     if not 0.0 <= val_fraction < 1.0:
-        raise SplitError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     table = collapse_patients(patients)
     if len(table) < n_folds:
-        raise SplitError(f"cannot make {n_folds} folds from {len(table)} patient(s); need at least {n_folds}")
+        raise UsageError(f"cannot make {n_folds} folds from {len(table)} patient(s); need at least {n_folds}")
     min_size = n_folds if min_stratum_size is None else int(min_stratum_size)
     strata = assign_strata(table, min_size)
 
@@ -473,7 +469,7 @@ def write_split(split: Split, path: str | Path) -> Path:
     """Write the split atomically: ``path`` (.json) and the same name with .csv."""
     path = Path(path)
     if path.suffix.lower() != ".json":
-        raise SplitError(f"split file must end in .json, got {path}")
+        raise UsageError(f"split file must end in .json, got {path}")
     write_json(path, split.to_dict())
     write_text(path.with_suffix(".csv"), split_csv_text(split))
     return path
@@ -483,15 +479,15 @@ def read_split(path: str | Path) -> Split:
     """Read a split written by write_split (the .json, or the .csv beside it)."""
     path = Path(path)
     if not path.is_file():
-        raise SplitError(f"split file {path} does not exist")
+        raise UsageError(f"split file {path} does not exist")
     if path.suffix.lower() == ".csv":
         return _read_split_csv(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SplitError(f"split file {path} is not readable JSON: {exc}") from exc
+        raise UsageError(f"split file {path} is not readable JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise SplitError(f"split file {path}: expected a JSON object")
+        raise UsageError(f"split file {path}: expected a JSON object")
     return Split.from_dict(data, source=f"split file {path}")
 
 
@@ -499,7 +495,7 @@ def _read_split_csv(path: Path) -> Split:
     source = f"split file {path}"
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or not lines[0].startswith(f"# {SPLIT_FORMAT}"):
-        raise SplitError(f"{source}: first line must be '# {SPLIT_FORMAT} v1 n_folds=... seed=...'")
+        raise UsageError(f"{source}: first line must be '# {SPLIT_FORMAT} v1 n_folds=... seed=...'")
     params = dict(item.split("=", 1) for item in lines[0].split()[3:] if "=" in item)
     try:
         n_folds = int(params["n_folds"])
@@ -516,7 +512,7 @@ def _read_split_csv(path: Path) -> Split:
                 "seed": int(params["seed"]), "val_fraction": float(params["val_fraction"]),
                 "min_stratum_size": int(params["min_stratum_size"]), "patients": patients, "folds": folds}
     except (KeyError, ValueError, IndexError) as exc:
-        raise SplitError(f"{source}: malformed split CSV ({type(exc).__name__}: {exc})") from exc
+        raise UsageError(f"{source}: malformed split CSV ({type(exc).__name__}: {exc})") from exc
     return Split.from_dict(data, source=source)
 
 
@@ -539,7 +535,7 @@ def load_or_make_split(
             asked["min_stratum_size"] = min_stratum_size
         for name, value in asked.items():
             if getattr(split, name) != value:
-                raise SplitError(f"{source} was made with {name}={getattr(split, name)!r}, but {name}={value!r} "
+                raise UsageError(f"{source} was made with {name}={getattr(split, name)!r}, but {name}={value!r} "
                                  "was asked for; pass the same value or remove the file")
         split.check_matches(patients, source=source)
         log.info("reusing %s", source)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CohortError, LNSError
+from ..errors import InputError, LNSError
 from ..staging.rules import DEFAULT_RULES, N_STAGES, UNKNOWN, load_rules, parse_n_stage, parse_side
 from ..staging.stations import NUM_STATIONS, parse_station_list
 
@@ -46,7 +46,7 @@ _NO_WORDS = {"0", "false", "no", "n"}
 
 
 def parse_yes_no(text: str | None, what: str) -> bool | None:
-    """yes/true/1 -> True, no/false/0 -> False, empty -> None; anything else raises CohortError naming ``what``."""
+    """yes/true/1 -> True, no/false/0 -> False, empty -> None; anything else raises InputError naming ``what``."""
     if text is None or not str(text).strip():
         return None
     low = str(text).strip().lower()
@@ -54,7 +54,7 @@ def parse_yes_no(text: str | None, what: str) -> bool | None:
         return True
     if low in _NO_WORDS:
         return False
-    raise CohortError(f"{what} {text!r}: expected yes/no, true/false or 1/0")
+    raise InputError(f"{what} {text!r}: expected yes/no, true/false or 1/0")
 
 
 @dataclass
@@ -180,11 +180,11 @@ class Cohort:
         }
 
     def require_valid(self) -> Cohort:
-        """Raise CohortError listing the errors if the cohort is not valid."""
+        """Raise InputError listing the errors if the cohort is not valid."""
         if not self.valid:
             listing = "\n  ".join(str(p) for p in self.errors[:50])
             more = f"\n  ... and {len(self.errors) - 50} more" if len(self.errors) > 50 else ""
-            raise CohortError(f"cohort {self.path} has {len(self.errors)} error(s):\n  {listing}{more}")
+            raise InputError(f"cohort {self.path} has {len(self.errors)} error(s):\n  {listing}{more}")
         return self
 
 
@@ -205,21 +205,21 @@ def _parse_positive(text: str, n_stage: int | None) -> list[str] | None:
 
 
 def read_cohort(path: str | Path, *, check_files: bool = True, rules: str = DEFAULT_RULES) -> Cohort:
-    """Read and validate a cohort CSV. Raises CohortError only when the file cannot be read as a table."""
+    """Read and validate a cohort CSV. Raises InputError only when the file cannot be read as a table."""
     path = Path(path)
     if not path.is_file():
-        raise CohortError(f"cohort file {path} does not exist (expected a CSV file)")
+        raise InputError(f"cohort file {path} does not exist (expected a CSV file)")
     rule_set = load_rules(rules)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CohortError(f"cohort file {path} is not UTF-8 text ({exc})") from None
+        raise InputError(f"cohort file {path} is not UTF-8 text ({exc})") from None
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
-        raise CohortError(f"cohort file {path} is empty (expected a header line with {', '.join(REQUIRED_COLUMNS)})")
+        raise InputError(f"cohort file {path} is empty (expected a header line with {', '.join(REQUIRED_COLUMNS)})")
     if len(header) == 1 and ";" in header[0]:
-        raise CohortError(
+        raise InputError(
             f"cohort file {path}: the header has one column {header[0]!r}; expected comma-separated columns "
             "(';' separates stations inside positive_stations)"
         )
@@ -296,7 +296,7 @@ def read_cohort(path: str | Path, *, check_files: bool = True, rules: str = DEFA
         pet_is_suv: bool | None = None
         try:
             pet_is_suv = parse_yes_no(get("pet_is_suv"), "pet_is_suv")
-        except CohortError as exc:
+        except InputError as exc:
             row_problems.append(Problem("bad_value", str(exc), line=line, column="pet_is_suv"))
         row = CohortRow(
             line=line, patient_id=pid, study=get("study"), series=get("series"), n_stage=n_stage,

@@ -16,15 +16,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..staging.stations import NUM_STATIONS
 
 SUV_THRESHOLDS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5)
 OVERLAP_THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.2)
-
-
-class BaselineError(LNSError, ValueError):
-    """A baseline cannot be computed from the given images."""
 
 
 @dataclass
@@ -58,7 +54,7 @@ class LesionOverlap:
 def lesion_overlap(lesion_mask: sitk.Image, station_map: sitk.Image) -> LesionOverlap:
     """Connected components (26-connectivity) of the mask (> 0) against the station map (nearest, onto the mask)."""
     if lesion_mask.GetDimension() != 3:
-        raise BaselineError(f"lesion mask must be 3D, got {lesion_mask.GetDimension()}D")
+        raise InputError(f"lesion mask must be 3D, got {lesion_mask.GetDimension()}D")
     stations = sitk.Resample(station_map, lesion_mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                              sitk.sitkUInt8)
     mask = sitk.GetArrayViewFromImage(lesion_mask) > 0

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LNSError
+from ..errors import UsageError
 from ..io.files import write_json
 from ..staging.rules import DEFAULT_RULES, UNKNOWN, available_rule_sets, load_rules, parse_n_stage
 from ..staging.stations import NUM_STATIONS
@@ -44,10 +44,6 @@ Progress = Callable[[float, str], None]
 BASE_METHODS: tuple[str, ...] = ("ts1", "ts2", "ts3", "threshold", "lesion")
 ABLATIONS: tuple[str, ...] = ("centroid", "no-pseudo", "rules", "atlases=K")
 PREDICTIONS_VERSION = 1
-
-
-class EvaluationError(LNSError, ValueError):
-    """An evaluation that cannot run as asked (methods, cohort, reference labels)."""
 
 
 @dataclass
@@ -82,13 +78,13 @@ class EvaluationConfig:
         self.methods = tuple(self.methods)
         self.ablations = tuple(self.ablations)
         if self.reference not in ("labels", "truth"):
-            raise EvaluationError(f"reference must be 'labels' or 'truth', got {self.reference!r}")
+            raise UsageError(f"reference must be 'labels' or 'truth', got {self.reference!r}")
         for m in self.methods:
             if m not in BASE_METHODS:
-                raise EvaluationError(f"--strategy {m!r} is not one of {', '.join(BASE_METHODS)}")
+                raise UsageError(f"--strategy {m!r} is not one of {', '.join(BASE_METHODS)}")
         for a in self.ablations:
             if a not in ("centroid", "no-pseudo", "rules") and not _atlas_count(a):
-                raise EvaluationError(f"--ablation {a!r} is not one of {', '.join(ABLATIONS)} (K a number >= 1)")
+                raise UsageError(f"--ablation {a!r} is not one of {', '.join(ABLATIONS)} (K a number >= 1)")
 
     def training_dict(self) -> dict:
         keys = ("epochs", "ts23_epochs", "batch_size", "max_steps_per_epoch", "ts23_batch_size", "ts23_max_steps",
@@ -187,7 +183,7 @@ def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
         return row.station_labels(), (row.n_stage if row.n_stage is not None else UNKNOWN)
     n_text = row.extra.get("true_n_stage", "").strip()
     if not n_text:
-        raise EvaluationError(f"line {row.line} ({row.scan_id}): --reference truth needs the columns true_n_stage "
+        raise UsageError(f"line {row.line} ({row.scan_id}): --reference truth needs the columns true_n_stage "
                               "and true_positive_stations (written by `lnstaging phantom`)")
     from ..staging.stations import parse_station_list
 
@@ -217,7 +213,7 @@ def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path, config: Evaluation
         lesions = None
         if need_lesions:
             if row.lesion_path is None:
-                raise EvaluationError(f"line {row.line} ({row.scan_id}): the lesion baseline needs lesion_path")
+                raise UsageError(f"line {row.line} ({row.scan_id}): the lesion baseline needs lesion_path")
             import SimpleITK as sitk
 
             from ..io.images import read_image_file
@@ -279,7 +275,7 @@ def _staged_rows(cohort_csv: str | Path, rules: str) -> list:
     cohort = read_cohort(cohort_csv, rules=rules).require_valid()
     rows = [r for r in cohort.usable_rows() if r.n_stage is not None and r.tumour_side]
     if not rows:
-        raise EvaluationError(f"cohort {cohort_csv}: no row with an N-stage and a tumour side")
+        raise UsageError(f"cohort {cohort_csv}: no row with an N-stage and a tumour side")
     return rows
 
 
@@ -474,7 +470,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     rows = _staged_rows(cohort_csv, config.rules)
     specs = method_specs(config)
     if not specs:
-        raise EvaluationError("nothing to evaluate: give --strategy and/or --ablation")
+        raise UsageError("nothing to evaluate: give --strategy and/or --ablation")
     split = load_or_make_split(out_dir / "split.json", patients_from_rows(rows), n_folds=config.folds,
                                seed=config.seed, val_fraction=config.val_fraction)
     split_fp = split.fingerprint
@@ -488,7 +484,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
                             lambda f, m: report(0.1 * f, m))}
     for k in sorted({s.atlases for s in specs if s.atlases}):
         if k > len(atlas_set):
-            raise EvaluationError(f"--ablation atlases={k}: the atlas set has only {len(atlas_set)} atlases")
+            raise UsageError(f"--ablation atlases={k}: the atlas set has only {len(atlas_set)} atlases")
         sub = atlas_set.subset([a.id for a in atlas_set.atlases[:k]])
         case_sets[k] = prepare_cases(rows, sub, cache / f"atlases{k}", config, False,
                                      lambda f, m, k=k: report(0.1 * f, f"{k} atlases: {m}"))

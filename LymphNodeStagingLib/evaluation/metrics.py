@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LNSError
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ STAGE_METRICS: tuple[str, ...] = (
     "accuracy", "balanced_accuracy", "macro_sensitivity", "macro_specificity", "qwk", "severe_error_rate",
 )
 LEVELS: tuple[str, ...] = ("scan", "patient")
-
-
-class MetricsError(LNSError, ValueError):
-    """Inputs to a metric that do not fit (lengths, label values, inconsistent scans of one patient)."""
 
 
 # --- elementary metrics (vectorised over leading axes) -----------------------------------------------------------
@@ -84,17 +80,17 @@ def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int = N_CLASSES) -> np
     t = _labels(y_true, n_classes, "y_true")
     p = _labels(y_pred, n_classes, "y_pred")
     if t.shape != p.shape:
-        raise MetricsError(f"y_true and y_pred must have the same length, got {t.shape} and {p.shape}")
+        raise UsageError(f"y_true and y_pred must have the same length, got {t.shape} and {p.shape}")
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
 def _labels(y: Any, n_classes: int, name: str) -> np.ndarray:
     a = np.asarray(y)
     if a.ndim != 1:
-        raise MetricsError(f"{name} must be one-dimensional, got shape {a.shape}")
+        raise UsageError(f"{name} must be one-dimensional, got shape {a.shape}")
     if a.size and (not np.all(np.isfinite(a.astype(float))) or np.any(a != np.round(a))
                    or a.min() < 0 or a.max() >= n_classes):
-        raise MetricsError(f"{name} must hold integers 0..{n_classes - 1}, got values {np.unique(a)[:10]}")
+        raise UsageError(f"{name} must hold integers 0..{n_classes - 1}, got values {np.unique(a)[:10]}")
     return a.astype(np.int64)
 
 
@@ -143,9 +139,9 @@ def roc_auc(y_true: Any, scores: Any, weights: Any | None = None) -> np.ndarray 
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=float)
     if y.shape != s.shape or y.ndim != 1:
-        raise MetricsError(f"y_true and scores must be 1-D of the same length, got {y.shape} and {s.shape}")
+        raise UsageError(f"y_true and scores must be 1-D of the same length, got {y.shape} and {s.shape}")
     if np.any(np.isnan(s)):
-        raise MetricsError("scores contain NaN; every station with a known label needs a probability")
+        raise UsageError("scores contain NaN; every station with a known label needs a probability")
     w = np.ones((1, y.size)) if weights is None else np.atleast_2d(np.asarray(weights, dtype=float))
     uniq, inv = np.unique(s, return_inverse=True)
     u = uniq.size
@@ -226,14 +222,14 @@ def station_metrics(y_true: Any, prob: Any | None = None, y_pred: Any | None = N
     """
     t = np.asarray(y_true).ravel()
     if prob is None and y_pred is None:
-        raise MetricsError("station_metrics needs prob or y_pred")
+        raise UsageError("station_metrics needs prob or y_pred")
     pr = None if prob is None else np.asarray(prob, dtype=float).ravel()
     pd = (pr >= threshold) if y_pred is None else np.asarray(y_pred).ravel()
     for name, a in (("prob", pr), ("y_pred", pd)):
         if a is not None and a.shape != t.shape:
-            raise MetricsError(f"{name} must have the same number of stations as y_true ({t.size}), got {a.size}")
+            raise UsageError(f"{name} must have the same number of stations as y_true ({t.size}), got {a.size}")
     if not np.isin(t, (0, 1, UNKNOWN_LABEL)).all():
-        raise MetricsError(f"station labels must be 0, 1 or {UNKNOWN_LABEL} (unknown), got {np.unique(t)[:10]}")
+        raise UsageError(f"station labels must be 0, 1 or {UNKNOWN_LABEL} (unknown), got {np.unique(t)[:10]}")
     known = t != UNKNOWN_LABEL
     t = t[known].astype(bool)
     pd = pd[known].astype(bool)
@@ -264,9 +260,9 @@ def best_threshold(y_true: Any, scores: Any, candidates: Sequence[float], strict
     ``strict``), e.g. the SUVmax threshold chosen on a training fold from {2.5, 3, ..., 5.5}. Ties go to the
     smallest candidate; unknown labels (-1) are left out. Returns (threshold, metric value)."""
     if not candidates:
-        raise MetricsError("best_threshold needs at least one candidate threshold")
+        raise UsageError("best_threshold needs at least one candidate threshold")
     if metric not in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"):
-        raise MetricsError(f"metric must be accuracy, balanced_accuracy, sensitivity or specificity, got {metric!r}")
+        raise UsageError(f"metric must be accuracy, balanced_accuracy, sensitivity or specificity, got {metric!r}")
     s = np.asarray(scores, dtype=float).ravel()
     best: tuple[float, float] | None = None
     for t in sorted(float(c) for c in candidates):
@@ -274,7 +270,7 @@ def best_threshold(y_true: Any, scores: Any, candidates: Sequence[float], strict
         if not np.isnan(value) and (best is None or value > best[1]):
             best = (t, float(value))
     if best is None:
-        raise MetricsError(f"{metric} is undefined for every candidate threshold (a class is missing)")
+        raise UsageError(f"{metric} is undefined for every candidate threshold (a class is missing)")
     return best
 
 
@@ -309,12 +305,12 @@ class ScanPrediction:
             self.n_prob = np.asarray(self.n_prob, dtype=float)
         if self.station_true.shape != self.station_prob.shape or (
                 self.station_pred is not None and self.station_pred.shape != self.station_true.shape):
-            raise MetricsError(f"scan {self.scan_id!r}: station_true, station_prob and station_pred must have the "
+            raise UsageError(f"scan {self.scan_id!r}: station_true, station_prob and station_pred must have the "
                                f"same shape, got {self.station_true.shape}, {self.station_prob.shape}")
         for name in ("n_true", "n_pred"):
             v = getattr(self, name)
             if v is None or int(v) not in range(N_CLASSES):
-                raise MetricsError(f"scan {self.scan_id!r}: {name} must be 0..3, got {v!r}")
+                raise UsageError(f"scan {self.scan_id!r}: {name} must be 0..3, got {v!r}")
             setattr(self, name, int(v))
 
     def predicted_positive(self, threshold: float = 0.5) -> np.ndarray:
@@ -347,12 +343,12 @@ def aggregate_per_patient(scans: Sequence[ScanPrediction], threshold: float = 0.
         pos = np.any(known & (truth == 1), axis=0)
         neg = np.any(known & (truth == 0), axis=0)
         if np.any(pos & neg):
-            raise MetricsError(f"patient {pid!r}: scans disagree on the label of station index "
+            raise UsageError(f"patient {pid!r}: scans disagree on the label of station index "
                                f"{np.flatnonzero(pos & neg).tolist()}")
         st_true = np.where(pos, 1, np.where(neg, 0, UNKNOWN_LABEL))
         n_true = {s.n_true for s in items}
         if len(n_true) != 1:
-            raise MetricsError(f"patient {pid!r}: scans have different reference N-stages {sorted(n_true)}")
+            raise UsageError(f"patient {pid!r}: scans have different reference N-stages {sorted(n_true)}")
         prob = np.nanmean(np.stack([s.station_prob for s in items]), axis=0)
         if all(s.station_pred is not None for s in items):
             votes = np.stack([s.station_pred for s in items]).mean(axis=0)
@@ -420,7 +416,7 @@ class Evaluation:
 
 def _arrays(scans: Sequence[ScanPrediction], threshold: float) -> dict[str, np.ndarray]:
     if not scans:
-        raise MetricsError("no test scans to evaluate")
+        raise UsageError("no test scans to evaluate")
     pids = [s.patient_id for s in scans]
     uniq = list(dict.fromkeys(pids))
     pindex = {p: i for i, p in enumerate(uniq)}
@@ -456,7 +452,7 @@ def evaluate_scans(
     ``n_boot`` = 0 skips the bootstrap. ``stage_fn`` is used by the per-patient aggregation only.
     """
     if level not in LEVELS:
-        raise MetricsError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+        raise UsageError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     n_scans = len(scans)
     if level == "patient":
         scans = aggregate_per_patient(scans, threshold=threshold, stage_fn=stage_fn)
@@ -476,7 +472,7 @@ def evaluate_scans(
 def _bootstrap(a: dict[str, np.ndarray], ev: Evaluation, n_boot: int, seed: int, ci_level: float,
                with_auc: bool, chunk: int = 250) -> tuple[dict[str, Interval], dict[str, Any]]:
     if not 0.0 < ci_level < 1.0:
-        raise MetricsError(f"ci_level must be in (0, 1), got {ci_level}")
+        raise UsageError(f"ci_level must be in (0, 1), got {ci_level}")
     n_pat = int(a["n_patients"])
     rng = np.random.default_rng(seed)
     # per-patient sufficient statistics: station counts and a flattened stage confusion matrix
@@ -541,7 +537,7 @@ def summarize_folds(per_fold: Sequence[Evaluation] | Sequence[Mapping[str, float
     """Mean +- sd over folds of every headline metric ("station.accuracy", ..., "stage.qwk")."""
     rows = [e.values() if isinstance(e, Evaluation) else dict(e) for e in per_fold]
     if not rows:
-        raise MetricsError("no folds to summarise")
+        raise UsageError("no folds to summarise")
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return {k: mean_sd(r.get(k, float("nan")) for r in rows) for k in keys}
 
@@ -581,7 +577,7 @@ def evaluate_method(
     """
     missing = [s.scan_id for s in scans if s.fold is None]
     if missing:
-        raise MetricsError(f"method {method!r}: scans without a fold: {missing[:5]}")
+        raise UsageError(f"method {method!r}: scans without a fold: {missing[:5]}")
     folds = sorted({int(s.fold) for s in scans})
     per_fold: dict[str, list[Evaluation]] = {}
     summary: dict[str, dict[str, MeanSD]] = {}
@@ -612,7 +608,7 @@ def markdown_table(results: Sequence[MethodEvaluation], level: str = "patient", 
     lines = [head, rule]
     for r in results:
         if level not in r.summary:
-            raise MetricsError(f"method {r.method!r} was not evaluated at level {level!r}")
+            raise UsageError(f"method {r.method!r} was not evaluated at level {level!r}")
         cells = [r.summary[level][k].format(digits) if k in r.summary[level] else "n/a" for k, _ in columns]
         lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

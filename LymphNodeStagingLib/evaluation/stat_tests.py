@@ -24,16 +24,12 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from ..errors import LNSError
+from ..errors import UsageError
 from .metrics import N_CLASSES, UNKNOWN_LABEL, ScanPrediction, StageFn, aggregate_per_patient, stage_from_confusion
 
 EXACT_CUTOFF = 25
 DEFAULT_PERMUTATIONS = 10000
 PERMUTATION_STATISTICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "qwk", "macro_specificity")
-
-
-class StatTestError(LNSError, ValueError):
-    """Inputs to a statistical test that do not fit (unpaired data, lengths, unknown statistic)."""
 
 
 @dataclass
@@ -54,7 +50,7 @@ def mcnemar_table(table: Any, exact_cutoff: int = EXACT_CUTOFF) -> McNemarResult
     """McNemar's test on a 2x2 table of paired correctness (see the module docstring for the rule)."""
     t = np.asarray(table)
     if t.shape != (2, 2) or np.any(t < 0) or np.any(t != np.round(t)):
-        raise StatTestError(f"McNemar table must be 2x2 of non-negative counts, got {t.tolist()}")
+        raise UsageError(f"McNemar table must be 2x2 of non-negative counts, got {t.tolist()}")
     t = t.astype(np.int64)
     b, c = int(t[0, 1]), int(t[1, 0])
     if b + c < exact_cutoff:
@@ -74,7 +70,7 @@ def mcnemar(y_true: Any, pred_a: Any, pred_b: Any, exact_cutoff: int = EXACT_CUT
     a = np.asarray(pred_a).ravel()
     b = np.asarray(pred_b).ravel()
     if not (t.shape == a.shape == b.shape):
-        raise StatTestError(f"y_true, pred_a and pred_b must have the same length, got {t.size}, {a.size}, {b.size}")
+        raise UsageError(f"y_true, pred_a and pred_b must have the same length, got {t.size}, {a.size}, {b.size}")
     known = t != UNKNOWN_LABEL
     ok_a = a[known].astype(bool) == t[known].astype(bool)
     ok_b = b[known].astype(bool) == t[known].astype(bool)
@@ -119,28 +115,28 @@ def paired_permutation_test(
 ) -> PermutationResult:
     """Paired permutation test of the difference in an N-stage metric between methods A and B."""
     if statistic not in PERMUTATION_STATISTICS:
-        raise StatTestError(f"statistic must be one of {', '.join(PERMUTATION_STATISTICS)}, got {statistic!r}")
+        raise UsageError(f"statistic must be one of {', '.join(PERMUTATION_STATISTICS)}, got {statistic!r}")
     if int(n_permutations) < 1:
-        raise StatTestError(f"n_permutations must be >= 1, got {n_permutations}")
+        raise UsageError(f"n_permutations must be >= 1, got {n_permutations}")
     t, a, b = (np.asarray(v).ravel() for v in (y_true, pred_a, pred_b))
     if not (t.shape == a.shape == b.shape) or t.size == 0:
-        raise StatTestError(f"y_true, pred_a and pred_b must be non-empty with equal lengths, "
+        raise UsageError(f"y_true, pred_a and pred_b must be non-empty with equal lengths, "
                             f"got {t.size}, {a.size}, {b.size}")
     for name, v in (("y_true", t), ("pred_a", a), ("pred_b", b)):
         if np.any((v < 0) | (v >= N_CLASSES)) or np.any(v != np.round(v)):
-            raise StatTestError(f"{name} must hold N-stages 0..3")
+            raise UsageError(f"{name} must hold N-stages 0..3")
     t, a, b = t.astype(np.int64), a.astype(np.int64), b.astype(np.int64)
     if groups is None:
         gidx = np.arange(t.size)
     else:
         if len(groups) != t.size:
-            raise StatTestError(f"groups must have one entry per prediction ({t.size}), got {len(groups)}")
+            raise UsageError(f"groups must have one entry per prediction ({t.size}), got {len(groups)}")
         _, gidx = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
     n_groups = int(gidx.max()) + 1
     obs = _stage_metric(t, np.stack([a, b]), statistic)
     observed = float(obs[0] - obs[1])
     if np.isnan(observed):
-        raise StatTestError(f"the statistic {statistic!r} is undefined for these inputs (e.g. kappa with a single "
+        raise UsageError(f"the statistic {statistic!r} is undefined for these inputs (e.g. kappa with a single "
                             "stage); choose another statistic")
     exact = n_groups < 63 and 2 ** n_groups <= n_permutations
     total = 2 ** n_groups if exact else int(n_permutations)
@@ -203,22 +199,22 @@ def compare_methods(
     aggregate_per_patient, for methods whose N-stage comes from rules applied to the station decisions.
     """
     if level not in ("scan", "patient"):
-        raise StatTestError(f"level must be scan or patient, got {level!r}")
+        raise UsageError(f"level must be scan or patient, got {level!r}")
     keyed_a = {(s.patient_id, s.scan_id, s.fold): s for s in scans_a}
     keyed_b = {(s.patient_id, s.scan_id, s.fold): s for s in scans_b}
     if len(keyed_a) != len(scans_a) or len(keyed_b) != len(scans_b):
-        raise StatTestError("a method lists the same (patient, scan, fold) twice")
+        raise UsageError("a method lists the same (patient, scan, fold) twice")
     if set(keyed_a) != set(keyed_b):
         only_a = sorted(set(keyed_a) - set(keyed_b), key=str)[:3]
         only_b = sorted(set(keyed_b) - set(keyed_a), key=str)[:3]
-        raise StatTestError(f"{method_a} and {method_b} were not evaluated on the same test scans and folds "
+        raise UsageError(f"{method_a} and {method_b} were not evaluated on the same test scans and folds "
                             f"(only {method_a}: {only_a}; only {method_b}: {only_b})")
     keys = sorted(keyed_a, key=str)
     sa = [keyed_a[k] for k in keys]
     sb = [keyed_b[k] for k in keys]
     for x, y in zip(sa, sb, strict=True):
         if x.n_true != y.n_true or not np.array_equal(x.station_true, y.station_true):
-            raise StatTestError(f"scan {x.scan_id!r}: {method_a} and {method_b} have different reference labels")
+            raise UsageError(f"scan {x.scan_id!r}: {method_a} and {method_b} have different reference labels")
     if level == "patient":
         sa = aggregate_per_patient(sa, threshold=threshold, stage_fn=stage_fn_a)
         sb = aggregate_per_patient(sb, threshold=threshold, stage_fn=stage_fn_b)

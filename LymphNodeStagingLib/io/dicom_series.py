@@ -17,13 +17,9 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-class DicomSeriesError(LNSError, ValueError):
-    """A DICOM folder without a usable series, an ambiguous choice, or a series with inconsistent geometry."""
 
 
 #: Relative tolerance for equal orientation cosines and for uniform slice spacing.
@@ -78,9 +74,9 @@ class DicomSeries:
                 ds = pydicom.dcmread(path)
                 arr = ds.pixel_array
             except Exception as exc:  # noqa: BLE001 - any decoding problem is bad input here
-                raise DicomSeriesError(f"{path}: cannot decode PixelData (7FE0,0010): {exc}") from exc
+                raise InputError(f"{path}: cannot decode PixelData (7FE0,0010): {exc}") from exc
             if arr.ndim != 2:
-                raise DicomSeriesError(f"{path}: expected a single-frame image, got PixelData of shape {arr.shape}; "
+                raise InputError(f"{path}: expected a single-frame image, got PixelData of shape {arr.shape}; "
                                        "multi-frame (enhanced) images are not supported")
             out.append(arr)
         return out
@@ -120,7 +116,7 @@ def scan_folder(folder: str | Path, progress: Callable[[float, str], None] | Non
     """All image series (files with pixel data geometry) under ``folder``, recursively, grouped by SeriesInstanceUID."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DicomSeriesError(f"{folder}: expected a folder of DICOM files")
+        raise InputError(f"{folder}: expected a folder of DICOM files")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     series: dict[str, SeriesInfo] = {}
     for i, path in enumerate(files):
@@ -145,16 +141,16 @@ def choose_series(found: list[SeriesInfo], modality: str, series: str | None = N
         picked = [s for s in candidates if series in (s.series_uid, s.series_number, s.description)]
         if len(picked) != 1:
             listing = "; ".join(s.label() for s in candidates) or "none"
-            raise DicomSeriesError(
+            raise InputError(
                 f"{where}: series '{series}' matches {len(picked)} {modality} series (expected exactly one "
                 f"SeriesInstanceUID, SeriesNumber or SeriesDescription); candidates: {listing}")
         return picked[0]
     if not candidates:
         others = "; ".join(s.label() for s in found) or "no DICOM image files"
-        raise DicomSeriesError(f"{where}: no series with Modality (0008,0060) = {modality}; found: {others}")
+        raise InputError(f"{where}: no series with Modality (0008,0060) = {modality}; found: {others}")
     if len(candidates) > 1:
         listing = "; ".join(s.label() for s in candidates)
-        raise DicomSeriesError(
+        raise InputError(
             f"{where}: {len(candidates)} {modality} series found, choose one with the 'series' parameter "
             f"(SeriesInstanceUID, SeriesNumber or SeriesDescription): {listing}")
     return candidates[0]
@@ -166,20 +162,20 @@ def assemble(info: SeriesInfo) -> DicomSeries:
     for path in info.files:
         ds = _read_header(path)
         if ds is None:
-            raise DicomSeriesError(f"{path}: not readable as DICOM")
+            raise InputError(f"{path}: not readable as DICOM")
         if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            raise DicomSeriesError(f"{path}: NumberOfFrames (0028,0008) = {ds.NumberOfFrames}; multi-frame "
+            raise InputError(f"{path}: NumberOfFrames (0028,0008) = {ds.NumberOfFrames}; multi-frame "
                                    "(enhanced) images are not supported, expected one slice per file")
         headers.append(ds)
     orient = []
     for path, ds in zip(info.files, headers, strict=True):
         if "ImageOrientationPatient" not in ds:
-            raise DicomSeriesError(f"{path}: ImageOrientationPatient (0020,0037) is missing")
+            raise InputError(f"{path}: ImageOrientationPatient (0020,0037) is missing")
         orient.append(np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64))
     ref = orient[0]
     for path, o in zip(info.files, orient, strict=True):
         if np.max(np.abs(o - ref)) > ORIENTATION_TOL:
-            raise DicomSeriesError(
+            raise InputError(
                 f"{info.label()}: mixed ImageOrientationPatient (0020,0037): {list(ref)} in {info.files[0].name} "
                 f"but {list(o)} in {path.name}; expected one orientation per series")
     row, col = ref[:3], ref[3:]
@@ -196,12 +192,12 @@ def assemble(info: SeriesInfo) -> DicomSeries:
         dup = np.flatnonzero(gaps < 1e-3)
         if dup.size:
             k = int(dup[0])
-            raise DicomSeriesError(
+            raise InputError(
                 f"{info.label()}: duplicate ImagePositionPatient (0020,0032) {list(pos[k])} in {files[k].name} and "
                 f"{files[k + 1].name} (dynamic, gated or duplicated files?); expected one slice per position")
         step = float(np.median(gaps))
         if np.max(np.abs(gaps - step)) > SPACING_TOL * step:
-            raise DicomSeriesError(
+            raise InputError(
                 f"{info.label()}: non-uniform slice spacing along the normal (ImagePositionPatient (0020,0032)): "
                 f"gaps from {gaps.min():.3f} to {gaps.max():.3f} mm; expected equally spaced slices")
     else:
@@ -209,7 +205,7 @@ def assemble(info: SeriesInfo) -> DicomSeries:
     ps = [float(v) for v in getattr(headers[0], "PixelSpacing", [1.0, 1.0])]
     shapes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(shapes) > 1:
-        raise DicomSeriesError(f"{info.label()}: slices of different size Rows/Columns (0028,0010/0011): {shapes}")
+        raise InputError(f"{info.label()}: slices of different size Rows/Columns (0028,0010/0011): {shapes}")
     direction = (row[0], col[0], normal[0], row[1], col[1], normal[1], row[2], col[2], normal[2])
     # PixelSpacing is (row spacing = between rows, i.e. along the column direction; column spacing)
     return DicomSeries(info=info, headers=headers, files=files, origin=tuple(pos[0]),

@@ -10,15 +10,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class ImagingError(LNSError, ValueError):
-    """An unreadable image, or a PET and CT that do not describe the same patient space."""
 
 
 def describe_grid(image: sitk.Image) -> dict:
@@ -35,15 +31,15 @@ def read_image_file(path: str | Path, pixel_type=sitk.sitkFloat32) -> sitk.Image
     """An image file (NIfTI, NRRD, MHA/MHD) as a SimpleITK image of ``pixel_type``."""
     path = Path(path)
     if not path.is_file():
-        raise ImagingError(f"{path}: file not found")
+        raise InputError(f"{path}: file not found")
     if not _is_image_file(path):
-        raise ImagingError(f"{path}: unknown image format; expected a DICOM folder or one of {', '.join(IMAGE_SUFFIXES)}")
+        raise InputError(f"{path}: unknown image format; expected a DICOM folder or one of {', '.join(IMAGE_SUFFIXES)}")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise ImagingError(f"{path}: cannot be read as an image: {exc}") from exc
+        raise InputError(f"{path}: cannot be read as an image: {exc}") from exc
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ImagingError(f"{path}: expected a 3D scalar image, got dimension {img.GetDimension()} with "
+        raise InputError(f"{path}: expected a 3D scalar image, got dimension {img.GetDimension()} with "
                            f"{img.GetNumberOfComponentsPerPixel()} components")
     return sitk.Cast(img, pixel_type) if pixel_type is not None else img
 
@@ -85,16 +81,16 @@ def check_same_space(ct: sitk.Image, pet: sitk.Image, ct_for: str | None = None,
                      names: tuple[str, str] = ("CT", "PET"), min_overlap: float = 0.05) -> float:
     """Refuse PET/CT pairs from different frames of reference or without physical overlap; returns the overlap."""
     if ct_for and pet_for and ct_for != pet_for:
-        raise ImagingError(f"FrameOfReferenceUID (0020,0052) differs: {names[0]} has {ct_for}, {names[1]} has "
+        raise InputError(f"FrameOfReferenceUID (0020,0052) differs: {names[0]} has {ct_for}, {names[1]} has "
                            f"{pet_for}; expected PET and CT of one acquisition in one patient space")
     frac = overlap_fraction(ct, pet)
     if frac <= 0.0:
         lo1, hi1 = physical_bounds(ct)
         lo2, hi2 = physical_bounds(pet)
-        raise ImagingError(f"PET and CT do not overlap in patient space: {names[0]} spans {np.round(lo1, 1)}.."
+        raise InputError(f"PET and CT do not overlap in patient space: {names[0]} spans {np.round(lo1, 1)}.."
                            f"{np.round(hi1, 1)} mm, {names[1]} spans {np.round(lo2, 1)}..{np.round(hi2, 1)} mm")
     if frac < min_overlap:
-        raise ImagingError(f"PET and CT overlap in only {frac:.1%} of the smaller volume ({names[0]}, {names[1]}); "
+        raise InputError(f"PET and CT overlap in only {frac:.1%} of the smaller volume ({names[0]}, {names[1]}); "
                            "expected the same body region")
     return frac
 
@@ -106,7 +102,7 @@ _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor
 def _interp(interpolator) -> int:
     if isinstance(interpolator, str):
         if interpolator not in _INTERPOLATORS:
-            raise ImagingError(f"interpolator '{interpolator}' is unknown; expected one of {', '.join(_INTERPOLATORS)}")
+            raise InputError(f"interpolator '{interpolator}' is unknown; expected one of {', '.join(_INTERPOLATORS)}")
         return _INTERPOLATORS[interpolator]
     return int(interpolator)
 

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..anatomy.labels import EXTRA_CLASSES, TOTAL_IDS
-from ..errors import LNSError
+from ..errors import InputError, LNSError
 from ..io.files import atomic_dir, write_image, write_json
 from ..paths import ENV_ATLASES, default_atlas_set_path
 from ..staging.stations import NUM_STATIONS, STATION_NAMES, parse_station
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 FORMAT = "lnstaging-atlas-set"
 FORMAT_VERSION = 1
 VOCABULARY = "totalsegmentator-total-v2"
-
-
-class AtlasError(LNSError, ValueError):
-    """An atlas set that cannot be used: bad manifest, missing files, mismatched grids, unknown or missing labels."""
 
 
 def known_anatomy_ids() -> set[int]:
@@ -61,7 +57,7 @@ class Atlas:
             try:
                 self._cache[key] = sitk.ReadImage(str(path))
             except RuntimeError as exc:
-                raise AtlasError(f"atlas {self.id}: cannot read {key} image {path}: {exc}") from None
+                raise InputError(f"atlas {self.id}: cannot read {key} image {path}: {exc}") from None
         return self._cache[key]
 
     def ct(self) -> sitk.Image:
@@ -93,30 +89,30 @@ class AtlasSet:
         by_id = {a.id: a for a in self.atlases}
         missing = [i for i in ids if i not in by_id]
         if missing:
-            raise AtlasError(f"atlas ids {missing} not in atlas set {self.name!r} (has {list(by_id)})")
+            raise InputError(f"atlas ids {missing} not in atlas set {self.name!r} (has {list(by_id)})")
         return AtlasSet(self.root, self.name, self.synthetic, self.description, [by_id[i] for i in ids])
 
 
 def _manifest(root: Path) -> dict:
     path = root / "manifest.json"
     if not root.is_dir():
-        raise AtlasError(f"atlas set {root}: not a folder")
+        raise InputError(f"atlas set {root}: not a folder")
     if not path.is_file():
-        raise AtlasError(f"atlas set {root}: manifest.json is missing")
+        raise InputError(f"atlas set {root}: manifest.json is missing")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AtlasError(f"{path}: not valid JSON ({exc})") from None
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise AtlasError(f"{path}: 'format' must be {FORMAT!r}")
+        raise InputError(f"{path}: 'format' must be {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise AtlasError(f"{path}: 'format_version' {manifest.get('format_version')!r} is not supported "
+        raise InputError(f"{path}: 'format_version' {manifest.get('format_version')!r} is not supported "
                          f"(expected {FORMAT_VERSION})")
     vocab = manifest.get("anatomy_vocabulary", VOCABULARY)
     if vocab != VOCABULARY:
-        raise AtlasError(f"{path}: 'anatomy_vocabulary' {vocab!r}: expected {VOCABULARY!r}")
+        raise InputError(f"{path}: 'anatomy_vocabulary' {vocab!r}: expected {VOCABULARY!r}")
     if not isinstance(manifest.get("atlases"), list) or not manifest["atlases"]:
-        raise AtlasError(f"{path}: 'atlases' must be a non-empty list")
+        raise InputError(f"{path}: 'atlases' must be a non-empty list")
     return manifest
 
 
@@ -138,22 +134,22 @@ def check_atlas(atlas: Atlas, allow_missing_stations: bool = False) -> None:
     for key, img in (("anatomy", anatomy), ("stations", stations)):
         problem = _same_grid(ct, img)
         if problem:
-            raise AtlasError(f"atlas {atlas.id}: {key} image {atlas.__dict__[key + '_path']} is not on the CT grid "
+            raise InputError(f"atlas {atlas.id}: {key} image {atlas.__dict__[key + '_path']} is not on the CT grid "
                              f"({problem}); all three images of an atlas must share one grid")
     st = sitk.GetArrayViewFromImage(stations)
     values = np.unique(st)
     bad = [int(v) for v in values if not (0 <= v <= NUM_STATIONS and float(v).is_integer())]
     if bad:
-        raise AtlasError(f"atlas {atlas.id}: station map {atlas.stations_path} has label values {bad[:10]}; "
+        raise InputError(f"atlas {atlas.id}: station map {atlas.stations_path} has label values {bad[:10]}; "
                          f"expected the catalogue's values 1..{NUM_STATIONS} (1L=1 ... 11R=17) and 0")
     missing = [STATION_NAMES[i - 1] for i in range(1, NUM_STATIONS + 1) if i not in set(values.tolist())]
     if missing and not allow_missing_stations:
-        raise AtlasError(f"atlas {atlas.id}: station map {atlas.stations_path} lacks stations {missing}; "
+        raise InputError(f"atlas {atlas.id}: station map {atlas.stations_path} lacks stations {missing}; "
                          "expected all 17")
     an = np.unique(sitk.GetArrayViewFromImage(anatomy))
     unknown = sorted(set(an.tolist()) - known_anatomy_ids())
     if unknown:
-        raise AtlasError(f"atlas {atlas.id}: anatomy map {atlas.anatomy_path} has unknown label ids {unknown[:10]}; "
+        raise InputError(f"atlas {atlas.id}: anatomy map {atlas.anatomy_path} has unknown label ids {unknown[:10]}; "
                          f"expected TotalSegmentator v2 'total' ids (1..117) or the phantom's ids >= 200")
 
 
@@ -164,18 +160,18 @@ def load_atlas_set(path: str | Path, validate: bool = True, allow_missing_statio
     atlases, seen = [], set()
     for k, entry in enumerate(manifest["atlases"]):
         if not isinstance(entry, dict):
-            raise AtlasError(f"{root / 'manifest.json'}: atlases[{k}] must be an object")
+            raise InputError(f"{root / 'manifest.json'}: atlases[{k}] must be an object")
         aid = str(entry.get("id", ""))
         if not aid or aid in seen:
-            raise AtlasError(f"{root / 'manifest.json'}: atlases[{k}] needs a unique 'id' (got {aid!r})")
+            raise InputError(f"{root / 'manifest.json'}: atlases[{k}] needs a unique 'id' (got {aid!r})")
         seen.add(aid)
         paths = {}
         for key in ("ct", "anatomy", "stations"):
             if not isinstance(entry.get(key), str):
-                raise AtlasError(f"{root / 'manifest.json'}: atlas {aid} lacks the '{key}' path")
+                raise InputError(f"{root / 'manifest.json'}: atlas {aid} lacks the '{key}' path")
             p = root / entry[key]
             if not p.is_file():
-                raise AtlasError(f"atlas {aid}: {key} file {p} does not exist")
+                raise InputError(f"atlas {aid}: {key} file {p} does not exist")
             paths[key] = p
         atlases.append(Atlas(aid, paths["ct"], paths["anatomy"], paths["stations"]))
     aset = AtlasSet(root, str(manifest.get("name", root.name)), bool(manifest.get("synthetic", False)),
@@ -198,7 +194,7 @@ def resolve_atlas_set(atlases: str | Path | AtlasSet | None = None, *, validate:
         if not (path / "manifest.json").is_file():
             how = (f"${ENV_ATLASES} points to {path}, which holds no manifest.json" if os.environ.get(ENV_ATLASES)
                    else f"the synthetic demo atlas set is not built yet ({path})")
-            raise AtlasError(f"no atlas set given and {how}: pass --atlases DIR (an atlas set folder, e.g. the "
+            raise InputError(f"no atlas set given and {how}: pass --atlases DIR (an atlas set folder, e.g. the "
                              "Lynch et al. atlases converted with convert_lynch), set $LNSTAGING_ATLASES, or build "
                              "the synthetic demo set with `lnstaging phantom --demo-atlases`")
         atlases = path
@@ -246,7 +242,7 @@ def _anatomy_from_folder(folder: Path, ref: sitk.Image) -> sitk.Image:
         out[mask] = cid
         found += 1
     if not found:
-        raise AtlasError(f"{folder}: no mask named after a TotalSegmentator 'total' class (e.g. trachea.nii.gz)")
+        raise InputError(f"{folder}: no mask named after a TotalSegmentator 'total' class (e.g. trachea.nii.gz)")
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(ref)
     return img
@@ -265,17 +261,17 @@ def convert_lynch(source: str | Path, out_dir: str | Path, name: str = "lynch-cr
     """
     source, out_dir = Path(source), Path(out_dir)
     if not source.is_dir():
-        raise AtlasError(f"Lynch atlas source {source}: not a folder")
+        raise InputError(f"Lynch atlas source {source}: not a folder")
     folders = sorted(p for p in source.iterdir() if p.is_dir())
     if not folders:
-        raise AtlasError(f"Lynch atlas source {source}: expected one sub-folder per atlas, found none")
+        raise InputError(f"Lynch atlas source {source}: expected one sub-folder per atlas, found none")
     entries = []
     with atomic_dir(out_dir) as tmp:
         for k, folder in enumerate(folders, 1):
             files = _images(folder)
             cts = [p for p in files if _stem(p).lower().startswith("ct")]
             if len(cts) != 1:
-                raise AtlasError(f"{folder}: expected exactly one CT image named ct.* (found {[p.name for p in cts]})")
+                raise InputError(f"{folder}: expected exactly one CT image named ct.* (found {[p.name for p in cts]})")
             ct = sitk.ReadImage(str(cts[0]))
             stations = _lynch_stations(folder, files, ct)
             anatomy = _lynch_anatomy(folder, files, ct, segment, tmp)
@@ -309,7 +305,7 @@ def _lynch_stations(folder: Path, files: list[Path], ct: sitk.Image) -> sitk.Ima
         out[mask & (out == 0)] = lab
         found.append(p.name)
     if not found:
-        raise AtlasError(f"{folder}: no station mask found (expected images named after stations, e.g. 4R.mhd, "
+        raise InputError(f"{folder}: no station mask found (expected images named after stations, e.g. 4R.mhd, "
                          "or a 'stations' label map)")
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(ct)
@@ -323,7 +319,7 @@ def _lynch_anatomy(folder: Path, files: list[Path], ct: sitk.Image, segment, tmp
     if (folder / "segmentations").is_dir():
         return _anatomy_from_folder(folder / "segmentations", ct)
     if segment is None:
-        raise AtlasError(f"{folder}: no anatomy ('anatomy' label map or 'segmentations/' folder); run "
+        raise InputError(f"{folder}: no anatomy ('anatomy' label map or 'segmentations/' folder); run "
                          "TotalSegmentator on the CT first or pass a segmentation function")
     ct_file = next(p for p in files if _stem(p).lower().startswith("ct"))
     out = Path(segment(ct_file, tmp / f".{folder.name}-anatomy.nii.gz"))

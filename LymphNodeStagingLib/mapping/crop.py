@@ -11,7 +11,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..anatomy.vocabulary import ids_for
-from ..io.images import ImagingError, physical_bounds
+from ..errors import InputError
+from ..io.images import physical_bounds
 
 DEFAULT_MARGIN_MM = 40.0
 
@@ -49,20 +50,20 @@ def mediastinal_crop(anatomy: sitk.Image | None = None, *, stations: sitk.Image 
     """Box around lungs + trachea + heart of ``anatomy`` (ids of the anatomy vocabulary), or around the non-zero
     station map when given, plus ``margin_mm``; clipped to the extent of ``clip_to`` when given."""
     if margin_mm < 0:
-        raise ImagingError(f"margin_mm = {margin_mm}: expected >= 0")
+        raise InputError(f"margin_mm = {margin_mm}: expected >= 0")
     if stations is not None:
         mask = sitk.Cast(stations, sitk.sitkUInt8) > 0
         if not np.any(sitk.GetArrayViewFromImage(mask)):
-            raise ImagingError("the station map is empty: no station label to crop around")
+            raise InputError("the station map is empty: no station label to crop around")
         source = "stations"
     else:
         if anatomy is None:
-            raise ImagingError("mediastinal_crop needs an anatomy label map or a station map")
+            raise InputError("mediastinal_crop needs an anatomy label map or a station map")
         arr = sitk.GetArrayViewFromImage(anatomy)
         lungs = np.isin(arr, ids_for("lungs"))
         trachea = np.isin(arr, ids_for("trachea"))
         if not lungs.any() or not trachea.any():
-            raise ImagingError("CT is not a thorax (no lungs/trachea found in the anatomy label map): "
+            raise InputError("CT is not a thorax (no lungs/trachea found in the anatomy label map): "
                                f"lung voxels {int(lungs.sum())}, trachea voxels {int(trachea.sum())}")
         sel = lungs | trachea | np.isin(arr, ids_for("heart"))
         mask = sitk.GetImageFromArray(sel.astype(np.uint8))
@@ -83,7 +84,7 @@ def check_pet_covers(pet: sitk.Image, box: CropBox, tolerance_mm: float | None =
     short_lo = np.maximum(lo - tol - box.core_lower, 0)
     short_hi = np.maximum(box.core_upper - hi - tol, 0)
     if np.any(short_lo > 0) or np.any(short_hi > 0):
-        raise ImagingError(
+        raise InputError(
             f"PET does not cover the mediastinum: PET spans {np.round(lo, 1)}..{np.round(hi, 1)} mm, the mediastinal "
             f"region ({box.source}) spans {np.round(box.core_lower, 1)}..{np.round(box.core_upper, 1)} mm "
             f"(short by {np.round(short_lo, 1)} below and {np.round(short_hi, 1)} above, x/y/z LPS)")

@@ -19,15 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..staging.stations import NUM_STATIONS, STATION_NAMES
 
 OK, FALLBACK_UNION, FALLBACK_BEST, ABSENT = "ok", "fallback_union", "fallback_best_atlas", "absent"
 UNRESOLVED = "unresolved"
-
-
-class FusionError(LNSError, ValueError):
-    """Warped label maps that cannot be fused (wrong shape, label values outside 0..17, bad ranking)."""
 
 
 @dataclass
@@ -54,19 +50,19 @@ def fuse(warped: np.ndarray, ranking: Sequence[int] | None = None) -> FusionResu
     """
     warped = np.asarray(warped)
     if warped.ndim < 2 or warped.shape[0] < 1:
-        raise FusionError(f"warped label maps of shape {warped.shape}: expected (atlases, ...) with at least one atlas")
+        raise InputError(f"warped label maps of shape {warped.shape}: expected (atlases, ...) with at least one atlas")
     n = warped.shape[0]
     if n > 40:
-        raise FusionError(f"{n} atlases: at most 40 can be fused")
+        raise InputError(f"{n} atlases: at most 40 can be fused")
     if warped.dtype.kind == "f":
         warped = np.rint(warped)
     lo, hi = int(warped.min()), int(warped.max())
     if lo < 0 or hi > NUM_STATIONS:
-        raise FusionError(f"warped label values {lo}..{hi}: expected 0..{NUM_STATIONS} (catalogue labels)")
+        raise InputError(f"warped label values {lo}..{hi}: expected 0..{NUM_STATIONS} (catalogue labels)")
     warped = warped.astype(np.uint8)
     ranking = list(range(n)) if ranking is None else [int(r) for r in ranking]
     if sorted(ranking) != list(range(n)):
-        raise FusionError(f"ranking {ranking}: expected a permutation of the atlas indices 0..{n - 1}")
+        raise InputError(f"ranking {ranking}: expected a permutation of the atlas indices 0..{n - 1}")
     bit = np.zeros(n, np.int64)
     for r, atlas in enumerate(ranking):
         bit[atlas] = 1 << (n - 1 - r)

@@ -28,15 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-
-
-class RegistrationError(LNSError, ValueError):
-    """Anatomy that cannot drive a registration (missing structures, empty label maps, bad parameters)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -97,19 +93,19 @@ class RegistrationConfig:
 
     def __post_init__(self) -> None:
         if len(self.levels_mm) != len(self.iterations) or not self.levels_mm:
-            raise RegistrationError(
+            raise InputError(
                 f"levels_mm {self.levels_mm} and iterations {self.iterations}: expected the same non-zero length")
         if any(s <= 0 for s in (*self.levels_mm, self.affine_mm)):
-            raise RegistrationError(f"levels_mm {self.levels_mm}, affine_mm {self.affine_mm}: expected positive "
+            raise InputError(f"levels_mm {self.levels_mm}, affine_mm {self.affine_mm}: expected positive "
                                     "spacings in mm")
         if any(int(n) < 0 for n in self.iterations) or self.affine_iterations < 0:
-            raise RegistrationError(f"iterations {self.iterations}, affine_iterations {self.affine_iterations}: "
+            raise InputError(f"iterations {self.iterations}, affine_iterations {self.affine_iterations}: "
                                     "expected non-negative counts")
         if self.step <= 0 or int(self.field_factor) < 1 or self.squarings < 0:
-            raise RegistrationError(f"step {self.step}, field_factor {self.field_factor}, squarings {self.squarings}: "
+            raise InputError(f"step {self.step}, field_factor {self.field_factor}, squarings {self.squarings}: "
                                     "expected step > 0, field_factor >= 1, squarings >= 0")
         if min(self.channel_sigma, self.fluid_sigma, self.smooth_sigma, self.channel_margin_mm) < 0:
-            raise RegistrationError("channel_sigma, fluid_sigma, smooth_sigma and channel_margin_mm must be >= 0")
+            raise InputError("channel_sigma, fluid_sigma, smooth_sigma and channel_margin_mm must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -297,7 +293,7 @@ def prepare_anatomy(anatomy: sitk.Image, config: RegistrationConfig) -> Prepared
     box = bbox_of(used, np.ceil(config.thorax_margin_mm / geom.spacing).astype(int))
     if box is None:
         names = ", ".join(s.name for s in config.structures)
-        raise RegistrationError(f"anatomy label map has none of the registration structures ({names})")
+        raise InputError(f"anatomy label map has none of the registration structures ({names})")
     lo, hi = box
     sub = np.ascontiguousarray(labels[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]])
     sub_geom = geom.crop(lo, hi)
@@ -342,7 +338,7 @@ def initial_transform(patient: dict[int, np.ndarray], atlas: dict[int, np.ndarra
     otherwise the translation of their mean."""
     common = [i for i in patient if i in atlas]
     if not common:
-        raise RegistrationError("patient and atlas anatomy share no landmark structure "
+        raise InputError("patient and atlas anatomy share no landmark structure "
                                 f"(expected some of the ids {list(LANDMARK_IDS)})")
     src = np.array([patient[i] for i in common])
     dst = np.array([atlas[i] for i in common])
@@ -537,7 +533,7 @@ def _channel_weights(patient: PreparedAnatomy, atlases: list[PreparedAnatomy]) -
     w = np.array([patient.present & a.present for a in atlases], np.float32)
     if not w.any(axis=1).all():
         bad = [i for i in range(len(atlases)) if not w[i].any()]
-        raise RegistrationError(f"atlases {bad} share no registration structure with the patient anatomy")
+        raise InputError(f"atlases {bad} share no registration structure with the patient anatomy")
     return w
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..io.files import write_figure, write_image, write_json
 from ..staging.stations import NUM_STATIONS, STATION_NAMES
 from .atlas import AtlasSet
@@ -22,10 +22,6 @@ from .weightmap import WeightMap, station_weight_maps
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
-
-
-class MappingError(LNSError, ValueError):
-    """Inputs that cannot be mapped (empty atlas set, anatomy that does not match the CT)."""
 
 
 @dataclass
@@ -118,7 +114,7 @@ def _prepare_atlases(atlas_set: AtlasSet, config: RegistrationConfig) -> list[Pr
             geom = Geometry.of(st_img)
             box = bbox_of(st > 0, np.ceil(10.0 / geom.spacing).astype(int))
             if box is None:
-                raise MappingError(f"atlas {atlas.id}: station map {atlas.stations_path} is empty")
+                raise InputError(f"atlas {atlas.id}: station map {atlas.stations_path} is empty")
             lo, hi = box
             sl = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
             sub_geom = geom.crop(lo, hi)
@@ -139,13 +135,13 @@ def _output_grid(reference: Geometry, result: RegistrationResult) -> Geometry:
     lo = np.clip(np.floor(idx.min(0)).astype(int), 0, np.asarray(reference.shape))
     hi = np.clip(np.ceil(idx.max(0)).astype(int) + 1, 0, np.asarray(reference.shape))
     if (hi - lo <= 0).any():
-        raise MappingError("the registered station region lies outside the patient's CT grid")
+        raise InputError("the registered station region lies outside the patient's CT grid")
     return reference.crop(lo, hi)
 
 
 def _as_label_image(anatomy: sitk.Image, reference: sitk.Image | None) -> sitk.Image:
     if anatomy.GetDimension() != 3:
-        raise MappingError(f"anatomy label map has {anatomy.GetDimension()} dimensions; expected 3")
+        raise InputError(f"anatomy label map has {anatomy.GetDimension()} dimensions; expected 3")
     if reference is None:
         return anatomy
     same = (anatomy.GetSize() == reference.GetSize()
@@ -169,7 +165,7 @@ def map_stations(ct: sitk.Image | None, anatomy: sitk.Image, atlas_set: AtlasSet
     import torch
 
     if len(atlas_set) == 0:
-        raise MappingError(f"atlas set {atlas_set.name!r} has no atlas")
+        raise InputError(f"atlas set {atlas_set.name!r} has no atlas")
     config = config or RegistrationConfig()
     report = progress or (lambda f, m: None)
     threads_before = torch.get_num_threads()
@@ -307,7 +303,7 @@ def write_overlay(ct: sitk.Image, mapping: StationMapping, path: str | Path) -> 
     return write_figure(fig, path, dpi=90)
 
 
-__all__ = ["MappingError", "StationMapping", "map_stations", "write_overlay"]
+__all__ = ["InputError", "StationMapping", "map_stations", "write_overlay"]
 
 
 def write_station_mapping(mapping, folder: str | Path) -> None:

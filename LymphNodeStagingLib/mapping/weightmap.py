@@ -20,13 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..staging.stations import NUM_STATIONS, STATION_NAMES
 from .registration import Geometry
-
-
-class WeightMapError(LNSError, ValueError):
-    """An empty station, a weight map with no positive weight, or bad sampling parameters."""
 
 
 @dataclass
@@ -85,7 +81,7 @@ def _weight_map_at(flat: np.ndarray, geom: Geometry, label: int, votes: np.ndarr
     flattened grid, or of the mask's voxels only (indexed), or None."""
     if flat.size == 0:
         name = STATION_NAMES[label - 1] if 1 <= label <= NUM_STATIONS else str(label)
-        raise WeightMapError(f"station {name} has no voxel in the label map: no weight map or centroid")
+        raise InputError(f"station {name} has no voxel in the label map: no weight map or centroid")
     nx, ny = geom.shape[0], geom.shape[1]
     idx = np.stack([flat % nx, (flat // nx) % ny, flat // (nx * ny)], 1).astype(float)
     pts = _index_to_world(geom, idx)
@@ -96,7 +92,7 @@ def _weight_map_at(flat: np.ndarray, geom: Geometry, label: int, votes: np.ndarr
         w = w * np.asarray(votes if indexed else votes[flat], np.float32)
     keep = w > 0
     if not keep.any():
-        raise WeightMapError(f"station label {label}: all weights are zero (vote fractions are zero on its mask)")
+        raise InputError(f"station label {label}: all weights are zero (vote fractions are zero on its mask)")
     flat, w, pts = flat[keep], w[keep].astype(np.float32), pts[keep]
     return WeightMap(label, geom, flat, w, centroid, pts[int(np.argmax(w))])
 
@@ -124,11 +120,11 @@ def sample_centres(weight_map: WeightMap, k: int, rng: np.random.Generator, jitt
     """k patch centres (k, 3) in world mm drawn with probability proportional to the weights (with replacement);
     jitter spreads each draw uniformly inside its voxel."""
     if k < 0:
-        raise WeightMapError(f"k = {k}: expected a non-negative number of centres")
+        raise InputError(f"k = {k}: expected a non-negative number of centres")
     p = weight_map.weights.astype(np.float64)
     total = p.sum()
     if not np.isfinite(total) or total <= 0:
-        raise WeightMapError(f"weight map of station {weight_map.station} has no positive weight to sample from")
+        raise InputError(f"weight map of station {weight_map.station} has no positive weight to sample from")
     choice = rng.choice(weight_map.indices, size=k, p=p / total)
     g = weight_map.geometry
     nx, ny = g.shape[0], g.shape[1]

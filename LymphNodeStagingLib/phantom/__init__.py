@@ -3,10 +3,10 @@ nodes, a primary tumour, metastatic spread, confounders and image-level labels; 
 atlas sets. Deterministic: the same seed gives the same bytes."""
 
 from .atlas_cache import build_demo_atlas_set
-from .patient import PhantomConfig, PhantomError, PhantomPatient, generate_patient, patient_seed
+from .patient import PhantomConfig, PhantomPatient, generate_patient, patient_seed
 from .writer import generate_atlas_set, generate_cohort, write_patient
 
 __all__ = [
-    "PhantomConfig", "PhantomError", "PhantomPatient",
+    "PhantomConfig", "UsageError", "PhantomPatient",
     "build_demo_atlas_set", "generate_atlas_set", "generate_cohort", "generate_patient", "patient_seed", "write_patient",
 ]

@@ -19,8 +19,8 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from ..errors import UsageError
 from ..io.files import atomic_dir
-from .patient import PhantomError
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PET_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
@@ -69,7 +69,7 @@ class PetHeader:
             return replace(base, decay_correction="ADMIN")
         if name == "none_decay":
             return replace(base, decay_correction="NONE", beds=3)
-        raise PhantomError(f"unknown PET header variant {name!r}; expected one of {', '.join(cls.VARIANTS)}")
+        raise UsageError(f"unknown PET header variant {name!r}; expected one of {', '.join(cls.VARIANTS)}")
 
     @property
     def decay_constant(self) -> float:
@@ -123,9 +123,9 @@ def _base(sop_class: str, sop_uid: str, patient_id: str, study_uid: str, frame_u
 
 def _check(img: sitk.Image, what: str) -> None:
     if img.GetDimension() != 3:
-        raise PhantomError(f"{what}: expected a 3-D image, got {img.GetDimension()}-D")
+        raise UsageError(f"{what}: expected a 3-D image, got {img.GetDimension()}-D")
     if not np.allclose(np.asarray(img.GetDirection()), np.eye(3).ravel()):
-        raise PhantomError(f"{what}: only axial images with identity direction are written")
+        raise UsageError(f"{what}: only axial images with identity direction are written")
 
 
 def _slice_geometry(ds: FileDataset, origin, spacing, k: int, shape) -> None:
@@ -179,13 +179,13 @@ def write_pet_series(suv: sitk.Image, out_dir: str | Path, header: PetHeader, *,
     _check(suv, "PET")
     h = header
     if h.units not in ("BQML", "CNTS"):
-        raise PhantomError(f"PetHeader.units must be BQML or CNTS, got {h.units!r}")
+        raise UsageError(f"PetHeader.units must be BQML or CNTS, got {h.units!r}")
     if h.decay_correction not in ("START", "ADMIN", "NONE"):
-        raise PhantomError(f"PetHeader.decay_correction must be START, ADMIN or NONE, got {h.decay_correction!r}")
+        raise UsageError(f"PetHeader.decay_correction must be START, ADMIN or NONE, got {h.decay_correction!r}")
     if h.units == "CNTS" and h.philips_factor not in ("suv", "activity"):
-        raise PhantomError("PetHeader.philips_factor must be 'suv' or 'activity' for CNTS units")
+        raise UsageError("PetHeader.philips_factor must be 'suv' or 'activity' for CNTS units")
     if h.beds < 1 or h.weight_kg <= 0 or h.injected_dose_bq <= 0:
-        raise PhantomError("PetHeader: beds, weight_kg and injected_dose_bq must be positive")
+        raise UsageError("PetHeader: beds, weight_kg and injected_dose_bq must be positive")
     series_uid = series_uid or generate_uid(entropy_srcs=[patient_id, str(seed), "pet"])
     arr = sitk.GetArrayFromImage(suv).astype(np.float64)
     nz = arr.shape[0]

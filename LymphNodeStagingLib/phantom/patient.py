@@ -9,7 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from ..errors import LNSError
+from ..errors import UsageError
 from ..staging.rules import DEFAULT_RULES, N_STAGES, load_rules
 from ..staging.stations import STATIONS
 from . import anatomy as anat
@@ -22,10 +22,6 @@ log = logging.getLogger(__name__)
 
 GENERATOR = "lnstaging-phantom"
 GENERATOR_VERSION = "1.0"
-
-
-class PhantomError(LNSError, ValueError):
-    """Bad phantom parameter (size, count, configuration)."""
 
 
 #: Grid presets: CT spacing (mm), CT box in body millimetres around the carina (x, y, z ranges), PET spacing.
@@ -58,11 +54,11 @@ class PhantomConfig:
     def validate(self) -> None:
         mix = np.asarray(self.n_stage_mix, float)
         if mix.shape != (4,) or np.any(mix < 0) or mix.sum() <= 0:
-            raise PhantomError(f"n_stage_mix must be 4 non-negative weights for N0..N3, got {self.n_stage_mix!r}")
+            raise UsageError(f"n_stage_mix must be 4 non-negative weights for N0..N3, got {self.n_stage_mix!r}")
         if not 0.0 <= self.label_noise <= 1.0:
-            raise PhantomError(f"label_noise must be a fraction in 0..1, got {self.label_noise!r}")
+            raise UsageError(f"label_noise must be a fraction in 0..1, got {self.label_noise!r}")
         if not 0.0 <= self.tumour_side_right <= 1.0:
-            raise PhantomError(f"tumour_side_right must be in 0..1, got {self.tumour_side_right!r}")
+            raise UsageError(f"tumour_side_right must be in 0..1, got {self.tumour_side_right!r}")
         load_rules(self.rules)
 
     def to_dict(self) -> dict:
@@ -93,7 +89,7 @@ def patient_seed(cohort_seed: int, index: int) -> int:
 
 def build_grid(size: str, offset: np.ndarray) -> Grid:
     if size not in SIZES:
-        raise PhantomError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+        raise UsageError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     p = SIZES[size]
     sp = np.asarray(p["ct_spacing"], float)
     lo = np.array([b[0] for b in p["box"]], float)
@@ -109,10 +105,10 @@ def generate_patient(seed: int, size: str = "small", config: PhantomConfig | Non
     config = config or PhantomConfig()
     config.validate()
     if size not in SIZES:
-        raise PhantomError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+        raise UsageError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     seed = int(seed)
     if seed < 0:
-        raise PhantomError(f"seed must be a non-negative integer, got {seed}")
+        raise UsageError(f"seed must be a non-negative integer, got {seed}")
     rules = load_rules(config.rules)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
     rng_anat, rng_dis, rng_geo, rng_ct, rng_pet = streams

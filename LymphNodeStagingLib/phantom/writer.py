@@ -11,16 +11,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from ..errors import UsageError
 from ..io.files import atomic_path, write_json, write_text
-from .patient import (
-    GENERATOR,
-    GENERATOR_VERSION,
-    PhantomConfig,
-    PhantomError,
-    PhantomPatient,
-    generate_patient,
-    patient_seed,
-)
+from .patient import GENERATOR, GENERATOR_VERSION, PhantomConfig, PhantomPatient, generate_patient, patient_seed
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +47,7 @@ def write_patient(patient: PhantomPatient, out_dir: str | Path, format: str = "n
     with a standard radiopharmaceutical header) plus the label maps as .nii.gz.
     """
     if format not in ("nifti", "dicom"):
-        raise PhantomError(f"format must be 'nifti' or 'dicom', got {format!r}")
+        raise UsageError(f"format must be 'nifti' or 'dicom', got {format!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -83,7 +76,7 @@ def generate_cohort(out_dir: str | Path, patients: int, seed: int, size: str = "
                     preview: bool = False) -> Path:
     """Generate ``patients`` patients into out_dir/<patient_id>/ and write out_dir/cohort.csv and manifest.json."""
     if patients < 1:
-        raise PhantomError(f"patients must be >= 1, got {patients}")
+        raise UsageError(f"patients must be >= 1, got {patients}")
     config = config or PhantomConfig()
     config.validate()
     out = Path(out_dir)
@@ -128,7 +121,7 @@ def generate_atlas_set(out_dir: str | Path, atlases: int = 5, seed: int = 202601
                        name: str | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write an atlas set (CT, anatomy, stations per atlas; no disease, noise-free CT) in the atlas-set format."""
     if atlases < 1:
-        raise PhantomError(f"atlases must be >= 1, got {atlases}")
+        raise UsageError(f"atlases must be >= 1, got {atlases}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = PhantomConfig(disease=False, ct_noise_hu=0.0, pet_noise=False, label_noise=0.0)

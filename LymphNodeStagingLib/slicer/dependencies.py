@@ -13,15 +13,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import LNSError
+from ..errors import InputError
 
 #: Requirements Slicer provides, or that only development needs.
 PROVIDED_BY_SLICER = {"vtk", "slicer-core", "pytest", "ruff"}
 TORCH = "torch"
-
-
-class DependencyError(LNSError, ValueError):
-    """requirements.txt / constraints.txt missing or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ def _parse(path: Path) -> list[tuple[str, str, str | None]]:
             continue
         m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(?:==\s*([^\s;]+))?.*", line)
         if not m:
-            raise DependencyError(f"{path}: cannot parse requirement line {raw!r}")
+            raise InputError(f"{path}: cannot parse requirement line {raw!r}")
         out.append((m.group(1), m.group(2) or "", m.group(3)))
     return out
 
@@ -59,7 +55,7 @@ def find_requirement_files(search: list[Path] | None = None) -> tuple[Path, Path
         req, con = folder / "requirements.txt", folder / "constraints.txt"
         if req.is_file() and con.is_file():
             return req, con
-    raise DependencyError(f"requirements.txt and constraints.txt not found next to {here} or in its parent folder")
+    raise InputError(f"requirements.txt and constraints.txt not found next to {here} or in its parent folder")
 
 
 def pinned_requirements(requirements: Path | None = None, constraints: Path | None = None) -> list[Requirement]:
@@ -71,7 +67,7 @@ def pinned_requirements(requirements: Path | None = None, constraints: Path | No
     for name, extras, version in _parse(requirements):
         version = version or pins.get(_canonical(name))
         if version is None:
-            raise DependencyError(f"{constraints}: no pinned version for requirement {name!r} of {requirements}")
+            raise InputError(f"{constraints}: no pinned version for requirement {name!r} of {requirements}")
         out.append(Requirement(name, extras, version))
     return out
 
@@ -86,7 +82,7 @@ def torch_requirement(requirements: Path | None = None, constraints: Path | None
     for r in pinned_requirements(requirements, constraints):
         if _canonical(r.name) == TORCH:
             return r
-    raise DependencyError("requirements.txt has no torch requirement")
+    raise InputError("requirements.txt has no torch requirement")
 
 
 def missing(reqs: list[Requirement]) -> list[Requirement]:

@@ -30,7 +30,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..assessment.dicom_seg import station_codes
-from ..errors import LNSError
+from ..errors import InputError
 from ..io.files import atomic_path
 from ..staging.colors import COLOR_POINTS, probability_color
 from ..staging.result import ABSENT, CaseResult
@@ -67,10 +67,6 @@ TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatom
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
-class MRMLBridgeError(LNSError, ValueError):
-    """Inputs the MRML bridge cannot show (wrong node type, station map not a label map, ...)."""
-
-
 def segment_tag(segment, name: str) -> str | None:
     """The value of a segment tag, None when the tag is not set."""
     value = vtk.reference("")
@@ -81,7 +77,7 @@ def segment_tag(segment, name: str) -> str | None:
 def ijk_to_ras(image: sitk.Image) -> vtk.vtkMatrix4x4:
     """IJK-to-RAS matrix of a SimpleITK image (SimpleITK is LPS: the first two rows flip sign)."""
     if image.GetDimension() != 3:
-        raise MRMLBridgeError(f"expected a 3D image, got {image.GetDimension()}D")
+        raise InputError(f"expected a 3D image, got {image.GetDimension()}D")
     d = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     m = np.eye(4)
     m[:3, :3] = d @ np.diag(image.GetSpacing())
@@ -128,12 +124,12 @@ def volume_node_from_image(scene, image: sitk.Image, name: str, *, labelmap: boo
 def image_from_volume_node(node) -> sitk.Image:
     """A SimpleITK image (LPS) from a scalar volume node (parent transforms are not applied)."""
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
-        raise MRMLBridgeError(f"expected a scalar volume node with image data, got {node!r}")
+        raise InputError(f"expected a scalar volume node with image data, got {node!r}")
     data = node.GetImageData()
     nx, ny, nz = data.GetDimensions()
     scalars = data.GetPointData().GetScalars()
     if scalars.GetNumberOfComponents() != 1:
-        raise MRMLBridgeError(f"volume {node.GetName()!r}: expected one scalar component, got "
+        raise InputError(f"volume {node.GetName()!r}: expected one scalar component, got "
                               f"{scalars.GetNumberOfComponents()}")
     array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx)
     m = vtk.vtkMatrix4x4()
@@ -203,7 +199,7 @@ def _add_legend(scene, seg_node, color_node):
     """
     display = seg_node.GetDisplayNode()
     if display is None:
-        raise MRMLBridgeError(f"segmentation {seg_node.GetName()!r} has no display node for the colour legend")
+        raise InputError(f"segmentation {seg_node.GetName()!r} has no display node for the colour legend")
     # segments keep their own colours; the display node's colour node and range only feed the legend
     display.SetAndObserveColorNodeID(color_node.GetID())
     display.SetScalarRangeFlag(display.UseManualScalarRange)
@@ -259,18 +255,18 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 def _set_segments(seg_node, station_map: sitk.Image) -> None:
     scene = seg_node.GetScene()
     if station_map.GetDimension() != 3:
-        raise MRMLBridgeError(f"station map: expected a 3D label image, got {station_map.GetDimension()}D")
+        raise InputError(f"station map: expected a 3D label image, got {station_map.GetDimension()}D")
     values = np.unique(sitk.GetArrayViewFromImage(station_map))
     bad = [int(v) for v in values if v != 0 and not 1 <= v <= len(STATIONS)]
     if bad or not np.allclose(values, np.round(values)):
-        raise MRMLBridgeError(f"station map: expected label values 0..{len(STATIONS)}, found {bad or values}")
+        raise InputError(f"station map: expected label values 0..{len(STATIONS)}, found {bad or values}")
     labelmap = volume_node_from_image(scene, station_map, "LymphNodeStaging station map (import)", labelmap=True)
     try:
         ids = vtk.vtkStringArray()
         for st in STATIONS:
             ids.InsertNextValue(st.name)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg_node, ids):
-            raise MRMLBridgeError("station map: importing the label map into the segmentation failed")
+            raise InputError("station map: importing the label map into the segmentation failed")
     finally:
         scene.RemoveNode(labelmap)
     segmentation = seg_node.GetSegmentation()
@@ -335,7 +331,7 @@ def update_result(nodes: ResultNodes, result: CaseResult) -> None:
         for st in result.stations:
             segment = segmentation.GetSegment(st.name)
             if segment is None:
-                raise MRMLBridgeError(f"segmentation {seg.GetName()!r} has no segment {st.name!r}")
+                raise InputError(f"segmentation {seg.GetName()!r} has no segment {st.name!r}")
             segment.SetColor(*probability_color(st.probability if st.present else None))
             segment.SetTag(TAG_PROBABILITY, _fmt(st.probability))
             segment.SetTag(TAG_STATUS, st.status)
@@ -427,7 +423,7 @@ def result_from_node(seg_node) -> CaseResult:
     """The CaseResult stored on a segmentation node by ``show_result`` (e.g. after loading a saved scene)."""
     text = seg_node.GetAttribute(ATTR_RESULT) if seg_node is not None else None
     if not text:
-        raise MRMLBridgeError(f"node {seg_node.GetName() if seg_node else None!r} holds no LymphNodeStaging result "
+        raise InputError(f"node {seg_node.GetName() if seg_node else None!r} holds no LymphNodeStaging result "
                               f"(attribute {ATTR_RESULT} missing)")
     return CaseResult.from_dict(json.loads(text))
 
@@ -449,7 +445,7 @@ def find_result_nodes(scene, seg_node) -> ResultNodes:
         if d is not None and d.IsA("vtkMRMLColorLegendDisplayNode"):
             legend = d
     if "table" not in found or "report" not in found:
-        raise MRMLBridgeError(f"no table or report node next to segmentation {seg_node.GetName()!r}")
+        raise InputError(f"no table or report node next to segmentation {seg_node.GetName()!r}")
     return ResultNodes(seg_node, found["table"], found["report"], probability_color_node(scene), legend, folder)
 
 
@@ -482,12 +478,12 @@ def save_segmentation(seg_node, path: str | Path) -> Path:
     """Write the segmentation as .seg.nrrd (names, colours, tags and terminology kept), atomically."""
     path = Path(path)
     if not path.name.endswith(".seg.nrrd"):
-        raise MRMLBridgeError(f"segmentation file {path}: expected a name ending in .seg.nrrd")
+        raise InputError(f"segmentation file {path}: expected a name ending in .seg.nrrd")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     with atomic_path(path, suffix=".seg.nrrd") as tmp:
         storage.SetFileName(str(tmp))
         if not storage.WriteData(seg_node):
-            raise MRMLBridgeError(f"writing segmentation {seg_node.GetName()!r} to {path} failed")
+            raise InputError(f"writing segmentation {seg_node.GetName()!r} to {path} failed")
     return path
 
 
@@ -495,13 +491,13 @@ def load_segmentation(scene, path: str | Path, name: str | None = None):
     """Read a .seg.nrrd into a new segmentation node with Slicer's segmentation storage node."""
     path = Path(path)
     if not path.is_file():
-        raise MRMLBridgeError(f"segmentation file {path} does not exist")
+        raise InputError(f"segmentation file {path} does not exist")
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or path.name.split(".")[0])
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
     if not storage.ReadData(node):
         scene.RemoveNode(node)
-        raise MRMLBridgeError(f"{path}: not readable as a Slicer segmentation (.seg.nrrd)")
+        raise InputError(f"{path}: not readable as a Slicer segmentation (.seg.nrrd)")
     node.CreateDefaultDisplayNodes()
     return node
 
@@ -522,7 +518,7 @@ def export_result(nodes: ResultNodes, result: CaseResult, out_dir: str | Path, *
     paths["report"] = out_dir / f"{stem}_report.txt"
     if dicom_ct_dir is not None:
         if station_map is None:
-            raise MRMLBridgeError("DICOM SEG export needs the station map (station_map=None was given)")
+            raise InputError("DICOM SEG export needs the station map (station_map=None was given)")
         from ..assessment.dicom_seg import write_dicom_seg
 
         paths["dicom_seg"] = write_dicom_seg(station_map, result, dicom_ct_dir, out_dir / f"{stem}_stations.seg.dcm")
@@ -535,7 +531,7 @@ def _safe(text: str) -> str:
 
 
 __all__ = [
-    "MRMLBridgeError", "ResultNodes", "export_result", "find_result_nodes", "ijk_to_ras",
+    "InputError", "ResultNodes", "export_result", "find_result_nodes", "ijk_to_ras",
     "image_from_volume_node", "jump_to_station", "load_segmentation", "probability_color", "probability_color_node",
     "report_text", "result_from_node", "save_segmentation", "show_pet_over_ct", "show_result", "station_center_ras",
     "station_terminology", "update_result", "volume_node_from_image",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RuleSetError
+from ..errors import UsageError
 from ..paths import rules_dir
 from .stations import NUM_STATIONS, STATION_NAMES, STATIONS, Station, parse_stations
 
@@ -35,7 +35,7 @@ def parse_side(side: str, parameter: str = "side") -> str:
     key = str(side).strip().upper()
     key = {"RIGHT": "R", "LEFT": "L", "RECHTS": "R", "LINKS": "L"}.get(key, key)
     if key not in SIDES:
-        raise RuleSetError(f"{parameter} must be R or L (the side of the primary tumour), got {side!r}")
+        raise UsageError(f"{parameter} must be R or L (the side of the primary tumour), got {side!r}")
     return key
 
 
@@ -44,7 +44,7 @@ def parse_n_stage(value: str | int, parameter: str = "n_stage") -> int:
     text = str(value).strip().upper()
     match = re.fullmatch(r"(?:[CP]?N)?([0-3])(?:[ABC]\d?)?", text)
     if not match:
-        raise RuleSetError(f"{parameter} must be one of 0-3 or N0-N3, got {value!r}")
+        raise UsageError(f"{parameter} must be one of 0-3 or N0-N3, got {value!r}")
     return int(match.group(1))
 
 
@@ -121,7 +121,7 @@ class RuleSet:
         """Vectorised N-stage: ``positive`` is a boolean array (..., 17) in catalogue order; returns ints 0..3."""
         positive = np.asarray(positive, dtype=bool)
         if positive.shape[-1] != NUM_STATIONS:
-            raise RuleSetError(f"positive must have {NUM_STATIONS} stations in its last axis, got {positive.shape}")
+            raise UsageError(f"positive must have {NUM_STATIONS} stations in its last axis, got {positive.shape}")
         g = self.group_of[parse_side(side)]
         return np.max(np.where(positive, g, 0), axis=-1)
 
@@ -178,27 +178,27 @@ def available_rule_sets() -> list[str]:
 def _parse_rule_file(data: dict, source: str) -> RuleSet:
     for key in ("name", "version", "groups_by_side"):
         if key not in data:
-            raise RuleSetError(f"rule set {source}: missing key {key!r}")
+            raise UsageError(f"rule set {source}: missing key {key!r}")
     group_of: dict[str, np.ndarray] = {}
     for side in SIDES:
         table = data["groups_by_side"].get(side)
         if not isinstance(table, dict):
-            raise RuleSetError(f"rule set {source}: groups_by_side.{side} missing (expected N1/N2/N3 station lists)")
+            raise UsageError(f"rule set {source}: groups_by_side.{side} missing (expected N1/N2/N3 station lists)")
         arr = np.zeros(NUM_STATIONS, dtype=np.int64)
         for k, gname in enumerate(GROUPS, start=1):
             try:
                 members = parse_stations(table.get(gname, []))
             except Exception as exc:
-                raise RuleSetError(f"rule set {source}: groups_by_side.{side}.{gname}: {exc}") from None
+                raise UsageError(f"rule set {source}: groups_by_side.{side}.{gname}: {exc}") from None
             for st in members:
                 if arr[st.index]:
-                    raise RuleSetError(
+                    raise UsageError(
                         f"rule set {source}: station {st.name} is in more than one group for tumour side {side}"
                     )
                 arr[st.index] = k
         missing = [s.name for s in STATIONS if not arr[s.index]]
         if missing:
-            raise RuleSetError(f"rule set {source}: stations {', '.join(missing)} have no group for tumour side {side}")
+            raise UsageError(f"rule set {source}: stations {', '.join(missing)} have no group for tumour side {side}")
         group_of[side] = arr
     return RuleSet(
         name=str(data["name"]),
@@ -221,7 +221,7 @@ def load_rules(name_or_path: str = DEFAULT_RULES) -> RuleSet:
     else:
         res = rules_dir().joinpath(f"{name_or_path}.json")
         if not res.is_file():
-            raise RuleSetError(
+            raise UsageError(
                 f"unknown rule set {name_or_path!r}; expected one of {', '.join(available_rule_sets())} "
                 "or the path of a rule-set .json file"
             )
@@ -229,7 +229,7 @@ def load_rules(name_or_path: str = DEFAULT_RULES) -> RuleSet:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RuleSetError(f"rule set {source}: not valid JSON ({exc})") from None
+        raise UsageError(f"rule set {source}: not valid JSON ({exc})") from None
     return _parse_rule_file(data, source)
 
 

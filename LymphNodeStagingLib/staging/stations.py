@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import StationNameError
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def _normalise(name: str) -> str:
 def parse_station(name: str | Station) -> Station:
     """Return the catalogue station for a name such as "4R", "4r", "Station 4R", "3AL" or "11Rs".
 
-    Raises StationNameError listing the valid names for anything else.
+    Raises UsageError listing the valid names for anything else.
     """
     if isinstance(name, Station):
         return name
@@ -131,7 +131,7 @@ def parse_station(name: str | Station) -> Station:
     if station is None:
         valid = ", ".join(STATION_NAMES)
         subs = ", ".join(f"{k}->{v}" for k, v in SUBSTATIONS.items())
-        raise StationNameError(
+        raise UsageError(
             f"unknown lymph node station {name!r}; expected one of {valid} (sub-stations accepted: {subs})"
         )
     return station
@@ -154,7 +154,7 @@ def station_by_label(label: int) -> Station:
     try:
         return _BY_LABEL[int(label)]
     except (KeyError, ValueError):
-        raise StationNameError(f"station label {label!r} is not one of 1..{NUM_STATIONS}") from None
+        raise UsageError(f"station label {label!r} is not one of 1..{NUM_STATIONS}") from None
 
 
 def contralateral(side: str) -> str:

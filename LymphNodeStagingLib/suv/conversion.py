@@ -10,7 +10,7 @@ scan datetime, else back-computed from AcquisitionTime, ActualFrameDuration and 
 time (RadiopharmaceuticalStartDateTime, else StartTime on the reference date, moved back a day across midnight) ->
 decay correction START / ADMIN / NONE.
 
-Nothing is guessed: a missing or contradictory required tag raises :class:`SuvError` naming the tag.
+Nothing is guessed: a missing or contradictory required tag raises :class:`InputError` naming the tag.
 ``mode="gatidis"`` reproduces the autoPET/TCIA conversion (AcquisitionTime of the first file, times without dates,
 Units ignored) for comparisons only.
 """
@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from ..errors import LNSError
+from ..errors import InputError
 from ..io.dicom_series import DicomSeries, find_series
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ GE_SCAN_DATETIME = (0x0009, 0x100D)
 DOSE_MBQ_LIMIT = 1e5  # a total dose below this is taken as MBq
 WEIGHT_GRAM_LIMIT = 1000.0  # a weight at or above this is taken as grams
 BACKCOMPUTE_TOL_S = 60.0  # back-computed reference times of the slices must agree within this
-
-
-class SuvError(LNSError, ValueError):
-    """A PET series whose SUV cannot be computed without guessing: the message names the tag."""
 
 
 @dataclass
@@ -160,7 +156,7 @@ def _iso(t: dt.datetime | None) -> str | None:
 def _height_cm(ds: pydicom.Dataset, prov: SuvProvenance, why: str) -> float:
     h = _float_value(_value(ds, "PatientSize"))
     if h is None or h <= 0:
-        raise SuvError(f"PatientSize (0010,1020) is missing or not positive; it is required for {why}")
+        raise InputError(f"PatientSize (0010,1020) is missing or not positive; it is required for {why}")
     if h > 3:
         prov.warnings.append(f"PatientSize (0010,1020) = {h} > 3 taken as cm")
         return h
@@ -170,7 +166,7 @@ def _height_cm(ds: pydicom.Dataset, prov: SuvProvenance, why: str) -> float:
 def _sex(ds: pydicom.Dataset, why: str) -> str:
     sex = str(_value(ds, "PatientSex") or "").strip().upper()
     if sex not in ("M", "F", "O"):
-        raise SuvError(f"PatientSex (0010,0040) is missing or not M/F/O (got {sex!r}); it is required for {why}")
+        raise InputError(f"PatientSex (0010,0040) is missing or not M/F/O (got {sex!r}); it is required for {why}")
     return sex
 
 
@@ -215,7 +211,7 @@ def _check_consistent(headers: list[pydicom.Dataset]) -> None:
         values = {str(_value(h, kw)) for h in headers}
         if len(values) > 1:
             tag = pydicom.datadict.tag_for_keyword(kw)
-            raise SuvError(f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) differs between slices of one series: "
+            raise InputError(f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) differs between slices of one series: "
                            f"{sorted(values)}; expected one value")
     first = _radiopharmaceutical(headers[0])
     for h in headers[1:]:
@@ -224,16 +220,16 @@ def _check_consistent(headers: list[pydicom.Dataset]) -> None:
                    "RadiopharmaceuticalStartDateTime"):
             if str(_value(item, kw)) != str(_value(first, kw)):
                 tag = pydicom.datadict.tag_for_keyword(kw)
-                raise SuvError(f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) differs between slices of one series")
+                raise InputError(f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) differs between slices of one series")
 
 
 def _radiopharmaceutical(ds: pydicom.Dataset) -> pydicom.Dataset:
     seq = _value(ds, "RadiopharmaceuticalInformationSequence")
     if not seq:
-        raise SuvError("RadiopharmaceuticalInformationSequence (0054,0016) is missing or empty; it holds the "
+        raise InputError("RadiopharmaceuticalInformationSequence (0054,0016) is missing or empty; it holds the "
                        "injected dose, half-life and injection time")
     if len(seq) > 1:
-        raise SuvError(f"RadiopharmaceuticalInformationSequence (0054,0016) has {len(seq)} items; expected one "
+        raise InputError(f"RadiopharmaceuticalInformationSequence (0054,0016) has {len(seq)} items; expected one "
                        "(several radiopharmaceuticals are ambiguous)")
     return seq[0]
 
@@ -241,7 +237,7 @@ def _radiopharmaceutical(ds: pydicom.Dataset) -> pydicom.Dataset:
 def _weight(ds: pydicom.Dataset, prov: SuvProvenance) -> float:
     w = _float_value(_value(ds, "PatientWeight"))
     if w is None or w <= 0:
-        raise SuvError(f"PatientWeight (0010,1030) is missing, empty or not positive ({w!r}); SUVbw needs the "
+        raise InputError(f"PatientWeight (0010,1030) is missing, empty or not positive ({w!r}); SUVbw needs the "
                        "patient's weight in kg and a weight is never assumed")
     prov.tags["PatientWeight"] = w
     if w >= WEIGHT_GRAM_LIMIT:
@@ -254,7 +250,7 @@ def _weight(ds: pydicom.Dataset, prov: SuvProvenance) -> float:
 def _dose(item: pydicom.Dataset, prov: SuvProvenance) -> float:
     d = _float_value(_value(item, "RadionuclideTotalDose"))
     if d is None or d <= 0:
-        raise SuvError(f"RadionuclideTotalDose (0018,1074) is missing or not positive ({d!r}); expected the "
+        raise InputError(f"RadionuclideTotalDose (0018,1074) is missing or not positive ({d!r}); expected the "
                        "injected activity in Bq")
     prov.tags["RadionuclideTotalDose"] = d
     if d < DOSE_MBQ_LIMIT:
@@ -279,7 +275,7 @@ def _half_life(item: pydicom.Dataset, prov: SuvProvenance) -> float:
                                  f"(0054,0300) code {value}")
             prov.half_life_s = t
             return t
-    raise SuvError("RadionuclideHalfLife (0018,1075) is missing and RadionuclideCodeSequence (0054,0300) names "
+    raise InputError("RadionuclideHalfLife (0018,1075) is missing and RadionuclideCodeSequence (0054,0300) names "
                    "no known radionuclide; expected the half-life in s")
 
 
@@ -352,7 +348,7 @@ def _reference_time(headers: list[pydicom.Dataset], half_life: float, prov: SuvP
     durations = _frame_durations_s(headers)
     frt = [_float_value(_value(h, "FrameReferenceTime")) for h in headers]
     if acq is None or durations is None or any(v is None for v in frt):
-        raise SuvError(
+        raise InputError(
             "no usable decay-correction reference time: SeriesDate/SeriesTime (0008,0021)/(0008,0031) missing or "
             "after AcquisitionTime, no GE scan_datetime (0009,100D), and AcquisitionDate/Time (0008,0022)/(0008,0032),"
             " ActualFrameDuration (0018,1242) or FrameReferenceTime (0054,1300) missing for the back-computation")
@@ -364,7 +360,7 @@ def _reference_time(headers: list[pydicom.Dataset], half_life: float, prov: SuvP
     med = float(np.median(offsets))
     spread = float(np.max(np.abs(offsets - med)))
     if spread > BACKCOMPUTE_TOL_S:
-        raise SuvError(f"FrameReferenceTime (0054,1300): back-computed reference times of the slices disagree by "
+        raise InputError(f"FrameReferenceTime (0054,1300): back-computed reference times of the slices disagree by "
                        f"up to {spread:.1f} s (tolerance {BACKCOMPUTE_TOL_S:g} s); expected one series reference")
     if spread > 1.0:
         prov.warnings.append(f"back-computed reference times differ by up to {spread:.1f} s; median used")
@@ -384,7 +380,7 @@ def _administration_time(item: pydicom.Dataset, ref: dt.datetime, prov: SuvProve
             tod = sdt.hour * 3600 + sdt.minute * 60 + sdt.second + sdt.microsecond / 1e6
             diff = abs(tod - st)
             if min(diff, 86400 - diff) > 1.0:
-                raise SuvError(
+                raise InputError(
                     f"RadiopharmaceuticalStartDateTime (0018,1078) = {sdt_raw} and RadiopharmaceuticalStartTime "
                     f"(0018,1072) = {st_raw} contradict each other; expected the same time of day")
         prov.decisions.append("administration time from RadiopharmaceuticalStartDateTime (0018,1078)")
@@ -399,11 +395,11 @@ def _administration_time(item: pydicom.Dataset, ref: dt.datetime, prov: SuvProve
             prov.decisions.append("RadiopharmaceuticalStartTime after the reference time: injection on the previous "
                                   "day (scan across midnight)")
     else:
-        raise SuvError("RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime (0018,1072) "
+        raise InputError("RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime (0018,1072) "
                        "are both missing; the injection time is required for decay correction")
     delta = (ref - t_adm).total_seconds()
     if not 0.0 <= delta < 86400.0:
-        raise SuvError(
+        raise InputError(
             f"RadiopharmaceuticalStartDateTime/StartTime (0018,1078)/(0018,1072): injection at {_iso(t_adm)} is "
             f"{delta / 3600:.2f} h before the reference time {_iso(ref)}; expected 0 to 24 h")
     prov.administration_time = _iso(t_adm)
@@ -413,17 +409,17 @@ def _administration_time(item: pydicom.Dataset, ref: dt.datetime, prov: SuvProve
 def _corrected_image(ds: pydicom.Dataset, decay: str) -> None:
     ci = _value(ds, "CorrectedImage")
     if ci is None:
-        raise SuvError("CorrectedImage (0028,0051) is missing; expected ATTN (attenuation corrected) and, for "
+        raise InputError("CorrectedImage (0028,0051) is missing; expected ATTN (attenuation corrected) and, for "
                        f"DecayCorrection {decay}, DECY")
     values = {str(v).upper() for v in (ci if isinstance(ci, list | tuple | pydicom.multival.MultiValue) else [ci])}
     if "ATTN" not in values:
-        raise SuvError(f"CorrectedImage (0028,0051) = {sorted(values)} lacks ATTN; SUV needs attenuation-corrected PET")
+        raise InputError(f"CorrectedImage (0028,0051) = {sorted(values)} lacks ATTN; SUV needs attenuation-corrected PET")
     decayed = bool(values & {"DECY", "DECAY"})
     if decay in ("START", "ADMIN") and not decayed:
-        raise SuvError(f"CorrectedImage (0028,0051) = {sorted(values)} lacks DECY but DecayCorrection (0054,1102) "
+        raise InputError(f"CorrectedImage (0028,0051) = {sorted(values)} lacks DECY but DecayCorrection (0054,1102) "
                        f"is {decay}; the two tags contradict each other")
     if decay == "NONE" and decayed:
-        raise SuvError(f"CorrectedImage (0028,0051) = {sorted(values)} contains DECY but DecayCorrection (0054,1102) "
+        raise InputError(f"CorrectedImage (0028,0051) = {sorted(values)} contains DECY but DecayCorrection (0054,1102) "
                        "is NONE; the two tags contradict each other")
 
 
@@ -437,15 +433,15 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
 
     ``headers`` are the slices' datasets in the order of the volume (sorted along the normal)."""
     if mode not in SUV_MODES:
-        raise SuvError(f"SUV mode '{mode}' is unknown; expected one of {', '.join(SUV_MODES)}")
+        raise InputError(f"SUV mode '{mode}' is unknown; expected one of {', '.join(SUV_MODES)}")
     if not headers:
-        raise SuvError("no PET slices")
+        raise InputError("no PET slices")
     if mode == "gatidis":
         return _gatidis_factors(headers)
     h0 = headers[0]
     modality = str(_value(h0, "Modality") or "")
     if modality != "PT":
-        raise SuvError(f"Modality (0008,0060) is {modality!r}; expected PT")
+        raise InputError(f"Modality (0008,0060) is {modality!r}; expected PT")
     _check_consistent(headers)
     units = str(_value(h0, "Units") or "").upper()
     decay = str(_value(h0, "DecayCorrection") or "").upper()
@@ -459,9 +455,9 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
         prov.warnings.append("RescaleIntercept (0028,1052) is not 0 (IBSI recommends excluding such series); "
                              "applied as m*SV + b")
     if not units:
-        raise SuvError("Units (0054,1001) is missing; expected BQML, CNTS, GML or CM2ML")
+        raise InputError("Units (0054,1001) is missing; expected BQML, CNTS, GML or CM2ML")
     if decay not in ("START", "ADMIN", "NONE"):
-        raise SuvError(f"DecayCorrection (0054,1102) is {decay or 'missing'}; expected START, ADMIN or NONE")
+        raise InputError(f"DecayCorrection (0054,1102) is {decay or 'missing'}; expected START, ADMIN or NONE")
 
     if units == "GML":
         suv_type = str(_value(h0, "SUVType") or "BW").upper()
@@ -481,7 +477,7 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
             elif suv_type == "IBW":
                 ref_mass = ideal_body_weight(height, _sex(h0, why))
             else:
-                raise SuvError(f"SUVType (0054,1006) = {suv_type} is not supported; expected BW, LBM, LBMJAMES128, "
+                raise InputError(f"SUVType (0054,1006) = {suv_type} is not supported; expected BW, LBM, LBMJAMES128, "
                                "LBMJANMA or IBW")
             factor = w / ref_mass
             prov.decisions.append(f"Units GML with SUVType {suv_type}: SUVbw = SUV * W / {ref_mass:.3f} kg")
@@ -512,11 +508,11 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
                                   " then as BQML")
             activity_scale = np.array(act_f, dtype=np.float64)
         else:
-            raise SuvError("Units (0054,1001) is CNTS but neither the Philips SUV Scale Factor (7053,1000) (with "
+            raise InputError("Units (0054,1001) is CNTS but neither the Philips SUV Scale Factor (7053,1000) (with "
                            "decay correction) nor the Activity Concentration Scale Factor (7053,1009) is present and "
                            "non-zero on every slice; counts cannot be converted to SUV")
     elif units != "BQML":
-        raise SuvError(f"Units (0054,1001) = {units} cannot be converted to SUVbw; expected BQML, CNTS (Philips), "
+        raise InputError(f"Units (0054,1001) = {units} cannot be converted to SUVbw; expected BQML, CNTS (Philips), "
                        "GML or CM2ML")
 
     item = _radiopharmaceutical(h0)
@@ -541,10 +537,10 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
     acq = _acquisition_datetimes(headers)
     durations = _frame_durations_s(headers)
     if acq is None:
-        raise SuvError("DecayCorrection NONE needs AcquisitionDate/AcquisitionTime (0008,0022)/(0008,0032) on every "
+        raise InputError("DecayCorrection NONE needs AcquisitionDate/AcquisitionTime (0008,0022)/(0008,0032) on every "
                        "slice")
     if durations is None:
-        raise SuvError("DecayCorrection NONE needs ActualFrameDuration (0018,1242) on every slice")
+        raise InputError("DecayCorrection NONE needs ActualFrameDuration (0018,1242) on every slice")
     first = min(acq)
     t_adm = _administration_time(item, first, prov)
     prov.reference_time = _iso(first)
@@ -581,15 +577,15 @@ def _gatidis_factors(headers: list[pydicom.Dataset],
     w = _weight(h, prov)
     d = float(_float_value(_value(item, "RadionuclideTotalDose")) or 0.0)
     if d <= 0:
-        raise SuvError("RadionuclideTotalDose (0018,1074) is missing or not positive")
+        raise InputError("RadionuclideTotalDose (0018,1074) is missing or not positive")
     half = _float_value(_value(item, "RadionuclideHalfLife"))
     if not half:
-        raise SuvError("RadionuclideHalfLife (0018,1075) is missing")
+        raise InputError("RadionuclideHalfLife (0018,1075) is missing")
     acq, start = _value(h, "AcquisitionTime"), _value(item, "RadiopharmaceuticalStartTime")
     if acq is None:
-        raise SuvError("AcquisitionTime (0008,0032) is missing (required by the 'gatidis' mode)")
+        raise InputError("AcquisitionTime (0008,0032) is missing (required by the 'gatidis' mode)")
     if start is None:
-        raise SuvError("RadiopharmaceuticalStartTime (0018,1072) is missing (required by the 'gatidis' mode)")
+        raise InputError("RadiopharmaceuticalStartTime (0018,1072) is missing (required by the 'gatidis' mode)")
     delta = parse_tm(acq) - parse_tm(start)
     decayed = d * 0.5 ** (delta / half)
     prov.dose_bq, prov.half_life_s, prov.decay_factor = d, half, 0.5 ** (delta / half)

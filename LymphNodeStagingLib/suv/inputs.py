@@ -14,8 +14,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from ..errors import InputError
 from ..io.dicom_series import find_series
-from ..io.images import ImagingError, check_same_space, describe_grid, load_ct, read_image_file
+from ..io.images import check_same_space, describe_grid, load_ct, read_image_file
 from .conversion import compute_suv
 
 
@@ -50,7 +51,7 @@ def load_pet(path: str | Path, *, pet_is_suv: bool = False, suv_mode: str = "qib
         res = compute_suv(ser, suv_mode)
         return res.image, res.provenance.to_dict(), ser.info.series_uid, ser.frame_of_reference_uid
     if not pet_is_suv:
-        raise ImagingError(f"{path}: a PET image file has no DICOM header to compute SUV from; pass a DICOM folder, "
+        raise InputError(f"{path}: a PET image file has no DICOM header to compute SUV from; pass a DICOM folder, "
                            "or declare the file as SUV already (pet_is_suv=True, --pet-is-suv)")
     img = read_image_file(path)
     prov = {"mode": "user", "decisions": [f"{path.name}: declared SUV by the user (pet_is_suv)"], "warnings": []}

@@ -16,16 +16,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..cohort.table import CohortRow
-from ..errors import LNSError
+from ..errors import InputError
 from ..io.files import atomic_dir, write_json
 from ..staging.stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
-
-
-class CaseDataError(LNSError, ValueError):
-    """A cohort row cannot be turned into a case."""
 
 
 @dataclass
@@ -60,7 +56,7 @@ def row_pet_is_suv(row: CohortRow, pet_is_suv: bool = False) -> bool:
     declared = row.pet_is_suv if row.pet_is_suv is not None else (True if pet_is_suv else None)
     pet = row.pet_path
     if declared is None and pet is not None and pet.is_file() and not pet.name.lower().endswith(".dcm"):
-        raise CaseDataError(f"line {row.line} ({row.scan_id}): PET file {pet} is an image without a DICOM header; "
+        raise InputError(f"line {row.line} ({row.scan_id}): PET file {pet} is an image without a DICOM header; "
                             "declare that it holds SUV (cohort column pet_is_suv=yes, or --pet-is-suv) or give the "
                             "DICOM series folder")
     return bool(declared)
@@ -71,7 +67,7 @@ def load_images(row: CohortRow, pet_is_suv: bool = False) -> tuple[sitk.Image, s
     from ..suv.inputs import load_case
 
     if row.ct_path is None or row.pet_path is None:
-        raise CaseDataError(f"line {row.line}: ct_path and pet_path are required")
+        raise InputError(f"line {row.line}: ct_path and pet_path are required")
     case = load_case(row.ct_path, row.pet_path, pet_is_suv=row_pet_is_suv(row, pet_is_suv))
     return case.ct, case.pet
 
@@ -93,7 +89,7 @@ def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: st
         from ..anatomy.vocabulary import load_anatomy
 
         if row.anatomy_path is None:
-            raise CaseDataError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and "
+            raise InputError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and "
                                 "evaluation (run `lnstaging anatomy` or `lnstaging batch --steps anatomy` first)")
         anatomy = load_anatomy(row.anatomy_path, reference=ct)
         mapping = map_stations(ct, anatomy, atlas_set, device=device)

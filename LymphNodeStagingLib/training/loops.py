@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..classifier.checkpoint import environment_versions, load_checkpoint, save_checkpoint
 from ..classifier.model import ModelConfig, StagingModel, StationClassifier, build_model, station_classifier_of
-from ..classifier.patches import DEFAULT_PATCH_SPACING, PatchError, StationSampler, crop_to_box, extract_patches
-from ..errors import LNSError
+from ..classifier.patches import DEFAULT_PATCH_SPACING, StationSampler, crop_to_box, extract_patches
+from ..errors import InputError, UsageError
 from ..staging.rules import UNKNOWN, load_rules, parse_n_stage, parse_side, pseudo_labels
 from ..staging.stations import NUM_STATIONS, STATION_NAMES, parse_stations
 from .losses import LossWeights, masked_bce, staging_loss
@@ -44,10 +44,6 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[float, str], None]
 STRATEGIES = ("ts1", "ts2", "ts3")
 SIDE_INDEX = {"R": 0, "L": 1}
-
-
-class TrainingError(LNSError, ValueError):
-    """Unusable training data or configuration."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +74,7 @@ class CaseSample:
             self.station_labels = np.full(NUM_STATIONS, UNKNOWN, dtype=np.int64)
         labels = np.asarray(self.station_labels, dtype=np.int64).reshape(-1)
         if labels.shape != (NUM_STATIONS,) or not np.isin(labels, (0, 1, UNKNOWN)).all():
-            raise TrainingError(f"station_labels of {self.patient_id} must be {NUM_STATIONS} values in 1/0/-1, "
+            raise UsageError(f"station_labels of {self.patient_id} must be {NUM_STATIONS} values in 1/0/-1, "
                                 f"got {labels.tolist()}")
         self.station_labels = labels
 
@@ -198,7 +194,7 @@ def case_patches(case: CaseSample, stations: Sequence[int], rng: np.random.Gener
         if rng is None or sampling == "centroid":
             c = case.sampler.centroid(idx)
             if c is None:
-                raise PatchError(f"station {STATION_NAMES[idx]} is absent from the station map of {case.patient_id}")
+                raise InputError(f"station {STATION_NAMES[idx]} is absent from the station map of {case.patient_id}")
         else:
             c = case.sampler.sample(idx, 1, rng)[0]
         centres.append(c)
@@ -395,11 +391,11 @@ class TrainConfig:
         if isinstance(self.loss, dict):
             self.loss = LossWeights(**self.loss)
         if self.threshold_for not in ("stage", "station"):
-            raise TrainingError(f"threshold_for must be 'stage' or 'station', got {self.threshold_for!r}")
+            raise UsageError(f"threshold_for must be 'stage' or 'station', got {self.threshold_for!r}")
         if self.sampling not in ("weight_map", "centroid"):
-            raise TrainingError(f"sampling must be 'weight_map' or 'centroid', got {self.sampling!r}")
+            raise UsageError(f"sampling must be 'weight_map' or 'centroid', got {self.sampling!r}")
         if self.epochs < 1 or self.lr <= 0 or (self.batch_size is not None and self.batch_size < 1):
-            raise TrainingError(f"epochs, lr and batch_size must be positive (got {self.epochs}, {self.lr}, "
+            raise UsageError(f"epochs, lr and batch_size must be positive (got {self.epochs}, {self.lr}, "
                                 f"{self.batch_size})")
 
     def to_dict(self) -> dict:
@@ -435,7 +431,7 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} requested but CUDA is not available")
+        raise UsageError(f"device {name!r} requested but CUDA is not available")
     return dev
 
 
@@ -535,7 +531,7 @@ def _init_model(strategy: str, mconfig: ModelConfig, seed: int, init: str | Path
         clf_keys = ("in_channels", "patch_size", "patch_spacing", "channels", "dropout", "station_embedding_dim")
         for k in clf_keys:
             if init_config.get(k) != mconfig.to_dict().get(k):
-                raise TrainingError(f"--init checkpoint {init}: model_config.{k} = {init_config.get(k)!r} differs "
+                raise UsageError(f"--init checkpoint {init}: model_config.{k} = {init_config.get(k)!r} differs "
                                     f"from the requested {mconfig.to_dict().get(k)!r}")
         if ckpt.manifest["kind"] == "station":
             target = station_classifier_of(model)
@@ -546,7 +542,7 @@ def _init_model(strategy: str, mconfig: ModelConfig, seed: int, init: str | Path
             station_classifier_of(model).load_state_dict(
                 {k[len("classifier."):]: v for k, v in ckpt.state_dict.items() if k.startswith("classifier.")})
     elif strategy == "ts3":
-        raise TrainingError("ts3 needs --init: a TS1 checkpoint whose station classifier is frozen")
+        raise UsageError("ts3 needs --init: a TS1 checkpoint whose station classifier is frozen")
     return model, info
 
 
@@ -570,12 +566,12 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
     """
     strategy = strategy.lower()
     if strategy not in STRATEGIES:
-        raise TrainingError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        raise UsageError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     mconfig = model_config or ModelConfig()
     tconfig = config or TrainConfig()
     out_dir = Path(out_dir)
     if not train_cases:
-        raise TrainingError("no training cases")
+        raise UsageError("no training cases")
     device = _device(tconfig.device)
     batch_size = tconfig.batch_size or (64 if strategy == "ts1" else 16)
     if tconfig.patch_spacing is not None and float(tconfig.patch_spacing) != mconfig.patch_spacing:
@@ -590,7 +586,7 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
         usable = [c for c in train_cases if c.n_stage != UNKNOWN or (c.station_labels != UNKNOWN).any()]
         train_ds = CaseDataset(usable, size, spacing, tconfig.sampling, tconfig.augment, tconfig.seed)
     if len(train_ds) == 0:
-        raise TrainingError(f"{strategy}: the training cases hold no usable sample (TS1 needs known station labels "
+        raise UsageError(f"{strategy}: the training cases hold no usable sample (TS1 needs known station labels "
                             "of present stations; TS2/TS3 need an N-stage or station labels)")
 
     fingerprint, val_fp = data_fingerprint(train_cases), data_fingerprint(val_cases)
@@ -620,7 +616,7 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
         if resume and last_path.is_file():
             ckpt = load_checkpoint(last_path, map_location="cpu")
             if ckpt.manifest.get("resume_key") != key or not ckpt.training_state:
-                raise TrainingError(f"{last_path} belongs to another training run (different strategy, configuration "
+                raise UsageError(f"{last_path} belongs to another training run (different strategy, configuration "
                                     "or data); use another --out folder or remove it")
             model.load_state_dict(ckpt.state_dict)
             optimizer.load_state_dict(ckpt.training_state["optimizer"])

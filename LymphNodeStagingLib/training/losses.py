@@ -14,12 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import LNSError
+from ..errors import UsageError
 from ..staging.rules import UNKNOWN
-
-
-class LossConfigError(LNSError, ValueError):
-    """Bad loss weights or label tensors."""
 
 
 @dataclass
@@ -35,7 +31,7 @@ class LossWeights:
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
             if not (float(v) >= 0.0):
-                raise LossConfigError(f"loss weight {k} must be >= 0, got {v}")
+                raise UsageError(f"loss weight {k} must be >= 0, got {v}")
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
@@ -70,7 +66,7 @@ def pseudo_label_loss(group_probs: torch.Tensor, targets: torch.Tensor) -> torch
     group_probs (B, 3) in [0, 1] (group maxima for N1, N2, N3), targets (B, 3) in {0, 1, -1 = unknown}.
     """
     if group_probs.shape != targets.shape:
-        raise LossConfigError(f"group_probs {tuple(group_probs.shape)} and pseudo-label targets "
+        raise UsageError(f"group_probs {tuple(group_probs.shape)} and pseudo-label targets "
                               f"{tuple(targets.shape)} must have the same shape")
     targets = targets.to(group_probs.device)
     weights = inverse_frequency_weights(targets)

@@ -10,13 +10,13 @@ import SimpleITK as sitk
 
 from LymphNodeStagingLib.anatomy.vocabulary import (
     V1_CLASSES,
-    AnatomyError,
     id_of,
     ids_for,
     load_anatomy,
     read_nifti_label_names,
     vocabulary,
 )
+from LymphNodeStagingLib.errors import InputError
 
 
 def _write(path, arr, spacing=(3.0, 3.0, 3.0)):
@@ -98,15 +98,15 @@ def test_resampled_onto_reference(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(AnatomyError, match="not found"):
+    with pytest.raises(InputError, match="not found"):
         load_anatomy(tmp_path / "missing.nii.gz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AnatomyError, match="no mask files"):
+    with pytest.raises(InputError, match="no mask files"):
         load_anatomy(tmp_path / "empty")
     arr = np.zeros((2, 2, 2), np.uint16)
     arr[0, 0, 0] = 150
     _write(tmp_path / "bad.nii.gz", arr)
-    with pytest.raises(AnatomyError, match="label value 150 has no name"):
+    with pytest.raises(InputError, match="label value 150 has no name"):
         load_anatomy(tmp_path / "bad.nii.gz", version="v1")
-    with pytest.raises(AnatomyError, match="version"):
+    with pytest.raises(InputError, match="version"):
         load_anatomy(tmp_path / "bad.nii.gz", version="v3")

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from LymphNodeStagingLib.anatomy.totalsegmentator import FAST_TRAINER_FOLDER, MODEL_FOLDERS, run_totalsegmentator
-from LymphNodeStagingLib.anatomy.vocabulary import THORACIC_ROI, TotalSegmentatorWeightsError, id_of, vocabulary
+from LymphNodeStagingLib.anatomy.vocabulary import THORACIC_ROI, id_of, vocabulary
+from LymphNodeStagingLib.errors import ProcessingError
 
 #: Recorded by every Python process started with this folder on PYTHONPATH: network attempts -> a file.
 SITECUSTOMIZE = """
@@ -149,7 +150,7 @@ def test_audit_hook_records_network_attempts(tmp_path):
 def test_missing_weights_error_says_how_to_install(tmp_path):
     (tmp_path / "ct.nii.gz").parent.mkdir(exist_ok=True)
     make_ct(tmp_path / "ct.nii.gz")
-    with pytest.raises(TotalSegmentatorWeightsError) as info:
+    with pytest.raises(ProcessingError) as info:
         run_totalsegmentator(tmp_path / "ct.nii.gz", tmp_path / "out.nii.gz", home_dir=tmp_path / "empty")
     msg = str(info.value)
     assert MODEL_FOLDERS[297] in msg and MODEL_FOLDERS[298] in msg

@@ -13,7 +13,8 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from LymphNodeStagingLib.assessment.dicom_seg import DicomSegError, station_codes, write_dicom_seg
+from LymphNodeStagingLib.assessment.dicom_seg import station_codes, write_dicom_seg
+from LymphNodeStagingLib.errors import InputError
 from LymphNodeStagingLib.staging.colors import probability_color
 from LymphNodeStagingLib.staging.stations import STATIONS
 
@@ -115,12 +116,12 @@ def test_cropped_station_map_lands_on_the_ct_grid(case, tmp_path):
 
 
 def test_bad_inputs(case, tmp_path):
-    with pytest.raises(DicomSegError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         write_dicom_seg(case.stations, case.result, tmp_path / "nope", tmp_path / "x.dcm")
     ct_dir = tmp_path / "ct"
     write_ct_series(case.ct, ct_dir)
     empty = sitk.Image(case.stations.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(case.stations)
-    with pytest.raises(DicomSegError, match="no station voxels"):
+    with pytest.raises(InputError, match="no station voxels"):
         write_dicom_seg(empty, case.result, ct_dir, tmp_path / "x.dcm")
     assert not (tmp_path / "x.dcm").exists()

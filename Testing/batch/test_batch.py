@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from LymphNodeStagingLib.batch.cache import CaseCache, StepSpec, clean_partial
-from LymphNodeStagingLib.batch.run import BatchError, parse_steps, run_batch
+from LymphNodeStagingLib.batch.run import parse_steps, run_batch
 from LymphNodeStagingLib.cli.main import main
+from LymphNodeStagingLib.errors import UsageError
 
 CHEAP = "suv,anatomy"
 
@@ -81,7 +82,7 @@ def test_parse_steps_adds_dependencies_and_refuses_unknown():
     assert parse_steps("stations") == ["suv", "anatomy", "stations"]
     assert parse_steps("anatomy,suv") == ["suv", "anatomy"]
     assert parse_steps(None) == ["suv", "anatomy", "stations", "assess"]
-    with pytest.raises(BatchError, match="registration"):
+    with pytest.raises(UsageError, match="registration"):
         parse_steps("suv,registration")
 
 
@@ -175,7 +176,7 @@ def test_undeclared_pet_image_file_fails_per_case(cohort, tmp_path):
     assert s.counts == {"ok": 2, "failed": 1, "pending": 0}
     bad = s.failed[0]
     assert bad["patient_id"] == "PH0002" and bad["error_step"] == "suv"
-    assert bad["error"].startswith("PetSuvError: line 3 (PH0002_S1_PETCT): PET file ")
+    assert bad["error"].startswith("InputError: line 3 (PH0002_S1_PETCT): PET file ")
     for part in ("PH0002/pet.nii.gz", "without a DICOM header", "pet_is_suv=yes", "--pet-is-suv yes", "DICOM PET series"):
         assert part in bad["error"], part
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -202,7 +203,7 @@ def test_pet_is_suv_flag_against_the_column(cohort, tmp_path):
     s = run_batch(csv_path, tmp_path / "b", workers=0, steps="suv", threads_per_worker=1, pet_is_suv=True)
     assert [r["status"] for r in s.rows] == ["ok", "failed", "ok"]
     assert "pet_is_suv=no contradicts --pet-is-suv yes" in s.failed[0]["error"]
-    with pytest.raises(BatchError, match="expected declared"):
+    with pytest.raises(UsageError, match="expected declared"):
         run_batch(csv_path, tmp_path / "c", workers=0, steps="suv", pet_is_suv="auto")
 
 
@@ -239,7 +240,7 @@ def test_cli_json_and_errors(cohort, tmp_path, capsys):
         main(["batch", str(bare), "--out", str(tmp_path / "bare"), "--pet-is-suv", "auto"])
     capsys.readouterr()
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "suv,nonsense"])
-    assert code == 1 and "nonsense" in capsys.readouterr().err
+    assert code == 2 and "nonsense" in capsys.readouterr().err
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "stations", "--iterations", "x"])
     assert code == 1 and "--iterations" in capsys.readouterr().err
 

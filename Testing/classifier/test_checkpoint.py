@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from LymphNodeStagingLib.classifier.checkpoint import (
-    CheckpointError,
     load_checkpoint,
     load_model,
     save_checkpoint,
@@ -17,7 +16,7 @@ from LymphNodeStagingLib.classifier.checkpoint import (
     weights_sha256,
 )
 from LymphNodeStagingLib.classifier.model import ModelConfig, StagingModel, StationClassifier, predict_stations
-from LymphNodeStagingLib.errors import LNSError
+from LymphNodeStagingLib.errors import LNSError, ModelError
 
 
 def _saved(tmp_path, kind="station"):
@@ -51,7 +50,7 @@ def test_tampered_weights_are_detected(tmp_path):
     name = next(iter(payload["state_dict"]))
     payload["state_dict"][name] += 0.01
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="weights_sha256"):
+    with pytest.raises(ModelError, match="weights_sha256"):
         load_model(path)
 
 
@@ -61,7 +60,7 @@ def test_corrupt_file_is_detected(tmp_path):
     mid = len(data) // 2
     data[mid:mid + 64] = bytes(64)
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(ModelError):
         load_model(path)
 
 
@@ -71,7 +70,7 @@ def test_manifest_not_matching_the_weights(tmp_path):
     payload["manifest"]["model_config"]["channels"] = [8, 16, 32, 64]
     torch.save(payload, path)
     sidecar_path(path).unlink()
-    with pytest.raises(CheckpointError, match="do not fit the manifest"):
+    with pytest.raises(ModelError, match="do not fit the manifest"):
         load_model(path)
 
 
@@ -80,18 +79,18 @@ def test_edited_sidecar_manifest(tmp_path):
     side = json.loads(sidecar_path(path).read_text())
     side["manifest"]["threshold"] = 0.1
     sidecar_path(path).write_text(json.dumps(side))
-    with pytest.raises(CheckpointError, match="differs from the manifest"):
+    with pytest.raises(ModelError, match="differs from the manifest"):
         load_checkpoint(path)
 
 
 def test_not_a_checkpoint_and_pickled_code_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         load_model(tmp_path / "missing.pt")
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not an lnstaging checkpoint"):
+    with pytest.raises(ModelError, match="not an lnstaging checkpoint"):
         load_model(tmp_path / "other.pt")
     torch.save({"format": "lnstaging-checkpoint", "obj": _Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="weights-only"):
+    with pytest.raises(ModelError, match="weights-only"):
         load_model(tmp_path / "evil.pt")
     with pytest.raises(LNSError, match="kind"):
         save_checkpoint(tmp_path / "x.pt", StationClassifier(ModelConfig.small(16)), {"model_config": {}})

@@ -8,7 +8,6 @@ import torch
 
 from LymphNodeStagingLib.classifier.model import (
     ModelConfig,
-    ModelConfigError,
     StagingModel,
     StationClassifier,
     count_parameters,
@@ -17,6 +16,7 @@ from LymphNodeStagingLib.classifier.model import (
     predict_stations,
     rule_ordinal,
 )
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.staging.rules import load_rules
 from LymphNodeStagingLib.training.losses import rule_ordinal_bce
 
@@ -46,11 +46,11 @@ def test_station_identity_is_an_embedding():
 
 
 def test_config_validation_and_round_trip():
-    with pytest.raises(ModelConfigError, match="too small"):
+    with pytest.raises(UsageError, match="too small"):
         ModelConfig(patch_size=32)  # 6 blocks need 64
-    with pytest.raises(ModelConfigError, match="same length"):
+    with pytest.raises(UsageError, match="same length"):
         ModelConfig(channels=(4, 8), dropout=(0.1,))
-    with pytest.raises(ModelConfigError, match="unknown keys"):
+    with pytest.raises(UsageError, match="unknown keys"):
         ModelConfig.from_dict({"bogus": 1})
     c = ModelConfig.small(patch_size=32)
     assert ModelConfig.from_dict(c.to_dict()) == c
@@ -119,7 +119,7 @@ def test_freeze_encoder_and_predict_stations():
     assert p1.shape == (3,) and ((p1 > 0) & (p1 < 1)).all()
     np.testing.assert_array_equal(p1, p2)  # eval mode: no dropout
     assert m.classifier.training  # mode restored
-    with pytest.raises(ModelConfigError, match="one station index"):
+    with pytest.raises(UsageError, match="one station index"):
         predict_stations(m, x, [0])
 
 

@@ -7,14 +7,13 @@ import pytest
 import SimpleITK as sitk
 
 from LymphNodeStagingLib.classifier.patches import (
-    PatchError,
     StationSampler,
     crop_to_box,
     extract_patches,
     patch_reference,
     resample_patch,
 )
-from LymphNodeStagingLib.errors import LNSError
+from LymphNodeStagingLib.errors import InputError, LNSError
 
 COEF = np.array([1.5, -2.0, 0.7])
 
@@ -88,14 +87,14 @@ def test_pet_on_other_grid_is_centred_on_the_same_point():
 
 def test_bad_inputs_raise_lns_errors():
     ct = sitk.Image([8, 8, 8], sitk.sitkFloat32)
-    with pytest.raises(PatchError, match="centres_mm"):
+    with pytest.raises(InputError, match="centres_mm"):
         extract_patches(ct, ct, np.zeros((2, 2)), size=4)
-    with pytest.raises(PatchError, match="3D scalar"):
+    with pytest.raises(InputError, match="3D scalar"):
         extract_patches(sitk.Image([8, 8], sitk.sitkFloat32), ct, np.zeros((1, 3)), size=4)
     with pytest.raises(LNSError, match="finite"):
         patch_reference([np.nan, 0, 0], 4)
     bad = sitk.Image([4, 4, 4], sitk.sitkUInt8) + 30
-    with pytest.raises(PatchError, match="0..17"):
+    with pytest.raises(InputError, match="0..17"):
         StationSampler.from_label_map(bad)
 
 
@@ -125,7 +124,7 @@ def test_sampler_presence_centroid_and_samples_inside_station():
     uniform = np.array([img.TransformIndexToPhysicalPoint([int(x), int(y), int(z)]) for z, y, x in zyx])
     assert np.linalg.norm(pts - s.centroid(7), axis=1).mean() < np.linalg.norm(uniform - s.centroid(7), axis=1).mean()
     np.testing.assert_array_equal(pts, s.sample(7, 300, np.random.default_rng(0)))
-    with pytest.raises(PatchError, match="absent"):
+    with pytest.raises(InputError, match="absent"):
         s.sample(0, 1, np.random.default_rng(0))
 
 
@@ -158,5 +157,5 @@ def test_sampler_from_the_station_mappings_sparse_weight_maps():
     pts = s.sample(10, 100, np.random.default_rng(0))
     labels = {int(arr[tuple(img.TransformPhysicalPointToIndex(p.tolist())[::-1])]) for p in pts}
     assert labels == {11}
-    with pytest.raises(PatchError, match="positive sum"):
+    with pytest.raises(InputError, match="positive sum"):
         StationSampler.from_points({3: (np.zeros((2, 3)), np.zeros(2), np.zeros(3), None)})

@@ -59,11 +59,11 @@ def test_stage_text_and_errors(capsys):
     code, out, _ = run_cli(capsys, "stage", "--side", "R", "10R")
     assert code == 0 and out.startswith("N1")
     code, out, err = run_cli(capsys, "stage", "--side", "X", "--json", "4R")
-    assert code == 1 and out == "" and "--side" in err and "'X'" in err
+    assert code == 2 and out == "" and "--side" in err and "'X'" in err
     code, out, err = run_cli(capsys, "stage", "--side", "R", "--json", "12R")
-    assert code == 1 and out == "" and "12R" in err and "11R" in err
+    assert code == 2 and out == "" and "12R" in err and "11R" in err
     code, out, err = run_cli(capsys, "stage", "--side", "R", "--rules", "tnm7", "4R")
-    assert code == 1 and "tnm7" in err
+    assert code == 2 and "tnm7" in err
 
 
 def test_validate_cohort_exit_codes(capsys, tmp_path):

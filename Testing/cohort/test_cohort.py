@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from LymphNodeStagingLib.cohort.table import read_cohort, write_cohort
-from LymphNodeStagingLib.errors import CohortError
+from LymphNodeStagingLib.errors import InputError
 from LymphNodeStagingLib.staging.rules import UNKNOWN
 
 HEADER = "patient_id,study,series,n_stage,positive_stations,tumour_side,ct_path,pet_path"
@@ -94,7 +94,7 @@ def test_every_error_kind_is_reported_with_its_line(tmp_path):
     assert "missing.nii.gz" in missing.message
     incons = next(p for p in c.problems if p.line == 12)
     assert "N1" in incons.message and "N2" in incons.message and "ajcc8" in incons.message
-    with pytest.raises(CohortError, match="line 2"):
+    with pytest.raises(InputError, match="line 2"):
         c.require_valid()
 
 
@@ -121,14 +121,14 @@ def test_missing_and_unknown_columns_and_optional_paths(tmp_path):
 
 
 def test_unreadable_tables(tmp_path):
-    with pytest.raises(CohortError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         read_cohort(tmp_path / "none.csv")
     p = tmp_path / "semi.csv"
     p.write_text(HEADER.replace(",", ";") + "\n")
-    with pytest.raises(CohortError, match="comma-separated"):
+    with pytest.raises(InputError, match="comma-separated"):
         read_cohort(p)
     p.write_text("")
-    with pytest.raises(CohortError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         read_cohort(p)
     p.write_text(HEADER + "\n")
     assert [pr.kind for pr in read_cohort(p).problems] == ["no_rows"]

@@ -11,7 +11,6 @@ import pytest
 
 from LymphNodeStagingLib.cohort.splits import (
     Split,
-    SplitError,
     SplitPatient,
     assign_strata,
     collapse_patients,
@@ -21,6 +20,7 @@ from LymphNodeStagingLib.cohort.splits import (
     read_split,
     write_split,
 )
+from LymphNodeStagingLib.errors import UsageError
 
 
 def cohort(n: int = 200, seed: int = 1, scans_per_patient: bool = True) -> list[tuple[str, int, int | None]]:
@@ -137,16 +137,16 @@ def test_reused_file_that_does_not_match_the_cohort_is_a_clear_error(tmp_path):
     rows = cohort(40)
     path = tmp_path / "split.json"
     load_or_make_split(path, rows, n_folds=4, seed=0)
-    with pytest.raises(SplitError, match=r"split\.json does not match the cohort: 1 cohort patient\(s\) not in"):
+    with pytest.raises(UsageError, match=r"split\.json does not match the cohort: 1 cohort patient\(s\) not in"):
         load_or_make_split(path, [*rows, ("NEW", 1, 1)], n_folds=4, seed=0)
-    with pytest.raises(SplitError, match=r"split patient\(s\) not in the cohort.*'P000'"):
+    with pytest.raises(UsageError, match=r"split patient\(s\) not in the cohort.*'P000'"):
         load_or_make_split(path, [r for r in rows if r[0] != "P000"], n_folds=4, seed=0)
     changed = [(p, (n + 1) % 4, c) if p == "P001" else (p, n, c) for p, n, c in rows]
-    with pytest.raises(SplitError, match=r"different N-stage.*'P001'"):
+    with pytest.raises(UsageError, match=r"different N-stage.*'P001'"):
         load_or_make_split(path, changed, n_folds=4, seed=0)
-    with pytest.raises(SplitError, match=r"made with n_folds=4, but n_folds=5"):
+    with pytest.raises(UsageError, match=r"made with n_folds=4, but n_folds=5"):
         load_or_make_split(path, rows, n_folds=5, seed=0)
-    with pytest.raises(SplitError, match=r"made with seed=0, but seed=3"):
+    with pytest.raises(UsageError, match=r"made with seed=0, but seed=3"):
         load_or_make_split(path, rows, n_folds=4, seed=3)
 
 
@@ -157,12 +157,12 @@ def test_tampered_file_with_leakage_is_rejected(tmp_path):
     d["folds"][0]["train"].append(leaked)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(d))
-    with pytest.raises(SplitError, match=r"bad\.json.*fold 0"):
+    with pytest.raises(UsageError, match=r"bad\.json.*fold 0"):
         read_split(bad)
     (tmp_path / "junk.json").write_text("{not json")
-    with pytest.raises(SplitError, match="not readable JSON"):
+    with pytest.raises(UsageError, match="not readable JSON"):
         read_split(tmp_path / "junk.json")
-    with pytest.raises(SplitError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         read_split(tmp_path / "missing.json")
 
 
@@ -173,18 +173,18 @@ def test_subset_keeps_assignments():
     for f, g in zip(split.folds, sub.folds, strict=True):
         assert set(g.test) == set(f.test) & set(keep)
         assert set(g.train) == set(f.train) & set(keep)
-    with pytest.raises(SplitError, match="does not contain"):
+    with pytest.raises(UsageError, match="does not contain"):
         split.subset(["nobody"])
 
 
 def test_bad_input_and_small_cohorts():
-    with pytest.raises(SplitError, match="n_folds"):
+    with pytest.raises(UsageError, match="n_folds"):
         make_split(cohort(20), n_folds=1)
-    with pytest.raises(SplitError, match="at least 5"):
+    with pytest.raises(UsageError, match="at least 5"):
         make_split([("a", 0, 0), ("b", 1, 1)], n_folds=5)
-    with pytest.raises(SplitError, match="n_stage of patient 'x'"):
+    with pytest.raises(UsageError, match="n_stage of patient 'x'"):
         make_split([("x", 5, 0)] * 3, n_folds=2)
-    with pytest.raises(SplitError, match="empty"):
+    with pytest.raises(UsageError, match="empty"):
         make_split([], n_folds=2)
     tiny = make_split([(f"t{i}", i % 4, i % 4) for i in range(6)], n_folds=2, seed=0)
     assert sorted(set(tiny.strata.values())) == ["N0:0", "N1:1", "N2:2-N3:3"]

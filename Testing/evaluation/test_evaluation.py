@@ -11,8 +11,9 @@ import SimpleITK as sitk
 
 from LymphNodeStagingLib.cli.main import main
 from LymphNodeStagingLib.cohort.table import read_cohort
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.evaluation.baselines import lesion_overlap
-from LymphNodeStagingLib.evaluation.crossval import EvaluationConfig, EvaluationError, method_specs, reference_labels
+from LymphNodeStagingLib.evaluation.crossval import EvaluationConfig, method_specs, reference_labels
 from LymphNodeStagingLib.staging.stations import NUM_STATIONS
 from LymphNodeStagingLib.suv.statistics import station_suv_max
 
@@ -75,9 +76,9 @@ def test_method_specs_expand_ablations_with_dependencies():
     assert by["ts2"].depends_on == "ts1" and by["ts2-no-pseudo"].pseudo_loss is False
     assert by["ts1-centroid"].sampling == "centroid" and by["ts1-atlases3"].atlases == 3
     assert by["ts1-engelson2026"].kind == "restage" and by["ts1-engelson2026"].rules == "engelson2026"
-    with pytest.raises(EvaluationError, match="--strategy"):
+    with pytest.raises(UsageError, match="--strategy"):
         EvaluationConfig(methods=("ts4",))
-    with pytest.raises(EvaluationError, match="--ablation"):
+    with pytest.raises(UsageError, match="--ablation"):
         EvaluationConfig(ablations=("atlases=0",))
 
 
@@ -90,7 +91,7 @@ def test_reference_labels_from_truth_columns(tiny_cohort):
         assert tn in (0, 1, 2, 3) and set(np.unique(tlab)) <= {0, 1}
     r = rows[0]
     r.extra.pop("true_n_stage")
-    with pytest.raises(EvaluationError, match="true_n_stage"):
+    with pytest.raises(UsageError, match="true_n_stage"):
         reference_labels(r, "truth")
 
 

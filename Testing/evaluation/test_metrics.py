@@ -18,8 +18,8 @@ from sklearn.metrics import (
     confusion_matrix as sk_confusion_matrix,
 )
 
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.evaluation.metrics import (
-    MetricsError,
     ScanPrediction,
     aggregate_per_patient,
     best_threshold,
@@ -98,7 +98,7 @@ def test_best_threshold_by_balanced_accuracy():
     assert t == 3.0 and value == pytest.approx(0.875)
     assert best_threshold([0, 1], [3.0, 3.0], [3.0], strict=False) == (3.0, 0.5)
     assert best_threshold([0, 1, 1], [1, 2, 3], [0.5, 1.5, 1.6])[0] == 1.5  # tie -> smallest
-    with pytest.raises(MetricsError, match="undefined for every candidate"):
+    with pytest.raises(UsageError, match="undefined for every candidate"):
         best_threshold([0, 0], [1, 2], [1.5], metric="sensitivity")
 
 
@@ -180,13 +180,13 @@ def test_qwk_against_sklearn_random_and_argument_order():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(MetricsError, match="y_pred must hold integers 0..3"):
+    with pytest.raises(UsageError, match="y_pred must hold integers 0..3"):
         stage_metrics([0, 1], [0, 4])
-    with pytest.raises(MetricsError, match="same length"):
+    with pytest.raises(UsageError, match="same length"):
         stage_metrics([0, 1], [0])
-    with pytest.raises(MetricsError, match="station labels must be 0, 1 or -1"):
+    with pytest.raises(UsageError, match="station labels must be 0, 1 or -1"):
         station_metrics([0, 2], y_pred=[0, 1])
-    with pytest.raises(MetricsError, match="n_pred must be 0..3"):
+    with pytest.raises(UsageError, match="n_pred must be 0..3"):
         ScanPrediction("p", "s", [0], [0.1], 0, 7)
 
 
@@ -225,9 +225,9 @@ def test_per_patient_aggregation_does_not_over_weight_patients_with_many_scans()
     tie = [scan("D", "d1", [0], [0.1], 1, 1, n_prob=[0, 0.9, 0.1, 0]),
            scan("D", "d2", [0], [0.1], 1, 2, n_prob=[0, 0.4, 0.6, 0])]
     assert aggregate_per_patient(tie)[0].n_pred == 1
-    with pytest.raises(MetricsError, match="patient 'E'.*different reference N-stages"):
+    with pytest.raises(UsageError, match="patient 'E'.*different reference N-stages"):
         aggregate_per_patient([scan("E", "e1", [0], [0.1], 1, 1), scan("E", "e2", [0], [0.1], 2, 1)])
-    with pytest.raises(MetricsError, match="patient 'E'.*disagree on the label"):
+    with pytest.raises(UsageError, match="patient 'E'.*disagree on the label"):
         aggregate_per_patient([scan("E", "e1", [0], [0.1], 1, 1), scan("E", "e2", [1], [0.1], 1, 1)])
 
 
@@ -306,5 +306,5 @@ def test_mean_sd_over_folds_and_evaluate_method():
     assert lines[0].startswith("| method | LNS Acc | LNS BalAcc | LNS Sens | LNS Spec | LNS AUC | N Acc")
     assert len(lines) == 4 and lines[2].startswith("| TS1 | ") and lines[3].startswith("| B | ")
     assert res.summary["patient"]["stage.accuracy"].format() in lines[2]
-    with pytest.raises(MetricsError, match="without a fold"):
+    with pytest.raises(UsageError, match="without a fold"):
         evaluate_method("x", [scan("p", "s", [0], [0.1], 0, 0, fold=None)])

@@ -7,10 +7,10 @@ import pytest
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
 
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.evaluation.metrics import ScanPrediction, stage_metrics
 from LymphNodeStagingLib.evaluation.stat_tests import (
     EXACT_CUTOFF,
-    StatTestError,
     compare_methods,
     mcnemar,
     mcnemar_table,
@@ -50,9 +50,9 @@ def test_mcnemar_from_station_decisions():
     assert r.table == [[int(v) for v in row] for row in table]
     ref = sm_mcnemar(np.array(table), exact=False, correction=True)
     assert r.p_value == pytest.approx(ref.pvalue) and r.p_value < 0.05
-    with pytest.raises(StatTestError, match="same length"):
+    with pytest.raises(UsageError, match="same length"):
         mcnemar([0, 1], [0], [1, 1])
-    with pytest.raises(StatTestError, match="2x2"):
+    with pytest.raises(UsageError, match="2x2"):
         mcnemar_table([[1, 2, 3]])
 
 
@@ -111,11 +111,11 @@ def test_permutation_groups_swap_together_and_errors():
     # scans swapped one by one: three +1 differences, |T| = 3/6 only when all agree: 2 of 8 sign patterns
     r = paired_permutation_test(t, a, b, n_permutations=100)
     assert r.n_permutations == 64 and r.p_value == pytest.approx(0.25)
-    with pytest.raises(StatTestError, match="statistic must be one of"):
+    with pytest.raises(UsageError, match="statistic must be one of"):
         paired_permutation_test(t, a, b, statistic="auc")
-    with pytest.raises(StatTestError, match="N-stages 0..3"):
+    with pytest.raises(UsageError, match="N-stages 0..3"):
         paired_permutation_test([0, 5], [0, 1], [0, 1])
-    with pytest.raises(StatTestError, match="undefined"):
+    with pytest.raises(UsageError, match="undefined"):
         paired_permutation_test([2, 2], [2, 2], [2, 2], statistic="qwk")
 
 
@@ -140,9 +140,9 @@ def test_compare_methods_on_the_same_folds():
     assert cmp.to_dict()["permutation"]["n_permutations"] == 2000
     same = compare_methods(good, list(reversed(good)), n_permutations=500)
     assert same.mcnemar.p_value == 1.0 and same.permutation.p_value == 1.0
-    with pytest.raises(StatTestError, match="not evaluated on the same test scans and folds"):
+    with pytest.raises(UsageError, match="not evaluated on the same test scans and folds"):
         compare_methods(good, poor[:-1])
     moved = [ScanPrediction(s.patient_id, s.scan_id, s.station_true, s.station_prob, s.n_true, s.n_pred,
                             fold=(s.fold + 1) % 2) for s in poor]
-    with pytest.raises(StatTestError, match="same test scans and folds"):
+    with pytest.raises(UsageError, match="same test scans and folds"):
         compare_methods(good, moved)

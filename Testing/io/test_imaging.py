@@ -13,7 +13,8 @@ from dicom_fixtures import expected_suv, write_series
 from LymphNodeStagingLib.anatomy.vocabulary import id_of
 from LymphNodeStagingLib.classifier.patches import normalise_ct, normalise_pet
 from LymphNodeStagingLib.cli import main as cli
-from LymphNodeStagingLib.io.images import ImagingError, physical_bounds, resample_to
+from LymphNodeStagingLib.errors import InputError
+from LymphNodeStagingLib.io.images import physical_bounds, resample_to
 from LymphNodeStagingLib.mapping.crop import check_pet_covers, mediastinal_crop
 from LymphNodeStagingLib.suv.inputs import load_case
 
@@ -47,7 +48,7 @@ def test_load_case_from_dicom(tmp_path):
 
 def test_frame_of_reference_mismatch_refused(tmp_path):
     ct, pet = _dicom_pair(tmp_path, pet_over={"FrameOfReferenceUID": "9.9.9"})
-    with pytest.raises(ImagingError, match=r"FrameOfReferenceUID \(0020,0052\)"):
+    with pytest.raises(InputError, match=r"FrameOfReferenceUID \(0020,0052\)"):
         load_case(ct, pet)
 
 
@@ -56,7 +57,7 @@ def test_no_overlap_refused(tmp_path):
     pet = _image(np.ones((5, 5, 5), np.float32), origin=(500.0, 0.0, 0.0))
     sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
     sitk.WriteImage(pet, str(tmp_path / "pet.nii.gz"))
-    with pytest.raises(ImagingError, match="do not overlap"):
+    with pytest.raises(InputError, match="do not overlap"):
         load_case(tmp_path / "ct.nii.gz", tmp_path / "pet.nii.gz", pet_is_suv=True)
 
 
@@ -65,13 +66,13 @@ def test_image_files_and_pet_is_suv(tmp_path):
     pet = _image(np.full((3, 3, 4), 2.5, np.float32), spacing=(4.0, 4.0, 4.0))
     sitk.WriteImage(ct, str(tmp_path / "ct.nrrd"))
     sitk.WriteImage(pet, str(tmp_path / "pet.mha"))
-    with pytest.raises(ImagingError, match="pet_is_suv"):
+    with pytest.raises(InputError, match="pet_is_suv"):
         load_case(tmp_path / "ct.nrrd", tmp_path / "pet.mha")
     case = load_case(tmp_path / "ct.nrrd", tmp_path / "pet.mha", pet_is_suv=True)
     assert case.ct.GetPixelID() == sitk.sitkFloat32 and case.pet.GetPixelID() == sitk.sitkFloat32
     assert case.suv["mode"] == "user"
     (tmp_path / "x.txt").write_text("not an image")
-    with pytest.raises(ImagingError, match="unknown image format"):
+    with pytest.raises(InputError, match="unknown image format"):
         load_case(tmp_path / "ct.nrrd", tmp_path / "x.txt", pet_is_suv=True)
 
 
@@ -79,7 +80,7 @@ def test_resampling():
     img = _image(np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4), spacing=(2.0, 2.0, 3.0), origin=(1, 2, 3))
     back = resample_to(img, img, "nearest")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
-    with pytest.raises(ImagingError, match="interpolator"):
+    with pytest.raises(InputError, match="interpolator"):
         resample_to(img, img, "cubic-ish")
 
 
@@ -118,7 +119,7 @@ def test_mediastinal_crop_box_and_margin():
 def test_not_a_thorax_refused():
     a = np.zeros((10, 10, 10), np.uint16)
     a[2:5, 2:5, 2:5] = id_of("liver")
-    with pytest.raises(ImagingError, match=r"CT is not a thorax \(no lungs/trachea found"):
+    with pytest.raises(InputError, match=r"CT is not a thorax \(no lungs/trachea found"):
         mediastinal_crop(_image(a))
 
 
@@ -126,7 +127,7 @@ def test_pet_not_covering_mediastinum_refused():
     anat = _thorax()
     box = mediastinal_crop(anat)
     pet = _image(np.zeros((5, 40, 40), np.float32), spacing=(4.0, 4.0, 4.0), origin=(-80.0, -80.0, 0.0))
-    with pytest.raises(ImagingError, match="PET does not cover the mediastinum"):
+    with pytest.raises(InputError, match="PET does not cover the mediastinum"):
         check_pet_covers(pet, box)
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.mapping.atlas import AtlasError, convert_lynch, load_atlas_set
+from LymphNodeStagingLib.errors import InputError
+from LymphNodeStagingLib.mapping.atlas import convert_lynch, load_atlas_set
 
 
 def _img(a, spacing=(4.0, 4.0, 4.0)):
@@ -52,30 +53,30 @@ def test_load_valid_set(tmp_path):
     assert len(aset) == 2 and aset.synthetic and [a.id for a in aset.atlases] == ["atlas01", "atlas02"]
     assert sitk.GetArrayViewFromImage(aset.atlases[0].stations()).max() == 17
     assert [a.id for a in aset.subset(["atlas02"]).atlases] == ["atlas02"]
-    with pytest.raises(AtlasError, match="not in atlas set"):
+    with pytest.raises(InputError, match="not in atlas set"):
         aset.subset(["atlas09"])
 
 
 def test_missing_manifest_and_bad_format(tmp_path):
-    with pytest.raises(AtlasError, match="manifest.json is missing"):
+    with pytest.raises(InputError, match="manifest.json is missing"):
         load_atlas_set(tmp_path)
     root = _write_set(tmp_path / "s")
     m = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**m, "format_version": 7}))
-    with pytest.raises(AtlasError, match="format_version"):
+    with pytest.raises(InputError, match="format_version"):
         load_atlas_set(root)
     (root / "manifest.json").write_text(json.dumps({**m, "atlases": [m["atlases"][0], m["atlases"][0]]}))
-    with pytest.raises(AtlasError, match="unique 'id'"):
+    with pytest.raises(InputError, match="unique 'id'"):
         load_atlas_set(root)
     (root / "manifest.json").write_text("{not json")
-    with pytest.raises(AtlasError, match="not valid JSON"):
+    with pytest.raises(InputError, match="not valid JSON"):
         load_atlas_set(root)
 
 
 def test_missing_file(tmp_path):
     root = _write_set(tmp_path)
     (root / "atlas02" / "stations.nii.gz").unlink()
-    with pytest.raises(AtlasError, match=r"atlas atlas02: stations file .* does not exist"):
+    with pytest.raises(InputError, match=r"atlas atlas02: stations file .* does not exist"):
         load_atlas_set(root)
 
 
@@ -84,7 +85,7 @@ def test_mismatched_grid(tmp_path):
         if k == 1:
             images["anatomy"].SetSpacing((4.0, 4.0, 3.0))
 
-    with pytest.raises(AtlasError, match=r"atlas atlas02: anatomy image .* not on the CT grid \(spacing"):
+    with pytest.raises(InputError, match=r"atlas atlas02: anatomy image .* not on the CT grid \(spacing"):
         load_atlas_set(_write_set(tmp_path, edit=edit))
 
 
@@ -95,7 +96,7 @@ def test_missing_station_and_unknown_labels(tmp_path):
         images["stations"] = _img(a)
 
     root = _write_set(tmp_path / "a", edit=drop)
-    with pytest.raises(AtlasError, match=r"lacks stations \['7'\]"):
+    with pytest.raises(InputError, match=r"lacks stations \['7'\]"):
         load_atlas_set(root)
     assert len(load_atlas_set(root, allow_missing_stations=True)) == 2
 
@@ -104,7 +105,7 @@ def test_missing_station_and_unknown_labels(tmp_path):
         a[0, 0, 0] = 23
         images["stations"] = _img(a)
 
-    with pytest.raises(AtlasError, match=r"label values \[23\]"):
+    with pytest.raises(InputError, match=r"label values \[23\]"):
         load_atlas_set(_write_set(tmp_path / "b", edit=bad_station))
 
     def bad_anatomy(k, images):
@@ -112,7 +113,7 @@ def test_missing_station_and_unknown_labels(tmp_path):
         a[0, 0, 0] = 150
         images["anatomy"] = _img(a)
 
-    with pytest.raises(AtlasError, match=r"unknown label ids \[150\]"):
+    with pytest.raises(InputError, match=r"unknown label ids \[150\]"):
         load_atlas_set(_write_set(tmp_path / "c", edit=bad_anatomy))
 
 
@@ -140,6 +141,6 @@ def test_convert_lynch_without_anatomy_says_what_is_needed(tmp_path):
     d.mkdir(parents=True)
     sitk.WriteImage(_img(np.zeros((4, 4, 4), np.int16)), str(d / "ct.nii.gz"))
     sitk.WriteImage(_img(np.ones((4, 4, 4), np.uint8)), str(d / "4L.nii.gz"))
-    with pytest.raises(AtlasError, match="no anatomy"):
+    with pytest.raises(InputError, match="no anatomy"):
         convert_lynch(tmp_path / "lynch", tmp_path / "out")
     assert not (tmp_path / "out").exists()

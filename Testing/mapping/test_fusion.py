@@ -5,23 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LymphNodeStagingLib.mapping.fusion import (
-    ABSENT,
-    FALLBACK_BEST,
-    FALLBACK_UNION,
-    OK,
-    UNRESOLVED,
-    FusionError,
-    fuse,
-)
+from LymphNodeStagingLib.errors import InputError
+from LymphNodeStagingLib.mapping.fusion import ABSENT, FALLBACK_BEST, FALLBACK_UNION, OK, UNRESOLVED, fuse
 from LymphNodeStagingLib.mapping.registration import Geometry
-from LymphNodeStagingLib.mapping.weightmap import (
-    WeightMapError,
-    assign_points,
-    sample_centres,
-    station_weight_maps,
-    weight_map,
-)
+from LymphNodeStagingLib.mapping.weightmap import assign_points, sample_centres, station_weight_maps, weight_map
 
 
 def _maps(*rows):
@@ -66,9 +53,9 @@ def test_agreement_is_mean_pairwise_dice():
 
 
 def test_fuse_rejects_bad_input():
-    with pytest.raises(FusionError, match="0..17"):
+    with pytest.raises(InputError, match="0..17"):
         fuse(_maps([18, 0]))
-    with pytest.raises(FusionError, match="permutation"):
+    with pytest.raises(InputError, match="permutation"):
         fuse(_maps([1], [1]), ranking=[0, 0])
 
 
@@ -98,7 +85,7 @@ def test_weight_map_single_voxel_and_votes_and_empty():
     assert wm.weights.tolist() == [1.0] and np.allclose(wm.centre_mm, (4, 3, 4))
     votes = np.full(mask.shape, 0.4, np.float32)
     assert weight_map(mask, g, 1, votes).weights[0] == pytest.approx(0.4)
-    with pytest.raises(WeightMapError, match="station 1L has no voxel"):
+    with pytest.raises(InputError, match="station 1L has no voxel"):
         weight_map(np.zeros_like(mask), g, 1)
 
 

@@ -48,7 +48,7 @@ def test_geometry_pooled_and_box_grid():
 
 
 def test_prepare_anatomy_rejects_empty_labels():
-    with pytest.raises(R.RegistrationError, match="none of the registration structures"):
+    with pytest.raises(R.InputError, match="none of the registration structures"):
         R.prepare_anatomy(sitk.Image(8, 8, 8, sitk.sitkUInt8), R.RegistrationConfig())
 
 

@@ -175,7 +175,7 @@ def test_cli_phantom_with_preview_and_atlas(tmp_path, capsys):
     assert main(["phantom", "--out", str(tmp_path / "a"), "--atlas", "--patients", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["format"] == "lnstaging-atlas-set"
-    assert main(["phantom", "--out", str(tmp_path / "x"), "--n-stage-mix", "a,b"]) == 1
+    assert main(["phantom", "--out", str(tmp_path / "x"), "--n-stage-mix", "a,b"]) == 2
 
 
 def test_suv_ranges(patients):

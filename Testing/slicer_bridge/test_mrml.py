@@ -227,11 +227,11 @@ def test_volume_round_trip_keeps_lps_geometry(app):
 
 def test_bad_inputs_raise_with_a_clear_message(app, case):
     bad = sitk.Image(4, 4, 4, sitk.sitkUInt8) + 30
-    with pytest.raises(mrml.MRMLBridgeError, match="label values 0..17"):
+    with pytest.raises(mrml.InputError, match="label values 0..17"):
         mrml.show_result(app.scene, case.result, bad)
-    with pytest.raises(mrml.MRMLBridgeError, match=".seg.nrrd"):
+    with pytest.raises(mrml.InputError, match=".seg.nrrd"):
         mrml.save_segmentation(app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode"), "x.nrrd")
-    with pytest.raises(mrml.MRMLBridgeError, match="holds no LymphNodeStaging result"):
+    with pytest.raises(mrml.InputError, match="holds no LymphNodeStaging result"):
         mrml.result_from_node(app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode"))
 
 

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LymphNodeStagingLib.assessment.assess import Cancelled, assess_case
+from LymphNodeStagingLib.assessment.assess import assess_case
 from LymphNodeStagingLib.assessment.process import (
     CANCEL_FILE,
     AssessmentJob,
     AssessmentProcess,
-    AssessmentProcessError,
     parse_line,
     run_assessment_process,
 )
+from LymphNodeStagingLib.errors import Cancelled, ProcessingError
 
 
 def write_truth_mapping(stations: sitk.Image, folder: Path) -> Path:
@@ -90,10 +90,10 @@ def test_lines_are_parsed_into_events():
 def test_job_file_round_trip_and_bad_keys(tmp_path):
     j = AssessmentJob("ct.nrrd", "pet.nrrd", "R", str(tmp_path), threshold=0.4)
     assert AssessmentJob.read(j.write(tmp_path / "job.json")) == j
-    with pytest.raises(AssessmentProcessError, match=r"unknown keys \['colour'\], missing keys \['side'\]"):
+    with pytest.raises(ProcessingError, match=r"unknown keys \['colour'\], missing keys \['side'\]"):
         AssessmentJob.from_dict({"ct": "a", "pet": "b", "out_dir": "c", "colour": "red"})
     (tmp_path / "bad.json").write_text("[1, 2]")
-    with pytest.raises(AssessmentProcessError, match="bad.json: expected a JSON object"):
+    with pytest.raises(ProcessingError, match="bad.json: expected a JSON object"):
         AssessmentJob.read(tmp_path / "bad.json")
 
 
@@ -169,7 +169,7 @@ def test_a_child_that_ignores_cancel_is_terminated_after_the_grace_period(tmp_pa
 def test_child_errors_reach_the_parent_with_their_message(case, tmp_path):
     missing = tmp_path / "nowhere" / "ct.nii.gz"
     process = AssessmentProcess(job(case, tmp_path / "e", ct=str(missing))).start()
-    with pytest.raises(AssessmentProcessError, match="nowhere"):
+    with pytest.raises(ProcessingError, match="nowhere"):
         process.wait(timeout=120)
     assert process.returncode == 2
     err = [e for e in process.events if e.kind == "error"][-1]
@@ -177,5 +177,5 @@ def test_child_errors_reach_the_parent_with_their_message(case, tmp_path):
 
 
 def test_a_python_that_cannot_start_is_an_error(tmp_path):
-    with pytest.raises(AssessmentProcessError, match="cannot start"):
+    with pytest.raises(ProcessingError, match="cannot start"):
         AssessmentProcess(AssessmentJob("ct", "pet", "R", str(tmp_path)), python=str(tmp_path / "no-python")).start()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from LymphNodeStagingLib.errors import RuleSetError
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.staging.rules import (
     UNKNOWN,
     available_rule_sets,
@@ -181,23 +181,23 @@ def test_station_pseudo_labels(side):
 
 def test_parsers_and_errors(tmp_path):
     assert parse_side("right") == "R" and parse_side(" l ") == "L"
-    with pytest.raises(RuleSetError, match="tumour_side"):
+    with pytest.raises(UsageError, match="tumour_side"):
         parse_side("-", "tumour_side")
     assert [parse_n_stage(x) for x in ("0", "N1", "n2", "cN3", "pN2", 3)] == [0, 1, 2, 3, 2, 3]
-    with pytest.raises(RuleSetError, match="n_stage"):
+    with pytest.raises(UsageError, match="n_stage"):
         parse_n_stage("N4")
-    with pytest.raises(RuleSetError, match="ajcc8"):
+    with pytest.raises(UsageError, match="ajcc8"):
         load_rules("nonsense")
     bad = tmp_path / "bad.json"
     data = load_rules("ajcc8").to_dict()
     data["groups_by_side"]["R"]["N1"].append("7")
     bad.write_text(json.dumps(data))
-    with pytest.raises(RuleSetError, match="more than one group"):
+    with pytest.raises(UsageError, match="more than one group"):
         load_rules(str(bad))
     data = load_rules("ajcc8").to_dict()
     data["groups_by_side"]["L"]["N2"].remove("9")
     bad.write_text(json.dumps(data))
-    with pytest.raises(RuleSetError, match="no group"):
+    with pytest.raises(UsageError, match="no group"):
         load_rules.cache_clear() or load_rules(str(bad))
     good = tmp_path / "custom.json"
     data = load_rules("ajcc8").to_dict()

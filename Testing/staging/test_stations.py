@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from LymphNodeStagingLib.errors import StationNameError
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.staging.stations import (
     NUM_STATIONS,
     STATION_NAMES,
@@ -48,7 +48,7 @@ def test_parse_variants(text, expected):
 
 @pytest.mark.parametrize("bad", ["12R", "4", "3", "10", "11", "4X", "", "R4", "Station", "11Rx", "14L", "2"])
 def test_parse_rejects_and_lists_valid_names(bad):
-    with pytest.raises(StationNameError) as exc:
+    with pytest.raises(UsageError) as exc:
         parse_station(bad)
     msg = str(exc.value)
     assert repr(bad) in msg
@@ -64,7 +64,7 @@ def test_parse_lists_merge_substations_and_sort():
 
 def test_labels_and_mirror():
     assert station_by_label(8).name == "4R"
-    with pytest.raises(StationNameError):
+    with pytest.raises(UsageError):
         station_by_label(18)
     for s in STATIONS:
         m = mirror(s)

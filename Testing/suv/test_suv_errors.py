@@ -12,9 +12,9 @@ from dicom_fixtures import HALF, LAM, expected_suv, make_slice, write_series  # 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from LymphNodeStagingLib.errors import LNSError
-from LymphNodeStagingLib.io.dicom_series import DicomSeriesError, find_series
-from LymphNodeStagingLib.suv.conversion import SuvError, suv_factors, suv_from_folder
+from LymphNodeStagingLib.errors import InputError, LNSError
+from LymphNodeStagingLib.io.dicom_series import find_series
+from LymphNodeStagingLib.suv.conversion import suv_factors, suv_from_folder
 
 
 def _mean_suv(folder: Path, **kw) -> float:
@@ -125,7 +125,7 @@ REFUSALS = [
 @pytest.mark.parametrize(("over", "tag"), REFUSALS, ids=[t for _, t in REFUSALS])
 def test_refusal_names_the_tag(tmp_path, over, tag):
     headers = [make_slice(k, "1.2.3.9", **over) for k in range(2)]
-    with pytest.raises(SuvError) as info:
+    with pytest.raises(InputError) as info:
         suv_factors(headers)
     assert tag in str(info.value)
     assert isinstance(info.value, LNSError)
@@ -135,25 +135,25 @@ def test_two_radiopharmaceuticals_refused():
     headers = [make_slice(k, "1.2.3.9") for k in range(2)]
     for h in headers:
         h.RadiopharmaceuticalInformationSequence.append(Dataset())
-    with pytest.raises(SuvError, match=r"\(0054,0016\) has 2 items"):
+    with pytest.raises(InputError, match=r"\(0054,0016\) has 2 items"):
         suv_factors(headers)
 
 
 def test_contradictory_slices_refused():
     headers = [make_slice(k, "1.2.3.9", PatientWeight=str(70 + k)) for k in range(2)]
-    with pytest.raises(SuvError, match=r"PatientWeight \(0010,1030\) differs"):
+    with pytest.raises(InputError, match=r"PatientWeight \(0010,1030\) differs"):
         suv_factors(headers)
 
 
 def test_back_computation_disagreement_refused():
     headers = [make_slice(k, "1.2.3.9", SeriesTime="113000", FrameReferenceTime=60000 + 200000 * k)
                for k in range(2)]
-    with pytest.raises(SuvError, match=r"FrameReferenceTime \(0054,1300\)"):
+    with pytest.raises(InputError, match=r"FrameReferenceTime \(0054,1300\)"):
         suv_factors(headers)
 
 
 def test_unknown_mode_refused():
-    with pytest.raises(SuvError, match="mode"):
+    with pytest.raises(InputError, match="mode"):
         suv_factors([make_slice(0, "1.2.3.9")], mode="slicer")
 
 
@@ -163,25 +163,25 @@ def test_unknown_mode_refused():
 def test_mixed_orientation_refused(tmp_path):
     folder = write_series(tmp_path, per_slice=lambda k: {"ImageOrientationPatient": [1, 0, 0, 0, 0.8, 0.6]}
                           if k == 1 else {})
-    with pytest.raises(DicomSeriesError, match=r"ImageOrientationPatient \(0020,0037\)"):
+    with pytest.raises(InputError, match=r"ImageOrientationPatient \(0020,0037\)"):
         find_series(folder, "PT")
 
 
 def test_duplicate_position_refused(tmp_path):
     folder = write_series(tmp_path, per_slice=lambda k: {"ImagePositionPatient": [0, 0, 0]} if k == 2 else {})
-    with pytest.raises(DicomSeriesError, match=r"duplicate ImagePositionPatient \(0020,0032\)"):
+    with pytest.raises(InputError, match=r"duplicate ImagePositionPatient \(0020,0032\)"):
         find_series(folder, "PT")
 
 
 def test_several_series_listed_and_chosen(tmp_path):
     write_series(tmp_path, series_uid="1.2.3.100", SeriesNumber=5, SeriesDescription="PET AC")
     write_series(tmp_path, series_uid="1.2.3.200", SeriesNumber=6, SeriesDescription="PET NAC")
-    with pytest.raises(DicomSeriesError) as info:
+    with pytest.raises(InputError) as info:
         find_series(tmp_path, "PT")
     assert "1.2.3.100" in str(info.value) and "1.2.3.200" in str(info.value) and "series" in str(info.value)
     assert find_series(tmp_path, "PT", series="PET NAC").info.series_uid == "1.2.3.200"
     assert find_series(tmp_path, "PT", series="5").info.series_uid == "1.2.3.100"
-    with pytest.raises(DicomSeriesError, match="Modality"):
+    with pytest.raises(InputError, match="Modality"):
         find_series(tmp_path, "CT")
 
 

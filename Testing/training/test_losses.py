@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from LymphNodeStagingLib.classifier.model import StagingOutput, rule_ordinal
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.staging.rules import pseudo_labels
 from LymphNodeStagingLib.training.losses import (
-    LossConfigError,
     LossWeights,
     expected_stage,
     inverse_frequency_weights,
@@ -39,7 +39,7 @@ def test_pseudo_loss_all_unknown_is_zero_and_targets_from_rules():
     assert t[0].tolist() == [-1, -1, 1]
     assert float(pseudo_label_loss(p, torch.full((2, 3), -1))) == 0.0
     assert float(pseudo_label_loss(p, t)) == pytest.approx(1.0 * (1 - float(p[0, 2])))
-    with pytest.raises(LossConfigError):
+    with pytest.raises(UsageError):
         pseudo_label_loss(p, torch.zeros(2, 2))
 
 
@@ -101,5 +101,5 @@ def test_staging_loss_is_the_weighted_sum_and_skips_zero_weights():
                                          + parts["bce"], rel=1e-6)
     total2, parts2 = staging_loss(out, labels, n, pseudo, LossWeights(pseudo=0.0, bce=0.0, rule_ordinal=1.0))
     assert set(parts2) == {"ce", "ordinal", "rule_ordinal"}
-    with pytest.raises(LossConfigError, match="pseudo"):
+    with pytest.raises(UsageError, match="pseudo"):
         LossWeights(pseudo=-1)

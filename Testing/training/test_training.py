@@ -8,13 +8,13 @@ import torch
 
 from LymphNodeStagingLib.classifier.checkpoint import load_checkpoint, load_model
 from LymphNodeStagingLib.classifier.model import ModelConfig, StagingModel
+from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.staging.rules import UNKNOWN
 from LymphNodeStagingLib.training.loops import (
     CaseDataset,
     CaseSample,
     StationPatchDataset,
     TrainConfig,
-    TrainingError,
     balanced_accuracy,
     epoch_order,
     evaluate_stations,
@@ -81,7 +81,7 @@ def test_same_seed_same_weights_and_resume_after_interruption(cases, tmp_path):
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
     c = train_ts1(cases[:4], cases[6:], tmp_path / "c", MCFG, _cfg(epochs=1, seed=6))
     assert load_checkpoint(c.last_checkpoint).manifest["weights_sha256"] != wa
-    with pytest.raises(TrainingError, match="another training run"):
+    with pytest.raises(UsageError, match="another training run"):
         train_ts1(cases[:4], cases[6:], tmp_path / "b", MCFG, _cfg(epochs=2, lr=1e-3))
 
 
@@ -139,7 +139,7 @@ def test_ts2_with_stage_only_cases_and_ts3_keeps_encoder_frozen(ts1, cases, tmp_
     torch.manual_seed(5)  # the seeded initial head of the run
     initial = StagingModel(MCFG)
     assert not torch.equal(m3.head[0].weight, initial.head[0].weight)
-    with pytest.raises(TrainingError, match="ts3 needs"):
+    with pytest.raises(UsageError, match="ts3 needs"):
         train_ts3(train_set, cases[6:], tmp_path / "ts3b", MCFG, _cfg(epochs=1))
 
 

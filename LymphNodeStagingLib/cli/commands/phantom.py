@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from ...errors import UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...phantom import PhantomConfig, PhantomError, generate_atlas_set, generate_cohort
+    from ...phantom import PhantomConfig, generate_atlas_set, generate_cohort
     from ..main import emit
 
     t0 = time.perf_counter()
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             cfg.n_stage_mix = tuple(float(v) for v in args.n_stage_mix.split(","))
         except ValueError:
-            raise PhantomError(f"--n-stage-mix must be 4 comma-separated numbers, got {args.n_stage_mix!r}") from None
+            raise UsageError(f"--n-stage-mix must be 4 comma-separated numbers, got {args.n_stage_mix!r}") from None
     if args.atlas:
         out = generate_atlas_set(args.out, atlases=args.patients, seed=args.seed, size=args.size)
         result = {"atlas_set": str(out), "manifest": str(out / "manifest.json"), "atlases": args.patients,
