@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from ..errors import InputError, ProcessingError, UsageError
 from ..io.files import write_image, write_json
 from ..paths import ENV_TOTALSEG_HOME, ENV_TOTALSEG_WEIGHTS, totalseg_home, totalseg_weights_dir
+from ..runtime import ProgressCallback, reporter
 from .vocabulary import THORACIC_ROI, _v2_total, load_anatomy
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ if __name__ == "__main__":
 def run_totalsegmentator(ct_path: str | Path, out_path: str | Path, device: str = "cpu", fast: bool = True,
                          roi_subset: Iterable[str] | None = THORACIC_ROI, *, home_dir: str | Path | None = None,
                          timeout_s: float | None = None, env: dict[str, str] | None = None,
-                         progress: Callable[[float, str], None] | None = None) -> Path:
+                         progress: ProgressCallback | None = None) -> Path:
     """Run TotalSegmentator on ``ct_path`` (NIfTI) in a subprocess and write the anatomy label map (vocabulary ids,
     CT grid) to ``out_path``. ``device``: "cpu", "gpu" or "gpu:N". Usage statistics off, weights checked first,
     network blocked inside the run."""
@@ -126,8 +127,8 @@ def run_totalsegmentator(ct_path: str | Path, out_path: str | Path, device: str 
     run_env[ENV_TOTALSEG_HOME] = str(home)
     if home_dir is not None:
         run_env.pop(ENV_TOTALSEG_WEIGHTS, None)
-    if progress is not None:
-        progress(0.05, "TotalSegmentator running")
+    report = reporter(progress)
+    report(0.05, "TotalSegmentator running")
     ct_img = sitk.ReadImage(str(ct_path))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".totalseg.") as tmp:
@@ -149,6 +150,5 @@ def run_totalsegmentator(ct_path: str | Path, out_path: str | Path, device: str 
     else:
         labels = sitk.Resample(labels, ct_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
     write_image(labels, out_path)
-    if progress is not None:
-        progress(1.0, "TotalSegmentator done")
+    report(1.0, "TotalSegmentator done")
     return out_path

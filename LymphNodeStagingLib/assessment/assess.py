@@ -21,14 +21,15 @@ from ..errors import Cancelled, InputError
 from ..io.files import write_image
 from ..mapping.crop import check_pet_covers, mediastinal_crop
 from ..paths import demo_model_path
+from ..runtime import Device, ProgressCallback, parse_device, progress_part, reporter
 from ..staging.result import CaseResult, make_case_result
 from ..staging.rules import DEFAULT_RULES, parse_side
 from ..staging.stations import STATIONS
+from ..suv.inputs import decide_pet_is_suv, load_case, load_pet, parse_pet_is_suv
 from ..suv.statistics import station_suv_stats
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 #: File names that say nothing about the case; the folder name is used instead.
 GENERIC_NAMES = {"ct", "image", "img", "volume", "ct_image", "dicom", "series"}
 
@@ -67,8 +68,8 @@ def assess_case(
     model: str | Path | None = None,
     atlases=None,
     rules: str = DEFAULT_RULES,
-    device: str = "cpu",
-    pet_is_suv: bool = False,
+    device: str | Device = "cpu",
+    pet_is_suv: bool | str | None = None,
     suv_mode: str = "qiba",
     threshold: float | None = None,
     tta: int = 0,
@@ -76,7 +77,7 @@ def assess_case(
     case_id: str | None = None,
     out_dir: str | Path | None = None,
     station_mapping=None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Assessment:
     """Assess one PET/CT. ``ct``/``pet`` are files, DICOM folders or SimpleITK images (PET images are SUV).
@@ -87,7 +88,8 @@ def assess_case(
     CSV, station map, mapping files and the PNG overview are written there.
     """
     side = parse_side(side, "side")
-    report = progress or (lambda f, m: None)
+    dev = parse_device(device)
+    report = reporter(progress)
     timings: dict[str, float] = {}
 
     def check_cancel() -> None:
@@ -97,6 +99,7 @@ def assess_case(
     # 1. images
     t0 = time.perf_counter()
     report(0.0, "loading images")
+    declared = isinstance(pet, sitk.Image) or decide_pet_is_suv(pet, flag=parse_pet_is_suv(pet_is_suv))
     suv_info: dict = {}
     from_dicom = False
     sources: dict[str, str] = {}
@@ -106,13 +109,9 @@ def assess_case(
             pet_img = pet
             suv_info = {"mode": "user", "decisions": ["PET image given as SUV"], "warnings": []}
         else:
-            from ..suv.inputs import load_pet
-
-            pet_img, suv_info, _, _ = load_pet(pet, pet_is_suv=pet_is_suv, suv_mode=suv_mode)
+            pet_img, suv_info, _, _ = load_pet(pet, pet_is_suv=declared, suv_mode=suv_mode)
     else:
-        from ..suv.inputs import load_case
-
-        case = load_case(ct, pet, pet_is_suv=pet_is_suv, suv_mode=suv_mode)
+        case = load_case(ct, pet, pet_is_suv=declared, suv_mode=suv_mode)
         ct_img, pet_img, suv_info = case.ct, case.pet, case.suv
         from_dicom = Path(ct).is_dir() or Path(pet).is_dir()
         sources = {k: str(v) for k, v in (("ct", ct), ("pet", pet)) if Path(v).is_dir()}
@@ -125,7 +124,7 @@ def assess_case(
     if station_mapping is None:
         t0 = time.perf_counter()
         report(0.1, "anatomy")
-        anat_img = _anatomy(anatomy, ct, ct_img, device)
+        anat_img = _anatomy(anatomy, ct, ct_img, dev)
         timings["anatomy"] = time.perf_counter() - t0
         check_pet_covers(pet_img, mediastinal_crop(anat_img, clip_to=ct_img))
         check_cancel()
@@ -134,8 +133,8 @@ def assess_case(
 
         t0 = time.perf_counter()
         atlas_set = resolve_atlas_set(atlases)
-        station_mapping = map_stations(ct_img, anat_img, atlas_set, device=device,
-                                       progress=lambda f, m: report(0.2 + 0.5 * f, m))
+        station_mapping = map_stations(ct_img, anat_img, atlas_set, device=dev.torch,
+                                       progress=progress_part(progress, 0.2, 0.7))
         timings["mapping"] = time.perf_counter() - t0
         atlas_info = {"name": atlas_set.name, "atlases": station_mapping.atlas_ids, "path": str(atlas_set.root)}
     else:
@@ -155,7 +154,7 @@ def assess_case(
     if not model_path.is_file():
         raise InputError(f"model {model_path} does not exist; pass a checkpoint (--model) made by "
                               "`lnstaging train`")
-    net, manifest = load_model(model_path, device=device)
+    net, manifest = load_model(model_path, device=dev.torch)
     thr = float(threshold if threshold is not None else manifest.get("threshold", 0.5))
     from ..classifier.patches import StationSampler
 
@@ -222,7 +221,7 @@ def _case_id(ct) -> str:
     return name
 
 
-def _anatomy(anatomy, ct, ct_img: sitk.Image, device: str) -> sitk.Image:
+def _anatomy(anatomy, ct, ct_img: sitk.Image, device: Device) -> sitk.Image:
     from ..anatomy.totalsegmentator import run_totalsegmentator
     from ..anatomy.vocabulary import load_anatomy
 
@@ -235,7 +234,7 @@ def _anatomy(anatomy, ct, ct_img: sitk.Image, device: str) -> sitk.Image:
         if ct_path is None:
             ct_path = Path(tmp) / "ct.nii.gz"
             sitk.WriteImage(ct_img, str(ct_path))
-        seg = run_totalsegmentator(ct_path, Path(tmp) / "anatomy.nii.gz", device=device)
+        seg = run_totalsegmentator(ct_path, Path(tmp) / "anatomy.nii.gz", device=device.totalsegmentator)
         return load_anatomy(seg, reference=ct_img)
 
 

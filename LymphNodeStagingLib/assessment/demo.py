@@ -8,9 +8,10 @@ bundled TS1 model and writes the report files. The phantom knows its truth, so t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..runtime import Device, ProgressCallback, progress_part, reporter
 
 DEMO_SEED = 12
 DEMO_SIZE = "full"
@@ -35,15 +36,15 @@ class DemoResult:
 
 
 def run_demo(out_dir: str | Path = "demo-out", *, seed: int = DEMO_SEED, size: str = DEMO_SIZE,
-             model: str | Path | None = None, atlases: str | Path | None = None, device: str = "cpu",
-             progress: Callable[[float, str], None] | None = None) -> DemoResult:
+             model: str | Path | None = None, atlases: str | Path | None = None, device: str | Device = "cpu",
+             progress: ProgressCallback | None = None) -> DemoResult:
     """Generate a phantom patient into OUT/patient and assess it into OUT/assessment."""
     import json
 
     from ..phantom import build_demo_atlas_set, generate_patient, write_patient
     from .assess import assess_case
 
-    report = progress or (lambda f, m: None)
+    report = reporter(progress)
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -59,6 +60,6 @@ def run_demo(out_dir: str | Path = "demo-out", *, seed: int = DEMO_SEED, size: s
     truth = json.loads(Path(paths["truth"]).read_text())
     res = assess_case(paths["ct"], paths["pet"], truth["tumour_side"], anatomy=paths["anatomy"], model=model,
                       atlases=atlas_path, device=device, pet_is_suv=True, case_id=patient.patient_id,
-                      out_dir=out_dir / "assessment", progress=lambda f, m: report(0.2 + 0.8 * f, m))
+                      out_dir=out_dir / "assessment", progress=progress_part(progress, 0.2, 1.0))
     seconds["assessment"] = time.perf_counter() - t0
     return DemoResult(res, out_dir / "patient", out_dir / "assessment", truth, dict(res.files), seconds)

@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import Cancelled, LNSError, ProcessingError
 from ..io.files import write_image, write_json
 from ..paths import package_root
+from ..runtime import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ class AssessmentProcess:
         return ProcessOutput(result, station_map, pet, files, dict(done.data.get("dicom_sources", {})))
 
 
-def run_assessment_process(job: AssessmentJob, *, progress: Callable[[float, str], None] | None = None,
+def run_assessment_process(job: AssessmentJob, *, progress: ProgressCallback | None = None,
                            cancel: Callable[[], bool] | None = None, log_callback: Callable[[str], None] | None = None,
                            python: str | None = None, timeout: float | None = None) -> ProcessOutput:
     """Run ``job`` in a child process and wait, with the callbacks of ``assess_case`` (and one for log lines)."""
@@ -279,7 +280,7 @@ def run_assessment_process(job: AssessmentJob, *, progress: Callable[[float, str
 
     def on_event(event: ProcessEvent) -> None:
         if event.kind == "progress" and progress is not None:
-            progress(event.fraction or 0.0, event.message)
+            progress(Progress(event.fraction or 0.0, 1.0, event.message))
         elif event.kind == "log" and log_callback is not None:
             log_callback(event.message)
         if cancel is not None and not process.cancel_requested and cancel():
@@ -344,7 +345,7 @@ def _run_job(job: AssessmentJob) -> int:
         job.ct, job.pet, job.side, anatomy=job.anatomy, model=job.model, atlases=job.atlases, rules=job.rules,
         device=job.device, pet_is_suv=job.pet_is_suv, suv_mode=job.suv_mode, threshold=job.threshold,
         case_id=job.case_id, station_mapping=mapping,
-        progress=lambda f, m: _emit("progress", fraction=round(0.95 * float(f), 4), message=m),
+        progress=lambda p: _emit("progress", fraction=round(0.95 * p.fraction, 4), message=p.message),
         cancel=cancel_file.exists)
     _emit("progress", fraction=0.95, message="writing outputs")
     files = write_outputs(assessment, out)

@@ -3,7 +3,7 @@
 Steps (each cached per case, see ``case_cache``):
 
   suv       load CT and PET, PET in SUV (a DICOM series converted, QIBA; a PET image file only when declared SUV,
-            see row_pet_is_suv) -> pet_suv.nii.gz (+ ct.nii.gz for a DICOM CT), suv.json
+            see suv.inputs.decide_pet_is_suv) -> pet_suv.nii.gz (+ ct.nii.gz for a DICOM CT), suv.json
   anatomy   the cohort's anatomy_path (loaded into the TotalSegmentator vocabulary) or a TotalSegmentator run
             -> anatomy.nii.gz
   stations  multi-atlas station mapping -> stations.nii.gz, vote_fractions.nii.gz, centroids.json, mapping.json
@@ -40,11 +40,12 @@ from typing import Any
 
 from ..errors import InputError, LNSError, UsageError
 from ..io.files import write_json
+from ..runtime import ProgressCallback, limit_threads, parse_device, reporter
+from ..suv.inputs import decide_pet_is_suv, parse_pet_is_suv, pet_is_suv_name
 from .cache import CaseCache, StepSpec, clean_partial, fingerprint
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 
 STEPS: tuple[str, ...] = ("suv", "anatomy", "stations", "assess")
 DEPENDS: dict[str, tuple[str, ...]] = {"suv": (), "anatomy": (), "stations": ("suv", "anatomy"),
@@ -52,8 +53,6 @@ DEPENDS: dict[str, tuple[str, ...]] = {"suv": (), "anatomy": (), "stations": ("s
 #: Version of each step's computation in this module; raise it when a step's output changes for the same inputs.
 STEP_VERSIONS: dict[str, int] = {"suv": 1, "anatomy": 1, "stations": 1, "assess": 1}
 SUMMARY_FORMAT = "lnstaging-batch-summary"
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
 #: How often a case whose worker process died (killed, out of memory) is tried again in a fresh process.
 MAX_WORKER_DEATHS = 2
 OK, FAILED, PENDING = "ok", "failed", "pending"
@@ -84,66 +83,6 @@ def parse_steps(steps: str | Sequence[str] | None) -> list[str]:
     return [s for s in STEPS if s in closure]
 
 
-#: --pet-is-suv choices and their run_batch values: the cohort column decides (None), every PET is SUV (True), none
-#: is (False).
-PET_IS_SUV_CHOICES: dict[str, bool | None] = {"declared": None, "yes": True, "no": False}
-
-
-def pet_is_suv_option(value: str | bool | None) -> bool | None:
-    """run_batch's ``pet_is_suv`` from a --pet-is-suv choice or a bool (None: declared per row)."""
-    if value is None or isinstance(value, bool):
-        return value
-    key = str(value).strip().lower()
-    if key not in PET_IS_SUV_CHOICES:
-        raise UsageError(f"pet_is_suv {value!r}: expected declared (the cohort's pet_is_suv column decides; "
-                         "undeclared PET image files are refused), yes (every PET holds SUV) or no (none does: "
-                         "DICOM PET is converted, PET image files are refused)")
-    return PET_IS_SUV_CHOICES[key]
-
-
-def pet_is_suv_name(value: bool | None) -> str:
-    """The --pet-is-suv choice of a run_batch ``pet_is_suv`` value."""
-    return {None: "declared", True: "yes", False: "no"}[value]
-
-
-def row_pet_is_suv(row: dict[str, Any], flag: bool | None) -> bool:
-    """Whether a case's PET is taken as SUV: the row's pet_is_suv column, else the batch's flag, else only a DICOM
-    series, which is converted from its header (False). Raises InputError for a PET image file that nobody
-    declared, and for a column that contradicts the flag (neither is guessed: either would change every SUV figure).
-    """
-    column = row.get("pet_is_suv")
-    where = f"line {row.get('line')} ({row.get('scan_id') or row.get('patient_id')})"
-    if column is not None and flag is not None and bool(column) != flag:
-        raise InputError(f"{where}: cohort column pet_is_suv={'yes' if column else 'no'} contradicts "
-                          f"--pet-is-suv {pet_is_suv_name(flag)}; correct the column, or run with --pet-is-suv "
-                          "declared to let the column decide")
-    declared = flag if column is None else bool(column)
-    pet = row.get("pet_path")
-    if not declared and pet and not Path(pet).is_dir():
-        if declared is None:
-            how = ("declare that it holds SUV (cohort column pet_is_suv=yes for this row, or --pet-is-suv yes for "
-                   "every row) or give the DICOM PET series folder")
-        elif column is None:
-            how = "--pet-is-suv no refuses PET image files; give the DICOM PET series folder"
-        else:
-            how = "the cohort column pet_is_suv=no refuses it; give the DICOM PET series folder"
-        raise InputError(f"{where}: PET file {pet} is an image without a DICOM header, so its SUV cannot be "
-                          f"computed; {how}")
-    return bool(declared)
-
-
-def torch_device(device: str) -> str:
-    """'cpu', 'gpu', 'cuda' or 'cuda:N' -> the torch device name."""
-    d = (device or "cpu").lower()
-    if d == "cpu":
-        return "cpu"
-    if d in ("gpu", "cuda"):
-        return "cuda"
-    if d.startswith(("cuda:", "gpu:")) and d.split(":", 1)[1].isdigit():
-        return "cuda:" + d.split(":", 1)[1]
-    raise UsageError(f"device {device!r}: expected cpu, gpu, cuda or cuda:N")
-
-
 @dataclass
 class BatchOptions:
     """Parameters of a cohort run that every case shares (plain data: sent to worker processes)."""
@@ -153,7 +92,7 @@ class BatchOptions:
     model: str | None = None
     atlases: str | None = None
     rules: str = "ajcc8"
-    pet_is_suv: bool | None = None  # None: the row's pet_is_suv column decides (see row_pet_is_suv)
+    pet_is_suv: bool | None = None  # None: the row's pet_is_suv column decides (see suv.inputs.decide_pet_is_suv)
     suv_mode: str = "qiba"
     registration: dict = field(default_factory=dict)  # RegistrationConfig overrides (e.g. iterations)
     threads: int = 1  # threads per worker
@@ -198,7 +137,8 @@ def _row_dict(row) -> dict[str, Any]:
 def case_specs(row: dict[str, Any], options: BatchOptions) -> dict[str, StepSpec]:
     """The step specifications (and so the keys) of one case; InputError for a PET that cannot be used."""
     ct_is_dicom = bool(row["ct_path"]) and Path(row["ct_path"]).is_dir()
-    pet_is_suv = row_pet_is_suv(row, options.pet_is_suv)
+    pet_is_suv = decide_pet_is_suv(row.get("pet_path"), column=row.get("pet_is_suv"), flag=options.pet_is_suv,
+                                   where=f"line {row.get('line')} ({row.get('scan_id') or row.get('patient_id')})")
     declared = row.get("pet_is_suv") is not None or options.pet_is_suv is not None
     specs: dict[str, StepSpec] = {}
     # "auto": a DICOM series converted from its header (the value of earlier runs, kept so their caches stay valid)
@@ -227,24 +167,6 @@ def case_specs(row: dict[str, Any], options: BatchOptions) -> dict[str, StepSpec
 
 
 # ------------------------------------------------------------------------------------------------ worker side
-
-
-def limit_threads(threads: int) -> None:
-    """Bound the threads of this process: environment for OpenMP/BLAS/ITK, torch and SimpleITK settings."""
-    threads = max(1, int(threads))
-    for var in THREAD_ENV:
-        os.environ[var] = str(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        with contextlib.suppress(RuntimeError):  # only allowed before the first parallel work
-            torch.set_num_interop_threads(1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    import SimpleITK as sitk
-
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def registration_config(overrides: dict, threads: int):
@@ -537,7 +459,7 @@ def run_batch(
     scheduler: Any = None,
     retry_failed: bool = False,
     rules: str = "ajcc8",
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     threads_per_worker: int | None = None,
     pet_is_suv: bool | str | None = None,
     suv_mode: str = "qiba",
@@ -554,15 +476,16 @@ def run_batch(
     without it has its DICOM PET converted to SUV and its PET image file refused (a failed case naming the file:
     an image file has no header to compute SUV from). True takes every PET as SUV; False takes none (DICOM PET is
     converted, image files are refused). A row whose column contradicts True/False fails the same way.
-    ``progress(fraction, message)`` is called after every case.
+    ``progress`` receives a :class:`~LymphNodeStagingLib.runtime.Progress` in cases: once before the first case
+    and after every case.
     """
     from ..cohort.table import read_cohort
     from ..staging.rules import load_rules
 
     t_start = time.perf_counter()
-    report = progress or (lambda f, m: None)
+    report = reporter(progress)
     step_list = parse_steps(steps)
-    tdev = torch_device(device)
+    tdev = parse_device(device).torch
     load_rules(rules)  # fails early for an unknown rule set
     if workers < 0:
         raise UsageError(f"workers {workers}: expected 0 (in this process) or more")
@@ -595,7 +518,7 @@ def run_batch(
         model_used = str(model_file.resolve())
         model_fp = fingerprint(model_file)  # the bundled model too: a new bundled model recomputes assess
     opts = BatchOptions(steps=step_list, device=tdev, model=model_used if model else None, atlases=atlas_path,
-                        rules=rules, pet_is_suv=pet_is_suv_option(pet_is_suv), suv_mode=suv_mode,
+                        rules=rules, pet_is_suv=parse_pet_is_suv(pet_is_suv), suv_mode=suv_mode,
                         registration=_check_registration(registration),
                         threads=int(threads_per_worker),
                         atlas_fingerprint=_fingerprint_atlases(atlas_path) if atlas_path else None,
@@ -660,7 +583,7 @@ def run_batch(
 
         n_total = len(cohort.rows)
         done = n_total - len(tasks)
-        report(done / max(1, n_total), f"{done}/{n_total} cases complete or reused; {len(tasks)} to run")
+        report(done, f"{done}/{n_total} cases complete or reused; {len(tasks)} to run", n_total)
         t_run = time.perf_counter()
         deaths = 0
         ran = 0
@@ -672,8 +595,7 @@ def run_batch(
             ran += 1
             rate = (time.perf_counter() - t_run) / max(1, ran)
             eta = rate * (n_total - done)
-            report(done / max(1, n_total), f"{done}/{n_total} cases, {task.scan_id}: {manifest['status']}, "
-                                           f"ETA {_hms(eta)}")
+            report(done, f"{task.scan_id}: {manifest['status']}, ETA {_hms(eta)}", n_total)
 
         try:
             if not tasks:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import pkgutil
 import sys
@@ -47,17 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def emit(obj: dict, as_json: bool, text: str | None = None) -> None:
-    """Print a result: one JSON object with --json, otherwise the given text (or pretty JSON)."""
-    if as_json:
-        sys.stdout.write(json.dumps(obj, default=str) + "\n")
-    else:
-        sys.stdout.write((text if text is not None else json.dumps(obj, indent=2, default=str)) + "\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), --help and --version (0): a return code, as for every command
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",

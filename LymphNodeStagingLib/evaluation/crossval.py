@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,12 +35,12 @@ import numpy as np
 
 from ..errors import UsageError
 from ..io.files import write_json
+from ..runtime import Progress, ProgressCallback, parse_device, progress_part, reporter
 from ..staging.rules import DEFAULT_RULES, UNKNOWN, available_rule_sets, load_rules, parse_n_stage
 from ..staging.stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 BASE_METHODS: tuple[str, ...] = ("ts1", "ts2", "ts3", "threshold", "lesion")
 ABLATIONS: tuple[str, ...] = ("centroid", "no-pseudo", "rules", "atlases=K")
 PREDICTIONS_VERSION = 1
@@ -68,7 +68,7 @@ class EvaluationConfig:
     small: bool = False
     patch_spacing: float | None = None
     device: str = "cpu"
-    pet_is_suv: bool = False
+    pet_is_suv: bool | str | None = None
     n_boot: int = 1000
     n_permutations: int = 10000
     suv_thresholds: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5)
@@ -85,6 +85,7 @@ class EvaluationConfig:
         for a in self.ablations:
             if a not in ("centroid", "no-pseudo", "rules") and not _atlas_count(a):
                 raise UsageError(f"--ablation {a!r} is not one of {', '.join(ABLATIONS)} (K a number >= 1)")
+        self.device = parse_device(self.device).torch
 
     def training_dict(self) -> dict:
         keys = ("epochs", "ts23_epochs", "batch_size", "max_steps_per_epoch", "ts23_batch_size", "ts23_max_steps",
@@ -194,7 +195,7 @@ def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
 
 
 def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path, config: EvaluationConfig, need_lesions: bool,
-                  progress: Progress | None = None) -> list[EvalCase]:
+                  progress: ProgressCallback | None = None) -> list[EvalCase]:
     """Images, cached station maps, samplers and baseline features of every row."""
     from ..suv.statistics import station_suv_max
     from ..training.cases import prepare_case
@@ -204,7 +205,7 @@ def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path, config: Evaluation
     out = []
     for i, row in enumerate(rows):
         if progress:
-            progress(i / max(len(rows), 1), f"preparing {row.scan_id} ({i + 1}/{len(rows)})")
+            progress(Progress(i, max(len(rows), 1), f"preparing {row.scan_id} ({i + 1}/{len(rows)})"))
         prep = prepare_case(row, atlas_set, cache_dir, device=config.device, pet_is_suv=config.pet_is_suv)
         labels = row.station_labels()
         sample = CaseSample(patient_id=row.patient_id, ct=prep.ct, pet=prep.pet, sampler=prep.sampler,
@@ -309,7 +310,7 @@ def predict_lesion(spec: MethodSpec, fit: Sequence[EvalCase], test: Sequence[Eva
 
 
 def _train_method(spec: MethodSpec, fold_dir: Path, train: Sequence[EvalCase], val: Sequence[EvalCase],
-                  config: EvaluationConfig, progress: Progress | None):
+                  config: EvaluationConfig, progress: ProgressCallback | None):
     from ..classifier.model import ModelConfig
     from ..training.loops import TrainConfig
     from ..training.loops import train as train_model
@@ -380,7 +381,7 @@ def _digest(obj) -> str:
 
 def run_fold_method(spec: MethodSpec, fold: int, fold_dir: Path, cases: dict[str, Sequence[EvalCase]],
                     config: EvaluationConfig, split_fp: str, done: dict[str, FoldPredictions],
-                    progress: Progress | None = None) -> FoldPredictions:
+                    progress: ProgressCallback | None = None) -> FoldPredictions:
     """Train (if needed) and predict one method on one fold; reuses predictions.json of the same settings."""
     pred_file = fold_dir / spec.name / "predictions.json"
     key = _digest({"spec": spec.key(config), "split": split_fp, "fold": fold, "version": PREDICTIONS_VERSION,
@@ -456,7 +457,7 @@ def scan_predictions(preds: Sequence[FoldPredictions], cases_by_scan: dict[str, 
 
 def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: EvaluationConfig | None = None, *,
                    atlases=None, cache_dir: str | Path | None = None,
-                   progress: Progress | None = None) -> EvaluationRun:
+                   progress: ProgressCallback | None = None) -> EvaluationRun:
     """Cross-validate the configured methods on a cohort and write the report (see the module docstring)."""
     from ..cohort.splits import load_or_make_split, patients_from_rows
     from ..mapping.atlas import resolve_atlas_set
@@ -466,7 +467,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     t_start = time.perf_counter()
     config = config or EvaluationConfig()
     out_dir = Path(out_dir)
-    report = progress or (lambda f, m: None)
+    report = reporter(progress)
     rows = _staged_rows(cohort_csv, config.rules)
     specs = method_specs(config)
     if not specs:
@@ -481,13 +482,13 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     report(0.0, f"preparing {len(rows)} scans")
     case_sets: dict[int | None, list[EvalCase]] = {
         None: prepare_cases(rows, atlas_set, cache, config, need_lesions,
-                            lambda f, m: report(0.1 * f, m))}
+                            progress_part(progress, 0.0, 0.1))}
     for k in sorted({s.atlases for s in specs if s.atlases}):
         if k > len(atlas_set):
             raise UsageError(f"--ablation atlases={k}: the atlas set has only {len(atlas_set)} atlases")
         sub = atlas_set.subset([a.id for a in atlas_set.atlases[:k]])
         case_sets[k] = prepare_cases(rows, sub, cache / f"atlases{k}", config, False,
-                                     lambda f, m, k=k: report(0.1 * f, f"{k} atlases: {m}"))
+                                     progress_part(progress, 0.0, 0.1))
     cases_by_scan = {c.scan_id: c for c in case_sets[None]}
 
     predictions: dict[str, list[FoldPredictions]] = {s.name: [] for s in specs}
@@ -504,8 +505,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
             pool = case_sets[spec.atlases]
             roles = {role: [c for c in pool if c.patient_id in ids] for role, ids in fold_ids.items()}
 
-            def sub_progress(f: float, m: str, frac0: float = frac0, k: int = k) -> None:
-                report(frac0 + 0.85 / n_steps * f, f"fold {k + 1}/{config.folds}: {m}")
+            sub_progress = progress_part(progress, frac0, frac0 + 0.85 / n_steps)
 
             fp = run_fold_method(spec, k, fold_dir, roles, config, split_fp, done, sub_progress)
             done[spec.name] = fp
@@ -540,7 +540,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
 
 def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Path,
                    config: EvaluationConfig | None = None, *, atlases=None, cache_dir: str | Path | None = None,
-                   progress: Progress | None = None) -> EvaluationRun:
+                   progress: ProgressCallback | None = None) -> EvaluationRun:
     """Test a trained model (e.g. the bundled one) on a whole cohort: every scan is a test scan (one 'fold')."""
     from ..mapping.atlas import resolve_atlas_set
     from .metrics import evaluate_method
@@ -548,11 +548,11 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
     t_start = time.perf_counter()
     config = config or EvaluationConfig(folds=1)
     out_dir = Path(out_dir)
-    report = progress or (lambda f, m: None)
+    report = reporter(progress)
     rows = _staged_rows(cohort_csv, config.rules)
     atlas_set = resolve_atlas_set(atlases)
     cache = Path(cache_dir) if cache_dir else out_dir / "cases"
-    cases = prepare_cases(rows, atlas_set, cache, config, False, lambda f, m: report(0.8 * f, m))
+    cases = prepare_cases(rows, atlas_set, cache, config, False, progress_part(progress, 0.0, 0.8))
     report(0.85, "classifying")
     score, pred, n_pred, n_prob, params = predict_model(Path(model), cases, config.rules, config.device)
     name = Path(model).name

@@ -9,7 +9,6 @@ own slope and intercept), which SimpleITK's series reader does not guarantee (it
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pydicom
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..runtime import Progress, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
         return None
 
 
-def scan_folder(folder: str | Path, progress: Callable[[float, str], None] | None = None) -> list[SeriesInfo]:
+def scan_folder(folder: str | Path, progress: ProgressCallback | None = None) -> list[SeriesInfo]:
     """All image series (files with pixel data geometry) under ``folder``, recursively, grouped by SeriesInstanceUID."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -121,7 +121,7 @@ def scan_folder(folder: str | Path, progress: Callable[[float, str], None] | Non
     series: dict[str, SeriesInfo] = {}
     for i, path in enumerate(files):
         if progress is not None and i % 50 == 0:
-            progress(i / max(len(files), 1), f"scanning {path.name}")
+            progress(Progress(i, max(len(files), 1), f"scanning {path.name}"))
         ds = _read_header(path)
         if ds is None or "SeriesInstanceUID" not in ds or "ImagePositionPatient" not in ds:
             continue

@@ -29,10 +29,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from ..runtime import ProgressCallback, reporter
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[float, str], None]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -539,7 +539,7 @@ def _channel_weights(patient: PreparedAnatomy, atlases: list[PreparedAnatomy]) -
 
 def register(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], station_points: list[np.ndarray],
              config: RegistrationConfig | None = None, device: str = "cpu",
-             progress: Progress | None = None) -> RegistrationResult:
+             progress: ProgressCallback | None = None) -> RegistrationResult:
     """Register all atlases to the patient in one batch.
 
     station_points: per atlas, world points (atlas space) that the deformable crop must cover (e.g. the corners of
@@ -555,7 +555,7 @@ def register(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], station_p
     iters: dict[str, int] = {}
     weights = _channel_weights(patient, atlases)
     w_t = torch.as_tensor(weights, device=dev)
-    report = progress or (lambda f, m: None)
+    report = reporter(progress)
 
     with torch.no_grad():
         # 1. initialisation from landmarks
@@ -701,7 +701,7 @@ def _affine_gauss_newton(patient: PreparedAnatomy, atlases: list[PreparedAnatomy
 
 
 def _demons(patient: PreparedAnatomy, atlases: list[PreparedAnatomy], affine_norm: np.ndarray, box: Box, w_t,
-            config: RegistrationConfig, dev, iters: dict[str, int], report: Progress):
+            config: RegistrationConfig, dev, iters: dict[str, int], report: Callable[..., None]):
     """Diffeomorphic demons on the anatomy channels: a stationary velocity field (mm) per atlas, updated by the
     normalised multi-channel demons force (Gaussian-smoothed, fluid-like) and smoothed again (diffusion-like); the
     field of the lowest loss per atlas is kept. Returns the displacement (N, 3, z, y, x) in box-normalised units on

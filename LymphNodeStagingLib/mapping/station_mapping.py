@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..io.files import write_figure, write_image, write_json
+from ..runtime import ProgressCallback, progress_part, reporter
 from ..staging.stations import NUM_STATIONS, STATION_NAMES
 from .atlas import AtlasSet
 from .fusion import fuse
@@ -21,7 +21,6 @@ from .registration import Geometry, RegistrationConfig, RegistrationResult, bbox
 from .weightmap import WeightMap, station_weight_maps
 
 log = logging.getLogger(__name__)
-Progress = Callable[[float, str], None]
 
 
 @dataclass
@@ -155,7 +154,7 @@ def _as_label_image(anatomy: sitk.Image, reference: sitk.Image | None) -> sitk.I
 
 
 def map_stations(ct: sitk.Image | None, anatomy: sitk.Image, atlas_set: AtlasSet, device: str = "cpu",
-                 progress: Progress | None = None, config: RegistrationConfig | None = None,
+                 progress: ProgressCallback | None = None, config: RegistrationConfig | None = None,
                  evaluate_anatomy: bool = False, keep_warped: bool = False) -> StationMapping:
     """Map the 17 stations onto a patient from its anatomy label map (TotalSegmentator 'total' ids).
 
@@ -167,7 +166,7 @@ def map_stations(ct: sitk.Image | None, anatomy: sitk.Image, atlas_set: AtlasSet
     if len(atlas_set) == 0:
         raise InputError(f"atlas set {atlas_set.name!r} has no atlas")
     config = config or RegistrationConfig()
-    report = progress or (lambda f, m: None)
+    report = reporter(progress)
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -182,11 +181,8 @@ def map_stations(ct: sitk.Image | None, anatomy: sitk.Image, atlas_set: AtlasSet
         patient = prepare_anatomy(anatomy, config)
         timings["patient_preparation"] = time.perf_counter() - t0
 
-        def sub_progress(f: float, msg: str) -> None:
-            report(0.05 + 0.75 * f, msg)
-
         result = register(patient, [a.anatomy for a in atlases], [a.corners for a in atlases], config, device,
-                          sub_progress)
+                          progress_part(progress, 0.05, 0.80))
         timings.update(result.timings)
 
         report(0.82, "warping station maps")

@@ -7,6 +7,6 @@ from .patient import PhantomConfig, PhantomPatient, generate_patient, patient_se
 from .writer import generate_atlas_set, generate_cohort, write_patient
 
 __all__ = [
-    "PhantomConfig", "UsageError", "PhantomPatient",
+    "PhantomConfig", "PhantomPatient",
     "build_demo_atlas_set", "generate_atlas_set", "generate_cohort", "generate_patient", "patient_seed", "write_patient",
 ]

@@ -4,11 +4,11 @@ the AUC of SUVmax alone (node and station level), measured on the generated PET 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import mannwhitneyu
 
+from ..runtime import Progress, ProgressCallback
 from ..staging.rules import N_STAGES
 from ..staging.stations import STATION_NAMES
 from .patient import PhantomConfig, generate_patient, patient_seed
@@ -31,7 +31,7 @@ def _summary(v: list[float]) -> dict:
 
 
 def cohort_stats(patients: int, seed: int = 0, size: str = "small", config: PhantomConfig | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: ProgressCallback | None = None) -> dict:
     """Generate ``patients`` phantoms in memory and summarise their labels and PET statistics."""
     n_counts: Counter = Counter()
     reported_counts: Counter = Counter()
@@ -62,7 +62,7 @@ def cohort_stats(patients: int, seed: int = 0, size: str = "small", config: Phan
         blood.append(t["physiology"]["blood_pool"])
         myo.append(t["physiology"]["myocardium"])
         if progress:
-            progress(i + 1, patients)
+            progress(Progress(i + 1, patients, f"patient {i + 1} of {patients}"))
     benign_all = node_suv["benign"] + node_suv["inflammatory"]
     thr = {str(t): {"station_sensitivity": round(float(np.mean(np.asarray(st_pos) > t)), 3) if st_pos else None,
                     "station_specificity": round(float(np.mean(np.asarray(st_neg) <= t)), 3) if st_neg else None}

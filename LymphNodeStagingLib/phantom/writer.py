@@ -6,13 +6,13 @@ import csv
 import gzip
 import io
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from ..errors import UsageError
 from ..io.files import atomic_path, write_json, write_text
+from ..runtime import Progress, ProgressCallback
 from .patient import GENERATOR, GENERATOR_VERSION, PhantomConfig, PhantomPatient, generate_patient, patient_seed
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def write_patient(patient: PhantomPatient, out_dir: str | Path, format: str = "n
 
 
 def generate_cohort(out_dir: str | Path, patients: int, seed: int, size: str = "small", format: str = "nifti",
-                    config: PhantomConfig | None = None, progress: Callable[[int, int], None] | None = None,
+                    config: PhantomConfig | None = None, progress: ProgressCallback | None = None,
                     preview: bool = False) -> Path:
     """Generate ``patients`` patients into out_dir/<patient_id>/ and write out_dir/cohort.csv and manifest.json."""
     if patients < 1:
@@ -103,7 +103,7 @@ def generate_cohort(out_dir: str | Path, patients: int, seed: int, size: str = "
         })
         log.info("phantom %s: %s %s", pid, p.truth["n_stage"], p.truth["positive_stations"])
         if progress:
-            progress(i + 1, patients)
+            progress(Progress(i + 1, patients, f"patient {i + 1} of {patients}"))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(COHORT_COLUMNS), lineterminator="\n")
     w.writeheader()
@@ -118,7 +118,7 @@ def generate_cohort(out_dir: str | Path, patients: int, seed: int, size: str = "
 
 
 def generate_atlas_set(out_dir: str | Path, atlases: int = 5, seed: int = 20260101, size: str = "full",
-                       name: str | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
+                       name: str | None = None, progress: ProgressCallback | None = None) -> Path:
     """Write an atlas set (CT, anatomy, stations per atlas; no disease, noise-free CT) in the atlas-set format."""
     if atlases < 1:
         raise UsageError(f"atlases must be >= 1, got {atlases}")
@@ -137,7 +137,7 @@ def generate_atlas_set(out_dir: str | Path, atlases: int = 5, seed: int = 202601
         entries.append({"id": aid, "ct": f"{aid}/ct.nii.gz", "anatomy": f"{aid}/anatomy.nii.gz",
                         "stations": f"{aid}/stations.nii.gz", "seed": p.seed})
         if progress:
-            progress(i + 1, atlases)
+            progress(Progress(i + 1, atlases, f"atlas {i + 1} of {atlases}"))
     write_json(out / "manifest.json", {
         "format": ATLAS_FORMAT, "format_version": 1,
         "name": name or f"synthetic-phantom-{atlases}-seed{seed}-{size}",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..io.dicom_series import find_series
 from ..io.images import check_same_space, describe_grid, load_ct, read_image_file
 from .conversion import compute_suv
@@ -50,9 +50,7 @@ def load_pet(path: str | Path, *, pet_is_suv: bool = False, suv_mode: str = "qib
             return ser.to_image(ser.rescaled_array()), prov, ser.info.series_uid, ser.frame_of_reference_uid
         res = compute_suv(ser, suv_mode)
         return res.image, res.provenance.to_dict(), ser.info.series_uid, ser.frame_of_reference_uid
-    if not pet_is_suv:
-        raise InputError(f"{path}: a PET image file has no DICOM header to compute SUV from; pass a DICOM folder, "
-                           "or declare the file as SUV already (pet_is_suv=True, --pet-is-suv)")
+    decide_pet_is_suv(path, flag=pet_is_suv or None)
     img = read_image_file(path)
     prov = {"mode": "user", "decisions": [f"{path.name}: declared SUV by the user (pet_is_suv)"], "warnings": []}
     return img, prov, None, None
@@ -69,3 +67,52 @@ def load_case(ct: str | Path, pet: str | Path, *, pet_is_suv: bool = False, suv_
     check_same_space(ct_img, pet_img, ct_for, pet_for, names=(str(ct), str(pet)))
     return Case(ct=ct_img, pet=pet_img, suv=prov, ct_path=str(ct), pet_path=str(pet), ct_series_uid=ct_uid,
                 pet_series_uid=pet_uid, frame_of_reference_uid=ct_for or pet_for)
+
+
+# ------------------------------------------------------------------------------------------------ the PET-is-SUV rule
+
+#: The --pet-is-suv choices and their values: the cohort column decides (None), every PET holds SUV (True), none
+#: does (False). A bare ``--pet-is-suv`` means yes.
+PET_IS_SUV_CHOICES: dict[str, bool | None] = {"declared": None, "yes": True, "no": False}
+
+
+def parse_pet_is_suv(value: str | bool | None) -> bool | None:
+    """The declaration from a --pet-is-suv choice or a bool (None: declared per row by the cohort column)."""
+    if value is None or isinstance(value, bool):
+        return value
+    key = str(value).strip().lower()
+    if key not in PET_IS_SUV_CHOICES:
+        raise UsageError(f"pet_is_suv {value!r}: expected declared (the cohort's pet_is_suv column decides; "
+                         "undeclared PET image files are refused), yes (every PET holds SUV) or no (none does: "
+                         "DICOM PET is converted, PET image files are refused)")
+    return PET_IS_SUV_CHOICES[key]
+
+
+def pet_is_suv_name(value: bool | None) -> str:
+    """The --pet-is-suv choice of a declaration."""
+    return {None: "declared", True: "yes", False: "no"}[value]
+
+
+def decide_pet_is_suv(pet: str | Path | None, *, column: bool | None = None, flag: bool | None = None,
+                      where: str = "") -> bool:
+    """Whether a PET is taken as SUV: the cohort row's pet_is_suv column, else the command's flag; a DICOM series
+    that neither declares is converted from its header (False). Raises InputError for a PET image file that nobody
+    declared, and for a column that contradicts the flag: neither is guessed, either would change every SUV figure.
+    """
+    where = f"{where}: " if where else ""
+    if column is not None and flag is not None and bool(column) != flag:
+        raise InputError(f"{where}cohort column pet_is_suv={'yes' if column else 'no'} contradicts "
+                         f"--pet-is-suv {pet_is_suv_name(flag)}; correct the column, or run with --pet-is-suv "
+                         "declared to let the column decide")
+    declared = flag if column is None else bool(column)
+    if not declared and pet and not Path(pet).is_dir():
+        if declared is None:
+            how = ("declare that it holds SUV (cohort column pet_is_suv=yes, or --pet-is-suv yes) or give the DICOM "
+                   "PET series folder")
+        elif column is None:
+            how = "--pet-is-suv no refuses PET image files; give the DICOM PET series folder"
+        else:
+            how = "the cohort column pet_is_suv=no refuses it; give the DICOM PET series folder"
+        raise InputError(f"{where}PET file {pet} is an image without a DICOM header, so its SUV cannot be "
+                         f"computed; {how}")
+    return bool(declared)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from ..cohort.table import CohortRow
 from ..errors import InputError
 from ..io.files import atomic_dir, write_json
+from ..runtime import Progress, ProgressCallback
 from ..staging.stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
@@ -47,33 +48,21 @@ def _mapping_key(row: CohortRow, atlas_set) -> dict:
     }
 
 
-def row_pet_is_suv(row: CohortRow, pet_is_suv: bool = False) -> bool:
-    """Whether the row's PET is taken as SUV: the cohort's pet_is_suv column, else the command's flag.
-
-    DICOM series without either are converted to SUV from their headers; a PET image file without either is an
-    error (it has no header to compute SUV from, and guessing would silently change every SUV figure).
-    """
-    declared = row.pet_is_suv if row.pet_is_suv is not None else (True if pet_is_suv else None)
-    pet = row.pet_path
-    if declared is None and pet is not None and pet.is_file() and not pet.name.lower().endswith(".dcm"):
-        raise InputError(f"line {row.line} ({row.scan_id}): PET file {pet} is an image without a DICOM header; "
-                            "declare that it holds SUV (cohort column pet_is_suv=yes, or --pet-is-suv) or give the "
-                            "DICOM series folder")
-    return bool(declared)
-
-
-def load_images(row: CohortRow, pet_is_suv: bool = False) -> tuple[sitk.Image, sitk.Image]:
-    """CT and SUV PET of a cohort row (see :func:`row_pet_is_suv`)."""
-    from ..suv.inputs import load_case
+def load_images(row: CohortRow, pet_is_suv: bool | str | None = None) -> tuple[sitk.Image, sitk.Image]:
+    """CT and SUV PET of a cohort row; ``pet_is_suv`` is the command's --pet-is-suv (see
+    :func:`~LymphNodeStagingLib.suv.inputs.decide_pet_is_suv`: the row's column decides first)."""
+    from ..suv.inputs import decide_pet_is_suv, load_case, parse_pet_is_suv
 
     if row.ct_path is None or row.pet_path is None:
         raise InputError(f"line {row.line}: ct_path and pet_path are required")
-    case = load_case(row.ct_path, row.pet_path, pet_is_suv=row_pet_is_suv(row, pet_is_suv))
+    declared = decide_pet_is_suv(row.pet_path, column=row.pet_is_suv, flag=parse_pet_is_suv(pet_is_suv),
+                                 where=f"line {row.line} ({row.scan_id})")
+    case = load_case(row.ct_path, row.pet_path, pet_is_suv=declared)
     return case.ct, case.pet
 
 
 def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: str = "cpu",
-                 pet_is_suv: bool = False) -> PreparedCase:
+                 pet_is_suv: bool | str | None = None) -> PreparedCase:
     """Images, station map (cached) and sampler of one cohort row."""
     from ..classifier.patches import StationSampler
     from ..mapping.station_mapping import map_stations, read_station_mapping, write_station_mapping
@@ -101,15 +90,15 @@ def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: st
 
 
 def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path, *, device: str = "cpu",
-                 pet_is_suv: bool = False, crop_margin_mm: float = 48.0,
-                 progress: Callable[[int, int, str], None] | None = None) -> list:
+                 pet_is_suv: bool | str | None = None, crop_margin_mm: float = 48.0,
+                 progress: ProgressCallback | None = None) -> list:
     """training.CaseSample for each row (cropped around the stations to save memory)."""
     from .loops import CaseSample
 
     out = []
     for i, row in enumerate(rows):
         if progress:
-            progress(i, len(rows), row.scan_id)
+            progress(Progress(i, len(rows), f"preparing case {i + 1}/{len(rows)} {row.scan_id}"))
         prep = prepare_case(row, atlas_set, cache_dir, device=device, pet_is_suv=pet_is_suv)
         labels = row.station_labels() if row.has_station_labels else np.full(NUM_STATIONS, -1, dtype=np.int64)
         sample = CaseSample(patient_id=row.patient_id, ct=prep.ct, pet=prep.pet, sampler=prep.sampler,
@@ -117,5 +106,5 @@ def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path, *,
                             station_labels=labels, study=row.study)
         out.append(sample.cropped(crop_margin_mm))
     if progress:
-        progress(len(rows), len(rows), "done")
+        progress(Progress(len(rows), len(rows), "cases prepared"))
     return out

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from ..cohort.table import CohortRow, read_cohort
 from ..errors import LNSError
+from ..runtime import Device, ProgressCallback, parse_device
 from .cases import case_samples
 
 
@@ -32,15 +32,16 @@ def split_rows(rows: list[CohortRow], val_fraction: float = 0.2, seed: int = 0) 
 def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: str = "ts1", init=None,
                       epochs: int = 150, batch_size: int | None = None, lr: float = 5e-4, seed: int = 123,
                       sampling: str = "weight_map", pseudo_loss: bool = True, max_steps_per_epoch: int | None = None,
-                      small: bool = False, atlases=None, rules: str | None = None, pet_is_suv: bool = False,
-                      val_fraction: float = 0.2, device: str = "cpu", patch_spacing: float | None = None,
-                      cache_dir: str | Path | None = None, progress: Callable[[float, str], None] | None = None):
+                      small: bool = False, atlases=None, rules: str | None = None, pet_is_suv: bool | str | None = None,
+                      val_fraction: float = 0.2, device: str | Device = "cpu", patch_spacing: float | None = None,
+                      cache_dir: str | Path | None = None, progress: ProgressCallback | None = None):
     """Train one strategy on a cohort CSV; returns training.TrainingResult."""
     from ..classifier.model import ModelConfig
     from ..mapping.atlas import resolve_atlas_set
     from .loops import TrainConfig, train
     from .losses import LossWeights
 
+    device = parse_device(device).torch
     cohort = read_cohort(cohort_csv).require_valid()
     rows = cohort.usable_rows()
     train_rows, val_rows = split_rows(rows, val_fraction, seed)
@@ -48,14 +49,9 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
         raise LNSError(f"cohort {cohort_csv}: no training rows")
     out_dir = Path(out_dir)
     atlas_set = resolve_atlas_set(atlases)
-    report = progress or (lambda f, m: None)
-
-    def prep(done: int, total: int, name: str) -> None:
-        report(0.0, f"preparing case {done}/{total} {name}")
-
     cache = Path(cache_dir) if cache_dir else out_dir / "cases"
-    train_cases = case_samples(train_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=prep)
-    val_cases = case_samples(val_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=prep)
+    train_cases = case_samples(train_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=progress)
+    val_cases = case_samples(val_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=progress)
     mconfig = ModelConfig.small(32) if small else ModelConfig()
     loss = LossWeights() if pseudo_loss else LossWeights(pseudo=0.0)
     tconfig = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, sampling=sampling, loss=loss,

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,13 +35,13 @@ from ..classifier.checkpoint import environment_versions, load_checkpoint, save_
 from ..classifier.model import ModelConfig, StagingModel, StationClassifier, build_model, station_classifier_of
 from ..classifier.patches import DEFAULT_PATCH_SPACING, StationSampler, crop_to_box, extract_patches
 from ..errors import InputError, UsageError
+from ..runtime import Progress, ProgressCallback
 from ..staging.rules import UNKNOWN, load_rules, parse_n_stage, parse_side, pseudo_labels
 from ..staging.stations import NUM_STATIONS, STATION_NAMES, parse_stations
 from .losses import LossWeights, masked_bce, staging_loss
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[float, str], None]
 STRATEGIES = ("ts1", "ts2", "ts3")
 SIDE_INDEX = {"R": 0, "L": 1}
 
@@ -667,8 +667,8 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
                                             "loop": _json_clean(state)})
             log.info("%s epoch %d: loss %.4f monitor %.4f", strategy, epoch, train_loss, monitor)
             if progress is not None:
-                progress((epoch + 1) / tconfig.epochs, f"{strategy} epoch {epoch + 1}/{tconfig.epochs}: "
-                                                       f"loss {train_loss:.4f}, validation {monitor:.4f}")
+                progress(Progress(epoch + 1, tconfig.epochs, f"{strategy} epoch {epoch + 1}/{tconfig.epochs}: "
+                                                             f"loss {train_loss:.4f}, validation {monitor:.4f}"))
         if not best_path.is_file():  # nothing improved (cannot happen with a finite monitor); keep the last weights
             save_checkpoint(best_path, model, {**manifest_base, "epoch": state["epoch"], "metrics": {},
                                                "threshold": state["threshold"], "complete": True})

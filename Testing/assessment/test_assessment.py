@@ -70,7 +70,7 @@ def test_assess_phantom_case_end_to_end(phantom_case):
     out = root / "out"
     seen = []
     res = assess_case(paths["ct"], paths["pet"], patient.truth["tumour_side"], anatomy=paths["anatomy"], model=model,
-                      atlases=atlases, pet_is_suv=True, out_dir=out, progress=lambda f, m: seen.append(f))
+                      atlases=atlases, pet_is_suv=True, out_dir=out, progress=lambda p: seen.append(p.fraction))
     r = res.result
     assert r.case_id == "PH4321"
     assert [s.name for s in r.stations] == list(STATION_NAMES)

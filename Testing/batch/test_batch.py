@@ -110,9 +110,9 @@ def test_run_resume_and_parameter_change(cohort, tmp_path):
     # resume: everything reused, nothing computed
     events = []
     s2 = run_batch(cohort, out, workers=0, steps=CHEAP, threads_per_worker=1,
-                   progress=lambda f, m: events.append((f, m)))
+                   progress=events.append)
     assert s2.this_run["computed"] == 0 and s2.this_run["reused"] == 3
-    assert events and events[-1][0] == 1.0
+    assert events and events[-1].fraction == 1.0 and (events[-1].done, events[-1].total) == (3, 3)
 
     # a changed SUV parameter recomputes the suv step only; the given anatomy is reused
     run_batch(cohort, out, workers=0, steps=CHEAP, threads_per_worker=1, suv_mode="gatidis")
@@ -236,13 +236,12 @@ def test_cli_json_and_errors(cohort, tmp_path, capsys):
                  "--pet-is-suv", "yes"])
     obj = json.loads(capsys.readouterr().out)
     assert code == 0 and obj["counts"]["ok"] == 3 and obj["parameters"]["pet_is_suv"] == "yes"
-    with pytest.raises(SystemExit):
-        main(["batch", str(bare), "--out", str(tmp_path / "bare"), "--pet-is-suv", "auto"])
+    assert main(["batch", str(bare), "--out", str(tmp_path / "bare"), "--pet-is-suv", "auto"]) == 2
     capsys.readouterr()
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "suv,nonsense"])
     assert code == 2 and "nonsense" in capsys.readouterr().err
     code = main(["batch", str(cohort), "--out", str(out), "--steps", "stations", "--iterations", "x"])
-    assert code == 1 and "--iterations" in capsys.readouterr().err
+    assert code == 2 and "--iterations" in capsys.readouterr().err
 
 
 def test_station_mapping_round_trip(tmp_path):

@@ -45,7 +45,7 @@ def test_map_stations_on_toy_patient(toy_atlases, toy_patient):
     anat, truth_img = toy_patient
     aset = load_atlas_set(toy_atlases, allow_missing_stations=True)
     calls = []
-    m = map_stations(None, anat, aset, config=FAST, evaluate_anatomy=True, progress=lambda f, s: calls.append(f))
+    m = map_stations(None, anat, aset, config=FAST, evaluate_anatomy=True, progress=lambda p: calls.append(p.fraction))
     assert calls and calls[-1] == 1.0 and calls == sorted(calls)
     # the fused map is a crop of the patient grid: compare on that crop
     g = m.geometry

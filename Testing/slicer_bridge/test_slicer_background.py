@@ -102,7 +102,7 @@ def test_background_result_equals_in_process_result(case, tmp_path):
 
     seen: list[tuple[float, str]] = []
     logs: list[str] = []
-    out = run_assessment_process(job(case, tmp_path / "bg"), progress=lambda f, m: seen.append((f, m)),
+    out = run_assessment_process(job(case, tmp_path / "bg"), progress=lambda p: seen.append((p.fraction, p.message)),
                                  log_callback=logs.append, timeout=300)
     ref = assess_case(case["paths"]["ct"], case["paths"]["pet"], case["side"], anatomy=case["paths"]["anatomy"],
                       model=case["model"], pet_is_suv=True, case_id="PH2468",

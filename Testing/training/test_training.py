@@ -66,8 +66,8 @@ def test_same_seed_same_weights_and_resume_after_interruption(cases, tmp_path):
     cfg = _cfg(epochs=2)
     a = train_ts1(cases[:4], cases[6:], tmp_path / "a", MCFG, cfg)
 
-    def kill_after_first_epoch(fraction, message):
-        if fraction >= 1 / 2:
+    def kill_after_first_epoch(p):
+        if p.done >= 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -6,6 +6,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from ..options import add_device, add_json, emit
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,10 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("ct", type=Path, metavar="CT", help="CT image (.nii.gz, .nrrd, .mha) or DICOM folder")
     p.add_argument("output", type=Path, metavar="OUT", help="output label map, e.g. anatomy.nii.gz")
-    p.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
+    add_device(p)
     p.add_argument("--full", action="store_true", help="all 'total' classes instead of the thoracic subset")
     p.add_argument("--series", default=None, help="CT series when the DICOM folder holds several")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     p.set_defaults(func=run)
 
 
@@ -33,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from ...anatomy.vocabulary import THORACIC_ROI, vocabulary
     from ...io.files import write_image
     from ...io.images import load_ct
-    from ..main import emit
 
     roi = None if args.full else THORACIC_ROI
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
         if args.ct.is_dir() or not args.ct.name.lower().endswith((".nii", ".nii.gz")):
             ct_img, _, _ = load_ct(args.ct, args.series)
             ct_path = write_image(ct_img, Path(tmp) / "ct.nii.gz")
-        run_totalsegmentator(ct_path, args.output, device=args.device, fast=True, roi_subset=roi)
+        run_totalsegmentator(ct_path, args.output, device=args.device.totalsegmentator, fast=True, roi_subset=roi)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(args.output)))
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     names = vocabulary()
     found = {names.get(int(i), str(i)): int(c) for i, c in zip(ids, counts, strict=True)}
-    out = {"output": str(args.output), "device": args.device, "fast": True, "roi_subset": list(roi or []),
+    out = {"output": str(args.output), "device": args.device.torch, "fast": True, "roi_subset": list(roi or []),
            "structures": found}
     emit(out, args.json, f"anatomy written to {args.output}: {len(found)} structures")
     return 0

@@ -5,6 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ...runtime import Progress
+from ..options import (
+    add_atlases,
+    add_device,
+    add_json,
+    add_model,
+    add_out,
+    add_pet_is_suv,
+    add_rules,
+    add_threads,
+    emit,
+)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,59 +28,47 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the steps whose parameters changed. Writes summary.csv, summary.json and report.png into --out.",
     )
     p.add_argument("cohort", help="cohort CSV (see lnstaging validate-cohort)")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per case)")
+    add_out(p, help="output folder (one sub-folder per case)")
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes (default 1; 0 = in this process); with --scheduler local: the "
                         "number of Dask workers")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads per worker (default: the machine's cores divided by --workers)")
-    p.add_argument("--device", default="cpu", help="cpu, gpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--model", default=None, help="classifier checkpoint (default: the bundled demo model)")
-    p.add_argument("--atlases", default=None,
-                   help="atlas set folder (default: $LNSTAGING_ATLASES or the bundled synthetic set)")
+    add_threads(p, help="threads per worker (default: the machine's cores divided by --workers)")
+    add_device(p)
+    add_model(p)
+    add_atlases(p)
     p.add_argument("--steps", default=None,
                    help="comma-separated steps among suv,anatomy,stations,assess (default all; the steps they "
                         "depend on are added)")
     p.add_argument("--scheduler", default=None,
                    help="Dask scheduler address (tcp://host:port), or 'local' for a Dask LocalCluster")
     p.add_argument("--retry-failed", action="store_true", help="run failed cases again")
-    p.add_argument("--rules", default="ajcc8", help="N-staging rule set (default ajcc8)")
-    p.add_argument("--pet-is-suv", default="declared", choices=("declared", "yes", "no"),
-                   help="declared (default): the cohort's pet_is_suv column decides per row; without it a DICOM "
-                        "PET is converted to SUV and a PET image file (NIfTI, NRRD, ...) is a failed case, since it "
-                        "has no header to compute SUV from; yes: every PET holds SUV; no: none does (DICOM is "
-                        "converted, image files fail). A row whose column contradicts yes/no fails")
+    add_rules(p)
+    add_pet_is_suv(p)
     p.add_argument("--suv-mode", default="qiba", help="SUV computation for DICOM PET (default qiba)")
     p.add_argument("--iterations", default=None,
                    help="deformable registration iterations per level, e.g. 60,40 (default: the library's)")
     p.add_argument("--affine-iterations", type=int, default=None, help="affine registration iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     p.set_defaults(func=run)
 
 
 def _progress_bar(enabled: bool):
-    """A tqdm bar over the cases on stderr (created at the first report, which gives the reused count)."""
+    """A tqdm bar on stderr fed by run_batch's progress (cases done of the total)."""
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
 
     state: dict = {}
 
-    def report(fraction: float, message: str) -> None:
-        total = state.get("total")
-        if total is None:
-            # the first message is "k/n cases complete or reused; m to run"
-            try:
-                done, total = (int(v) for v in message.split(" ", 1)[0].split("/"))
-            except ValueError:
-                done, total = 0, 1
-            state["total"] = total
-            state["bar"] = tqdm(total=total, initial=done, unit="case", file=sys.stderr, dynamic_ncols=True)
+    def report(p: Progress) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=int(p.total), initial=int(p.done), unit="case", file=sys.stderr,
+                                dynamic_ncols=True)
             return
         bar = state["bar"]
-        bar.update(max(0, round(fraction * total) - bar.n))
-        bar.set_postfix_str(message.split(", ", 1)[-1], refresh=True)
+        bar.update(max(0, int(p.done) - bar.n))
+        bar.set_postfix_str(p.message, refresh=True)
 
     def close() -> None:
         if "bar" in state:
@@ -77,24 +78,23 @@ def _progress_bar(enabled: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ...batch.run import pet_is_suv_option, run_batch
-    from ...errors import LNSError
-    from ..main import emit
+    from ...batch.run import run_batch
+    from ...errors import UsageError
 
     registration: dict = {}
     if args.iterations:
         try:
             registration["iterations"] = [int(v) for v in args.iterations.split(",")]
         except ValueError:
-            raise LNSError(f"--iterations {args.iterations!r}: expected integers separated by commas") from None
+            raise UsageError(f"--iterations {args.iterations!r}: expected integers separated by commas") from None
     if args.affine_iterations is not None:
         registration["affine_iterations"] = args.affine_iterations
     report, close = _progress_bar(not args.no_progress and sys.stderr.isatty())
     try:
-        summary = run_batch(args.cohort, args.out, workers=args.workers, device=args.device, model=args.model,
+        summary = run_batch(args.cohort, args.out, workers=args.workers, device=args.device.torch, model=args.model,
                             atlases=args.atlases, steps=args.steps, scheduler=args.scheduler,
                             retry_failed=args.retry_failed, rules=args.rules, progress=report,
-                            threads_per_worker=args.threads, pet_is_suv=pet_is_suv_option(args.pet_is_suv),
+                            threads_per_worker=args.threads, pet_is_suv=args.pet_is_suv,
                             suv_mode=args.suv_mode, registration=registration)
     finally:
         close()

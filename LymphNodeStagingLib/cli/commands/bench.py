@@ -10,10 +10,12 @@ import time
 
 from ... import __version__
 from ... import benchmarks as benchmarks_pkg
+from ..options import add_json, emit
 
 
 def benchmark_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(benchmarks_pkg.__path__) if not m.name.startswith("_"))
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         module = importlib.import_module(f"{benchmarks_pkg.__name__}.{name}")
         bp = bsub.add_parser(name, help=getattr(module, "HELP", ""), description=getattr(module, "HELP", ""))
         module.add_arguments(bp)
-        bp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        add_json(bp)
         bp.set_defaults(func=run, bench_module=module)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..main import emit
 
     t0 = time.perf_counter()
     result = args.bench_module.run(args)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ..options import add_atlases, add_compute_options, add_model, add_out, apply_runtime, emit, progress_printer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,23 +18,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "result JSON/CSV, the station map and the PNG overview (OUT/assessment). Prints the station table and the "
         "N-stage next to the phantom's truth.",
     )
-    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    add_out(p, default="demo-out")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom patient seed (default {DEMO_SEED})")
     p.add_argument("--size", choices=["small", "full"], default=DEMO_SIZE, help=f"phantom size (default {DEMO_SIZE})")
-    p.add_argument("--model", help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--atlases", help="atlas set folder (default: the bundled synthetic set)")
-    p.add_argument("--device", default="cpu", help="cpu | gpu | cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_model(p)
+    add_atlases(p)
+    add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...assessment.demo import run_demo
-    from ..main import emit
 
-    show = None if args.json else (lambda f, m: print(f"[{f * 100:5.1f} %] {m}", file=sys.stderr))
+    apply_runtime(args)
     res = run_demo(args.out, seed=args.seed, size=args.size, model=args.model, atlases=args.atlases,
-                   device="cuda" if args.device == "gpu" else args.device, progress=show)
+                   device=args.device, progress=progress_printer(args))
     r = res.assessment.result
     t = res.truth
     truth_text = ", ".join(t["positive_stations"]) or "none"

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ..options import (
+    add_atlases,
+    add_compute_options,
+    add_model,
+    add_out,
+    add_pet_is_suv,
+    add_rules,
+    apply_runtime,
+    emit,
+    progress_printer,
+)
 
 
 def _list(text: str) -> list[str]:
     return [t.strip().lower() for t in text.split(",") if t.strip()]
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tested on the whole cohort instead.",
     )
     p.add_argument("cohort", metavar="COHORT.csv")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out(p)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--strategy", default="ts1,threshold",
                    help="methods, comma-separated or 'all': ts1, ts2, ts3, threshold (SUVmax), lesion (lesion mask "
@@ -36,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of each fold's non-test patients used for validation (default 0.25: 60/20/20)")
     p.add_argument("--reference", choices=["labels", "truth"], default="labels",
                    help="reference labels: the cohort's (default) or the true_* columns of a phantom cohort")
-    p.add_argument("--rules", default="ajcc8", help="rule set (ajcc8 | engelson2026 | a JSON file)")
-    p.add_argument("--model", help="test this checkpoint on every scan of the cohort (no folds, no training)")
+    add_rules(p)
+    add_model(p, help="test this checkpoint on every scan of the cohort (no folds, no training)")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--ts23-epochs", type=int, help="epochs of TS2/TS3 (default: --epochs)")
     p.add_argument("--batch-size", type=int)
@@ -48,21 +60,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--small", action="store_true", help="the small network (32^3 patches at 2 mm)")
     p.add_argument("--patch-spacing", type=float)
-    p.add_argument("--atlases", help="atlas set folder (default: the bundled synthetic set)")
+    add_atlases(p)
     p.add_argument("--cache", help="folder of the per-case station maps (default OUT/cases)")
-    p.add_argument("--pet-is-suv", action="store_true",
-                   help="every PET holds SUV (else the cohort's pet_is_suv column decides)")
+    add_pet_is_suv(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs")
     p.add_argument("--permutations", type=int, default=10000, help="permutations of the N-stage test")
-    p.add_argument("--device", default="cpu", help="cpu | gpu | cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...evaluation.crossval import BASE_METHODS, EvaluationConfig, evaluate_model, run_evaluation
-    from ..main import emit
 
+    apply_runtime(args)
     methods = list(BASE_METHODS) if args.strategy.strip().lower() == "all" else _list(args.strategy)
     ablations = [a for text in args.ablation for a in _list(text)]
     config = EvaluationConfig(
@@ -71,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, ts23_epochs=args.ts23_epochs, batch_size=args.batch_size,
         max_steps_per_epoch=args.max_steps_per_epoch, ts23_batch_size=args.ts23_batch_size,
         ts23_max_steps=args.ts23_steps, augment=not args.no_augment, lr=args.lr, small=args.small, patch_spacing=args.patch_spacing,
-        device="cuda" if args.device == "gpu" else args.device, pet_is_suv=args.pet_is_suv, n_boot=args.bootstrap,
+        device=args.device.torch, pet_is_suv=args.pet_is_suv, n_boot=args.bootstrap,
         n_permutations=args.permutations)
-    show = None if args.json else (lambda f, m: print(f"[{f * 100:5.1f} %] {m}", file=sys.stderr))
+    show = progress_printer(args)
     if args.model:
         res = evaluate_model(args.cohort, args.model, args.out, config, atlases=args.atlases, cache_dir=args.cache,
                              progress=show)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..options import add_atlases, add_compute_options, add_out, apply_runtime, emit
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,46 +18,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ct", required=True, help="patient CT (NIfTI/NRRD/MHA); its grid is the output grid")
     p.add_argument("--anatomy", required=True,
                    help="anatomy label map with TotalSegmentator 'total' ids (a file or a TotalSegmentator folder)")
-    p.add_argument("--atlases", default=None,
-                   help="atlas set folder (default: $LNSTAGING_ATLASES or the bundled synthetic set)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="cpu", choices=("cpu", "gpu", "cuda"), help="torch device (gpu = cuda)")
+    add_atlases(p)
+    add_out(p)
     p.add_argument("--iterations", default=None, help="deformable iterations per level, e.g. 60,40")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay.png")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def _read(path: str, what: str):
     import SimpleITK as sitk
 
-    from ...errors import LNSError
+    from ...errors import InputError
 
     p = Path(path)
     if not p.exists():
-        raise LNSError(f"--{what} {p}: file does not exist")
+        raise InputError(f"--{what} {p}: file does not exist")
     if p.is_dir():
         if what != "anatomy":
-            raise LNSError(f"--{what} {p}: expected an image file, got a folder")
+            raise InputError(f"--{what} {p}: expected an image file, got a folder")
         from ...anatomy.vocabulary import load_anatomy
 
         return load_anatomy(p)
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        raise LNSError(f"--{what} {p}: cannot read the image ({str(exc).strip().splitlines()[-1]})") from None
+        raise InputError(f"--{what} {p}: cannot read the image ({str(exc).strip().splitlines()[-1]})") from None
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from ...errors import LNSError
+    from ...errors import UsageError
     from ...mapping.atlas import resolve_atlas_set
     from ...mapping.registration import RegistrationConfig
     from ...mapping.station_mapping import map_stations
-    from ..main import emit
 
+    apply_runtime(args)
     ct = _read(args.ct, "ct")
     anatomy = _read(args.anatomy, "anatomy")
     atlas_set = resolve_atlas_set(args.atlases, allow_missing_stations=True)
@@ -65,18 +64,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             its = tuple(int(v) for v in args.iterations.split(","))
         except ValueError:
-            raise LNSError(f"--iterations {args.iterations!r}: expected integers separated by commas") from None
+            raise UsageError(f"--iterations {args.iterations!r}: expected integers separated by commas") from None
         if len(its) != len(cfg.levels_mm):
-            raise LNSError(f"--iterations {args.iterations!r}: expected {len(cfg.levels_mm)} values, one per level "
+            raise UsageError(f"--iterations {args.iterations!r}: expected {len(cfg.levels_mm)} values, one per level "
                            f"({', '.join(f'{s:g} mm' for s in cfg.levels_mm)})")
         cfg = RegistrationConfig(threads=cfg.threads, iterations=its)
-    device = "cuda" if args.device in ("gpu", "cuda") else "cpu"
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise LNSError("--device gpu: no CUDA device is available to torch")
-    mapping = map_stations(ct, anatomy, atlas_set, device=device, config=cfg)
+    mapping = map_stations(ct, anatomy, atlas_set, device=args.device.torch, config=cfg)
     paths = mapping.write(args.out, None if args.no_overlay else ct)
     out = {"out": str(Path(args.out)), "files": {k: str(v) for k, v in paths.items()}, **mapping.to_dict()}
     lines = [f"station map written to {args.out} ({len(mapping.atlas_ids)} atlases)"]

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ...errors import UsageError
+from ..options import add_json, add_out, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,27 +17,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         "lymph nodes, a primary tumour and image-level labels, written as a cohort (cohort.csv + one folder per "
         "patient); or, with --atlas, an atlas set (CT, anatomy, stations; no disease). Deterministic by --seed.",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    add_out(p, required=False)
     p.add_argument("--patients", type=int, default=5, help="number of patients (or atlases with --atlas; default 5)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     p.add_argument("--size", default="small", choices=["small", "full", "atlas"],
                    help="small: 2x2x4 mm cropped (<1 s); full: 1x1x3 mm thorax; atlas: 2 mm isotropic crop")
     p.add_argument("--format", default="nifti", choices=["nifti", "dicom"], help="image format (default nifti)")
     p.add_argument("--atlas", action="store_true", help="write an atlas set instead of a cohort")
+    p.add_argument("--demo-atlases", action="store_true",
+                   help="build the synthetic demo atlas set in the cache (the default --atlases of every command; "
+                        "5 full-size atlases, about 20 s) and print its folder; no --out needed")
     p.add_argument("--preview", action="store_true", help="write preview.png per patient")
     p.add_argument("--label-noise", type=float, default=None, help="fraction of reports with one station flipped")
     p.add_argument("--n-stage-mix", default=None, help="N0,N1,N2,N3 weights, e.g. 0.55,0.12,0.23,0.10")
     p.add_argument("--no-confounders", action="store_true",
                    help="switch off partial volume, inflammatory nodes, spill-over, physiological uptake, label noise")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...phantom import PhantomConfig, generate_atlas_set, generate_cohort
-    from ..main import emit
 
     t0 = time.perf_counter()
+    if args.demo_atlases:
+        from ...phantom import build_demo_atlas_set
+
+        path = build_demo_atlas_set()
+        emit({"atlas_set": str(path), "manifest": str(path / "manifest.json"),
+              "wall_s": round(time.perf_counter() - t0, 3)}, args.json, f"synthetic demo atlas set: {path}")
+        return 0
+    if not args.out:
+        raise UsageError("--out is required (or --demo-atlases)")
     cfg = PhantomConfig()
     if args.no_confounders:
         cfg = PhantomConfig(partial_volume=False, inflammatory_nodes=False, spill_over=False,

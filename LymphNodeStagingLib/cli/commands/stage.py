@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ...staging.rules import DEFAULT_RULES, available_rule_sets, load_rules, parse_side
+from ...staging.rules import load_rules, parse_side
+from ..options import add_json, add_rules, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,17 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("stations", nargs="*", metavar="STATION", help="positive stations, e.g. 4R 7 10L (none: N0)")
     p.add_argument("--side", required=True, help="side of the primary tumour: R or L")
-    p.add_argument(
-        "--rules",
-        default=DEFAULT_RULES,
-        help=f"rule set: {' | '.join(available_rule_sets())} or a rule-set .json file (default {DEFAULT_RULES})",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_rules(p)
+    add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..main import emit
 
     stations = [s for arg in args.stations for s in arg.replace(",", ";").split(";") if s.strip()]
     result = load_rules(args.rules).stage(stations, parse_side(args.side, "--side"))

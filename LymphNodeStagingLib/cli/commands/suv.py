@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..options import add_json, emit
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,14 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="qiba", help="conversion: qiba (default) or gatidis")
     p.add_argument("--series", default=None,
                    help="SeriesInstanceUID, SeriesNumber or SeriesDescription when the folder holds several PET series")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...io.files import write_image
     from ...suv.conversion import suv_from_folder
-    from ..main import emit
 
     result = suv_from_folder(args.dicom_dir, mode=args.mode, series=args.series)
     write_image(result.image, args.output)

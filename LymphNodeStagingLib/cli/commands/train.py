@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from ..options import (
+    add_atlases,
+    add_compute_options,
+    add_out,
+    add_pet_is_suv,
+    add_rules,
+    apply_runtime,
+    emit,
+    progress_printer,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("cohort", metavar="COHORT.csv")
     p.add_argument("--strategy", required=True, choices=["ts1", "ts2", "ts3"])
-    p.add_argument("--out", required=True, help="output folder (checkpoints, history, case cache)")
+    add_out(p, help="output folder (checkpoints, history, case cache)")
     p.add_argument("--init", help="checkpoint to start from (TS2/TS3: the TS1 model of the same data)")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--batch-size", type=int)
@@ -32,28 +42,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-spacing", type=float, help="patch voxel size in mm (default: the network's)")
     p.add_argument("--cache", help="folder of the per-case station maps (default OUT/cases); share it between runs "
                    "on the same cohort")
-    p.add_argument("--atlases", help="atlas set folder (default: the bundled synthetic set)")
-    p.add_argument("--rules", default=None, help="rule set for validation N-staging (default: the model's)")
-    p.add_argument("--pet-is-suv", action="store_true", help="every PET holds SUV (else the cohort's pet_is_suv column decides; PET image "
-                   "files must be declared one way or the other)")
+    add_atlases(p)
+    add_rules(p, default=None, help="rule set for validation N-staging (default: the model's)")
+    add_pet_is_suv(p)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--device", default="cpu", help="cpu | gpu | cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...training.from_cohort import train_from_cohort
-    from ..main import emit
 
-    device = "cuda" if args.device == "gpu" else args.device
-    show = None if args.json else (lambda f, m: print(f"[{f * 100:5.1f} %] {m}", file=sys.stderr))
+    apply_runtime(args)
     res = train_from_cohort(
         args.cohort, args.out, strategy=args.strategy, init=args.init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, sampling=args.sampling,
         pseudo_loss=not args.no_pseudo_loss, max_steps_per_epoch=args.max_steps_per_epoch, small=args.small,
         atlases=args.atlases, rules=args.rules, pet_is_suv=args.pet_is_suv, val_fraction=args.val_fraction,
-        device=device, progress=show, patch_spacing=args.patch_spacing, cache_dir=args.cache)
+        device=args.device, progress=progress_printer(args), patch_spacing=args.patch_spacing, cache_dir=args.cache)
     d = res.to_dict()
     text = (f"{args.strategy}: {res.epochs_run} epochs, best epoch {res.best_epoch} "
             f"(validation {res.best_metric:.3f}), threshold {res.threshold:.2f}\ncheckpoint: {res.checkpoint}")

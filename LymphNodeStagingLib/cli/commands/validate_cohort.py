@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ...cohort.table import read_cohort
-from ...staging.rules import DEFAULT_RULES
+from ..options import add_json, add_rules, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,14 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as warnings. Exit code 0 when valid, 2 when there are errors.",
     )
     p.add_argument("cohort", metavar="COHORT.csv")
-    p.add_argument("--rules", default=DEFAULT_RULES, help=f"rule set for the label consistency check (default {DEFAULT_RULES})")
+    add_rules(p, help="rule set for the label consistency check")
     p.add_argument("--no-file-check", action="store_true", help="do not check that the image files exist")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..main import emit
 
     cohort = read_cohort(args.cohort, check_files=not args.no_file_check, rules=args.rules)
     summary = cohort.summary()

@@ -1,0 +1,112 @@
+"""Options shared by the subcommands, declared once so that each means the same everywhere.
+
+``--out``, ``--device``, ``--threads``, ``--rules``, ``--atlases``, ``--model``, ``--pet-is-suv`` and ``--json``
+are added by the helpers below; their values are checked while the command line is parsed (an invalid value is a
+usage error, exit 2, before any work starts). :func:`apply_runtime` applies ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+from ..runtime import DEVICE_CHOICES, Device, ProgressCallback, limit_threads, parse_device
+from ..staging.rules import DEFAULT_RULES, available_rule_sets
+
+PET_IS_SUV_HELP = ("whether the PET holds SUV already: declared (default: a cohort's pet_is_suv column decides; a "
+                   "DICOM PET is converted from its header, an undeclared PET image file is refused), yes (a bare "
+                   "--pet-is-suv: every PET holds SUV) or no (DICOM PET is converted, PET image files are refused)")
+
+
+def _device(value: str) -> Device:
+    try:
+        return parse_device(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
+
+
+def _threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number of threads, 1 or more")
+    return n
+
+
+def _rules(value: str) -> str:
+    if value in available_rule_sets() or (value.endswith(".json") and Path(value).is_file()):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected one of {', '.join(available_rule_sets())} or an existing "
+                                     "rule set .json file")
+
+
+def add_out(p: argparse.ArgumentParser, *, required: bool = True, default: str | None = None,
+            help: str = "output folder") -> None:
+    p.add_argument("--out", required=required and default is None, default=default, metavar="DIR",
+                   help=help if default is None else f"{help} (default {default})")
+
+
+def add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device, default=Device(), metavar="DEVICE",
+                   help=f"{DEVICE_CHOICES} (default cpu; auto: a GPU when torch sees one)")
+
+
+def add_threads(p: argparse.ArgumentParser, help: str = "threads of this process (default: all cores)") -> None:
+    p.add_argument("--threads", type=_threads, default=None, metavar="N", help=help)
+
+
+def add_rules(p: argparse.ArgumentParser, default: str | None = DEFAULT_RULES, help: str | None = None) -> None:
+    names = " | ".join(available_rule_sets())
+    p.add_argument("--rules", type=_rules, default=default, metavar="RULES",
+                   help=help or f"N-staging rule set: {names} or a rule set .json file (default {default})")
+
+
+def add_atlases(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atlases", default=None, metavar="DIR",
+                   help="atlas set folder (default: $LNSTAGING_ATLASES, else the synthetic demo atlas set)")
+
+
+def add_model(p: argparse.ArgumentParser, help: str = "classifier checkpoint (default: the bundled demo model)") -> None:
+    p.add_argument("--model", default=None, metavar="CHECKPOINT", help=help)
+
+
+def add_pet_is_suv(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pet-is-suv", nargs="?", const="yes", default="declared", choices=("declared", "yes", "no"),
+                   help=PET_IS_SUV_HELP)
+
+
+def add_compute_options(p: argparse.ArgumentParser) -> None:
+    """--device, --threads and --json: what every command that computes takes."""
+    add_device(p)
+    add_threads(p)
+    add_json(p)
+
+
+def apply_runtime(args: argparse.Namespace) -> None:
+    """Apply --threads (when the command has it and it was given)."""
+    if getattr(args, "threads", None):
+        limit_threads(args.threads)
+
+
+def progress_printer(args: argparse.Namespace) -> ProgressCallback | None:
+    """Progress lines on stderr, or None with --json (stdout then holds one JSON object and stderr stays quiet)."""
+    if getattr(args, "json", False):
+        return None
+    return lambda p: print(str(p), file=sys.stderr)
+
+
+def emit(obj: dict, as_json: bool, text: str | None = None) -> None:
+    """Print a result: one JSON object with --json, otherwise the given text (or pretty JSON)."""
+    if as_json:
+        sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    else:
+        sys.stdout.write((text if text is not None else json.dumps(obj, indent=2, default=str)) + "\n")
