@@ -116,3 +116,9 @@ def test_relative_imports_resolve(path):
             target = PACKAGE.joinpath(*base, *node.module.split("."))
             assert target.with_suffix(".py").is_file() or (target / "__init__.py").is_file(), \
                 f"{path.relative_to(PACKAGE)}:{node.lineno}: from {'.' * node.level}{node.module} does not exist"
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test files by their base name (no __init__.py in Testing/): two with the same name clash."""
+    names = [p.name for p in Path(__file__).parent.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io.files import write_figure
-
-N_LABELS = ("N0", "N1", "N2", "N3")
+from ..staging.rules import N_STAGES
 
 
 def _stations() -> list[str]:
@@ -21,8 +20,8 @@ def report_figures(rows: list[dict]) -> dict:
     ok = [r for r in rows if r.get("status") == "ok"]
     assessed = [r for r in ok if r.get("n_stage")]
     status = {s: sum(1 for r in rows if r.get("status") == s) for s in ("ok", "failed", "pending")}
-    predicted = {n: sum(1 for r in assessed if r["n_stage"] == n) for n in N_LABELS}
-    reference = {n: sum(1 for r in rows if r.get("n_stage_reference") == n) for n in N_LABELS}
+    predicted = {n: sum(1 for r in assessed if r["n_stage"] == n) for n in N_STAGES}
+    reference = {n: sum(1 for r in rows if r.get("n_stage_reference") == n) for n in N_STAGES}
     positivity = {s: (sum(1 for r in assessed if s in str(r.get("positive_stations", "")).split(";")) / len(assessed)
                       if assessed else None) for s in stations}
     labelled = [r for r in rows if r.get("positive_stations_reference") not in (None, "unknown")]
@@ -55,15 +54,15 @@ def write_report(rows: list[dict], path: str | Path, steps: list[str] | None = N
     ax.set_ylabel("cases")
     # 2. N-stage distribution
     ax = axes[1]
-    x = np.arange(len(N_LABELS))
-    ref = [fig_data["n_stage_reference"][n] for n in N_LABELS]
-    pred = [fig_data["n_stage_predicted"][n] for n in N_LABELS]
+    x = np.arange(len(N_STAGES))
+    ref = [fig_data["n_stage_reference"][n] for n in N_STAGES]
+    pred = [fig_data["n_stage_predicted"][n] for n in N_STAGES]
     b1 = ax.bar(x - 0.2, ref, 0.4, label="cohort label", color="#9db4d6")
     ax.bar_label(b1)
     if fig_data["assessed"]:
         b2 = ax.bar(x + 0.2, pred, 0.4, label="assessed", color="#2c5d9e")
         ax.bar_label(b2)
-    ax.set_xticks(x, N_LABELS)
+    ax.set_xticks(x, N_STAGES)
     ax.set_title("N-stage distribution" + ("" if fig_data["assessed"] else " (no assess step yet)"))
     ax.set_ylabel("cases")
     ax.legend(loc="upper right", fontsize=8)

@@ -287,10 +287,11 @@ def _labels_scores(cases: Sequence[EvalCase], scores: np.ndarray) -> tuple[np.nd
 
 def predict_threshold(spec: MethodSpec, fit: Sequence[EvalCase], test: Sequence[EvalCase],
                       config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    from .metrics import best_threshold
+    from ..classifier.metrics import tune_threshold
 
     fit_scores = np.nan_to_num(np.stack([c.suv_max for c in fit]), nan=0.0)
-    t, ba = best_threshold(*_labels_scores(fit, fit_scores), config.suv_thresholds, strict=False)
+    t, ba = tune_threshold(*_labels_scores(fit, fit_scores), config.suv_thresholds,
+                           prefer=min(config.suv_thresholds))
     score = np.nan_to_num(np.stack([c.suv_max for c in test]), nan=0.0)
     pred = score >= t
     return score, pred, _stage(spec.rules, pred, [c.sample.side for c in test]), {
@@ -299,10 +300,11 @@ def predict_threshold(spec: MethodSpec, fit: Sequence[EvalCase], test: Sequence[
 
 def predict_lesion(spec: MethodSpec, fit: Sequence[EvalCase], test: Sequence[EvalCase],
                    config: EvaluationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    from .metrics import best_threshold
+    from ..classifier.metrics import tune_threshold
 
     fit_scores = np.stack([c.lesions.station_scores() for c in fit])
-    o, ba = best_threshold(*_labels_scores(fit, fit_scores), config.overlap_thresholds, strict=False)
+    o, ba = tune_threshold(*_labels_scores(fit, fit_scores), config.overlap_thresholds,
+                           prefer=min(config.overlap_thresholds))
     score = np.stack([c.lesions.station_scores() for c in test])
     pred = score >= o
     return score, pred, _stage(spec.rules, pred, [c.sample.side for c in test]), {

@@ -30,13 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from ..classifier.metrics import _div, _nanmean, binary_from_counts, mean_recall, roc_auc
 from ..errors import UsageError
+from ..staging.rules import UNKNOWN
 
 log = logging.getLogger(__name__)
 
 N_CLASSES = 4
-STAGE_LABELS: tuple[str, ...] = ("N0", "N1", "N2", "N3")
-UNKNOWN_LABEL = -1
 STATION_METRICS: tuple[str, ...] = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc")
 STAGE_METRICS: tuple[str, ...] = (
     "accuracy", "balanced_accuracy", "macro_sensitivity", "macro_specificity", "qwk", "severe_error_rate",
@@ -45,34 +45,6 @@ LEVELS: tuple[str, ...] = ("scan", "patient")
 
 
 # --- elementary metrics (vectorised over leading axes) -----------------------------------------------------------
-
-
-def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num = np.asarray(num, dtype=float)
-    den = np.asarray(den, dtype=float)
-    out = np.full(np.broadcast(num, den).shape, np.nan)
-    np.divide(num, den, out=out, where=den != 0)
-    return out
-
-
-def _nanmean(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Mean over ``axis`` ignoring NaN; NaN (without a warning) where every value is NaN."""
-    x = np.asarray(x, dtype=float)
-    ok = ~np.isnan(x)
-    return _div(np.where(ok, x, 0.0).sum(axis=axis), ok.sum(axis=axis))
-
-
-def binary_from_counts(tp: Any, fp: Any, tn: Any, fn: Any) -> dict[str, np.ndarray]:
-    """Accuracy, sensitivity, specificity and balanced accuracy from counts (arrays of any equal shape)."""
-    tp, fp, tn, fn = (np.asarray(v, dtype=float) for v in (tp, fp, tn, fn))
-    sens = _div(tp, tp + fn)
-    spec = _div(tn, tn + fp)
-    return {
-        "accuracy": _div(tp + tn, tp + fp + tn + fn),
-        "sensitivity": sens,
-        "specificity": spec,
-        "balanced_accuracy": _nanmean(np.stack([sens, spec], axis=-1)),
-    }
 
 
 def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int = N_CLASSES) -> np.ndarray:
@@ -112,7 +84,7 @@ def stage_from_confusion(cm: Any) -> dict[str, np.ndarray]:
     expected = _div(rows[..., :, None] * cols[..., None, :], n[..., None, None])
     observed_w = (w * cm).sum(axis=(-2, -1))
     expected_w = (w * expected).sum(axis=(-2, -1))
-    macro_sens = _nanmean(np.where(present, sens, np.nan))
+    macro_sens = mean_recall(cm)
     return {
         "accuracy": _div(diag.sum(axis=-1), n),
         "balanced_accuracy": macro_sens,
@@ -128,36 +100,6 @@ def stage_from_confusion(cm: Any) -> dict[str, np.ndarray]:
 def quadratic_weighted_kappa(y_true: Any, y_pred: Any, n_classes: int = N_CLASSES) -> float:
     """Cohen's kappa with quadratic weights over the fixed categories 0..n_classes-1 (NaN if undefined)."""
     return float(stage_from_confusion(confusion_matrix(y_true, y_pred, n_classes))["qwk"])
-
-
-def roc_auc(y_true: Any, scores: Any, weights: Any | None = None) -> np.ndarray | float:
-    """ROC AUC of ``scores`` for binary ``y_true`` (ties count one half); NaN when a class is missing.
-
-    ``weights`` (optional) of shape (N,) or (B, N) weights every sample (a bootstrap's draw counts); with (B, N)
-    the result has shape (B,).
-    """
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=float)
-    if y.shape != s.shape or y.ndim != 1:
-        raise UsageError(f"y_true and scores must be 1-D of the same length, got {y.shape} and {s.shape}")
-    if np.any(np.isnan(s)):
-        raise UsageError("scores contain NaN; every station with a known label needs a probability")
-    w = np.ones((1, y.size)) if weights is None else np.atleast_2d(np.asarray(weights, dtype=float))
-    uniq, inv = np.unique(s, return_inverse=True)
-    u = uniq.size
-    wpos = np.zeros((w.shape[0], u))
-    wneg = np.zeros((w.shape[0], u))
-    for target, mask in ((wpos, y), (wneg, ~y)):
-        idx = inv[mask]
-        for b in range(w.shape[0]):
-            target[b] = np.bincount(idx, weights=w[b, mask], minlength=u)
-    neg_below = np.cumsum(wneg, axis=1) - wneg
-    num = (wpos * (neg_below + 0.5 * wneg)).sum(axis=1)
-    auc = _div(num, wpos.sum(axis=1) * wneg.sum(axis=1))
-    return float(auc[0]) if weights is None or np.ndim(weights) == 1 else auc
-
-
-# --- result types ----------------------------------------------------------------------------------------------
 
 
 def _clean(v: Any) -> Any:
@@ -218,7 +160,7 @@ def station_metrics(y_true: Any, prob: Any | None = None, y_pred: Any | None = N
                     threshold: float = 0.5) -> StationMetrics:
     """Station-level metrics. ``y_pred`` defaults to ``prob >= threshold``; AUC needs ``prob`` (else NaN).
 
-    Labels equal to UNKNOWN_LABEL (-1) are left out together with their predictions.
+    Labels equal to UNKNOWN (-1) are left out together with their predictions.
     """
     t = np.asarray(y_true).ravel()
     if prob is None and y_pred is None:
@@ -228,9 +170,9 @@ def station_metrics(y_true: Any, prob: Any | None = None, y_pred: Any | None = N
     for name, a in (("prob", pr), ("y_pred", pd)):
         if a is not None and a.shape != t.shape:
             raise UsageError(f"{name} must have the same number of stations as y_true ({t.size}), got {a.size}")
-    if not np.isin(t, (0, 1, UNKNOWN_LABEL)).all():
-        raise UsageError(f"station labels must be 0, 1 or {UNKNOWN_LABEL} (unknown), got {np.unique(t)[:10]}")
-    known = t != UNKNOWN_LABEL
+    if not np.isin(t, (0, 1, UNKNOWN)).all():
+        raise UsageError(f"station labels must be 0, 1 or {UNKNOWN} (unknown), got {np.unique(t)[:10]}")
+    known = t != UNKNOWN
     t = t[known].astype(bool)
     pd = pd[known].astype(bool)
     tp, fp = int(np.sum(t & pd)), int(np.sum(~t & pd))
@@ -254,26 +196,6 @@ def stage_metrics(y_true: Any, y_pred: Any) -> StageMetrics:
     )
 
 
-def best_threshold(y_true: Any, scores: Any, candidates: Sequence[float], strict: bool = True,
-                   metric: str = "balanced_accuracy") -> tuple[float, float]:
-    """The candidate threshold with the best station-level ``metric`` (positive = score > t, or >= t when not
-    ``strict``), e.g. the SUVmax threshold chosen on a training fold from {2.5, 3, ..., 5.5}. Ties go to the
-    smallest candidate; unknown labels (-1) are left out. Returns (threshold, metric value)."""
-    if not candidates:
-        raise UsageError("best_threshold needs at least one candidate threshold")
-    if metric not in ("accuracy", "balanced_accuracy", "sensitivity", "specificity"):
-        raise UsageError(f"metric must be accuracy, balanced_accuracy, sensitivity or specificity, got {metric!r}")
-    s = np.asarray(scores, dtype=float).ravel()
-    best: tuple[float, float] | None = None
-    for t in sorted(float(c) for c in candidates):
-        value = getattr(station_metrics(y_true, y_pred=(s > t) if strict else (s >= t)), metric)
-        if not np.isnan(value) and (best is None or value > best[1]):
-            best = (t, float(value))
-    if best is None:
-        raise UsageError(f"{metric} is undefined for every candidate threshold (a class is missing)")
-    return best
-
-
 # --- predictions of a method on test scans ----------------------------------------------------------------------
 
 
@@ -288,7 +210,7 @@ class ScanPrediction:
 
     patient_id: str
     scan_id: str
-    station_true: np.ndarray  # (17,) 1, 0 or UNKNOWN_LABEL
+    station_true: np.ndarray  # (17,) 1, 0 or UNKNOWN
     station_prob: np.ndarray  # (17,)
     n_true: int
     n_pred: int
@@ -339,13 +261,13 @@ def aggregate_per_patient(scans: Sequence[ScanPrediction], threshold: float = 0.
             out.append(items[0])
             continue
         truth = np.stack([s.station_true for s in items])
-        known = truth != UNKNOWN_LABEL
+        known = truth != UNKNOWN
         pos = np.any(known & (truth == 1), axis=0)
         neg = np.any(known & (truth == 0), axis=0)
         if np.any(pos & neg):
             raise UsageError(f"patient {pid!r}: scans disagree on the label of station index "
                                f"{np.flatnonzero(pos & neg).tolist()}")
-        st_true = np.where(pos, 1, np.where(neg, 0, UNKNOWN_LABEL))
+        st_true = np.where(pos, 1, np.where(neg, 0, UNKNOWN))
         n_true = {s.n_true for s in items}
         if len(n_true) != 1:
             raise UsageError(f"patient {pid!r}: scans have different reference N-stages {sorted(n_true)}")
@@ -425,7 +347,7 @@ def _arrays(scans: Sequence[ScanPrediction], threshold: float) -> dict[str, np.n
     st_prob = np.concatenate([s.station_prob for s in scans])
     st_pred = np.concatenate([s.predicted_positive(threshold) for s in scans]).astype(bool)
     st_patient = np.concatenate([np.full(s.station_true.size, pindex[s.patient_id]) for s in scans])
-    known = st_true != UNKNOWN_LABEL
+    known = st_true != UNKNOWN
     return {
         "n_patients": np.array(len(uniq)),
         "scan_patient": scan_patient,

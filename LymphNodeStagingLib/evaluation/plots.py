@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import LNSError
 from ..io.files import write_figure
-from .metrics import STAGE_LABELS, Evaluation, MethodEvaluation
+from ..staging.rules import N_STAGES
+from .metrics import Evaluation, MethodEvaluation
 
 
 def _pyplot():
@@ -25,7 +26,7 @@ def _pyplot():
 def confusion_matrix_png(
     cm: Any,
     path: str | Path,
-    labels: Sequence[str] = STAGE_LABELS,
+    labels: Sequence[str] = N_STAGES,
     title: str = "",
     xlabel: str = "predicted",
     ylabel: str = "reference",

@@ -25,7 +25,8 @@ import numpy as np
 from scipy import stats
 
 from ..errors import UsageError
-from .metrics import N_CLASSES, UNKNOWN_LABEL, ScanPrediction, StageFn, aggregate_per_patient, stage_from_confusion
+from ..staging.rules import UNKNOWN
+from .metrics import N_CLASSES, ScanPrediction, StageFn, aggregate_per_patient, stage_from_confusion
 
 EXACT_CUTOFF = 25
 DEFAULT_PERMUTATIONS = 10000
@@ -71,7 +72,7 @@ def mcnemar(y_true: Any, pred_a: Any, pred_b: Any, exact_cutoff: int = EXACT_CUT
     b = np.asarray(pred_b).ravel()
     if not (t.shape == a.shape == b.shape):
         raise UsageError(f"y_true, pred_a and pred_b must have the same length, got {t.size}, {a.size}, {b.size}")
-    known = t != UNKNOWN_LABEL
+    known = t != UNKNOWN
     ok_a = a[known].astype(bool) == t[known].astype(bool)
     ok_b = b[known].astype(bool) == t[known].astype(bool)
     table = [[int(np.sum(ok_a & ok_b)), int(np.sum(ok_a & ~ok_b))],

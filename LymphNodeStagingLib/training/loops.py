@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..classifier.checkpoint import environment_versions, load_checkpoint, save_checkpoint
+from ..classifier.metrics import balanced_accuracy, binary_metrics, tune_threshold
 from ..classifier.model import ModelConfig, StagingModel, StationClassifier, build_model, station_classifier_of
 from ..classifier.patches import DEFAULT_PATCH_SPACING, StationSampler, crop_to_box, extract_patches
 from ..errors import InputError, UsageError
@@ -301,40 +302,6 @@ def epoch_order(labels: np.ndarray, oversample: bool, rng: np.random.Generator) 
 # Metrics
 
 
-def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean recall over the classes present in y_true (sklearn's definition); NaN when y_true is empty."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0:
-        return float("nan")
-    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
-
-
-def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    y_true = np.asarray(y_true).astype(int)
-    pred = (np.asarray(prob) >= threshold).astype(int)
-    pos, neg = y_true == 1, y_true == 0
-    return {
-        "accuracy": float(np.mean(pred == y_true)) if y_true.size else float("nan"),
-        "balanced_accuracy": balanced_accuracy(y_true, pred),
-        "sensitivity": float(np.mean(pred[pos] == 1)) if pos.any() else float("nan"),
-        "specificity": float(np.mean(pred[neg] == 0)) if neg.any() else float("nan"),
-        "n": int(y_true.size),
-    }
-
-
-def tune_threshold(y_true: np.ndarray, prob: np.ndarray) -> float:
-    """Threshold maximising balanced accuracy (midpoints between sorted probabilities; ties -> nearest to 0.5)."""
-    y_true, prob = np.asarray(y_true).astype(int), np.asarray(prob, dtype=np.float64)
-    if y_true.size == 0 or len(np.unique(y_true)) < 2:
-        return 0.5
-    u = np.unique(prob)
-    candidates = np.concatenate([[0.5], (u[1:] + u[:-1]) / 2.0 if len(u) > 1 else []])
-    scores = [balanced_accuracy(y_true, (prob >= t).astype(int)) for t in candidates]
-    best = max(scores)
-    good = candidates[np.isclose(scores, best)]
-    return float(good[np.argmin(np.abs(good - 0.5))])
-
-
 STAGE_THRESHOLD_GRID = np.round(np.arange(0.05, 0.991, 0.01), 2)
 
 
@@ -456,7 +423,7 @@ def _station_and_stage_metrics(cases: Sequence[CaseSample], probs: np.ndarray, r
     known = (labels != UNKNOWN) & ~np.isnan(probs)
     y, p = labels[known], probs[known]
     out = {f"station_{k}": v for k, v in binary_metrics(y, p, 0.5).items()}
-    out["station_threshold"] = tune_threshold(y, p)
+    out["station_threshold"] = tune_threshold(y, p)[0]
     out["station_balanced_accuracy_at_threshold"] = binary_metrics(y, p, threshold)["balanced_accuracy"]
     rs = load_rules(rules)
     staged = [(c.n_stage, int(rs.stage_array(np.nan_to_num(pr, nan=0.0) >= threshold, c.side)))

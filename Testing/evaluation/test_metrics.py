@@ -18,18 +18,17 @@ from sklearn.metrics import (
     confusion_matrix as sk_confusion_matrix,
 )
 
+from LymphNodeStagingLib.classifier.metrics import roc_auc, tune_threshold
 from LymphNodeStagingLib.errors import UsageError
 from LymphNodeStagingLib.evaluation.metrics import (
     ScanPrediction,
     aggregate_per_patient,
-    best_threshold,
     confusion_matrix,
     evaluate_method,
     evaluate_scans,
     markdown_table,
     mean_sd,
     quadratic_weighted_kappa,
-    roc_auc,
     stage_metrics,
     station_metrics,
     summarize_folds,
@@ -94,12 +93,11 @@ def test_best_threshold_by_balanced_accuracy():
     suv = [1.0, 2.0, 2.8, 3.2, 4.4, 5.0, 6.0, 3.1]
     y = [0, 0, 0, 1, 0, 1, 1, -1]
     # t = 3: positives 3.2, 4.4, 5, 6 -> sens 1, spec 3/4 -> 0.875; t = 4.5: sens 2/3, spec 1 -> 0.833
-    t, value = best_threshold(y, suv, [2.5, 3, 3.5, 4, 4.5, 5, 5.5])
+    grid = [2.5, 3, 3.5, 4, 4.5, 5, 5.5]
+    t, value = tune_threshold(y, suv, grid, strict=True, prefer=2.5)
     assert t == 3.0 and value == pytest.approx(0.875)
-    assert best_threshold([0, 1], [3.0, 3.0], [3.0], strict=False) == (3.0, 0.5)
-    assert best_threshold([0, 1, 1], [1, 2, 3], [0.5, 1.5, 1.6])[0] == 1.5  # tie -> smallest
-    with pytest.raises(UsageError, match="undefined for every candidate"):
-        best_threshold([0, 0], [1, 2], [1.5], metric="sensitivity")
+    assert tune_threshold([0, 1], [3.0, 3.0], [3.0]) == (3.0, 0.5)
+    assert tune_threshold([0, 1, 1], [1, 2, 3], [0.5, 1.5, 1.6], strict=True, prefer=0.5)[0] == 1.5  # tie -> prefer
 
 
 # --- N-stage level --------------------------------------------------------------------------------------------------
