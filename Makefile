@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -e .
+	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt -e .
 	touch $(STAMP)
 
 demo: $(STAMP)

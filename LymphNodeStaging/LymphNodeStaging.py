@@ -1,37 +1,47 @@
 """3D Slicer module: mediastinal lymph node stations on FDG PET/CT, their probability of malignancy and the N-stage.
 
 A thin layer: the widget moves values between the GUI and the parameter node, the logic is a facade over
-LymphNodeStagingLib (assessment, MRML bridge, export), which holds all computation and all scene building.
+LymphNodeStagingLib (assessment, MRML bridge, export, dependencies), which holds all computation and all scene
+building.
 """
 
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Union
 
-import qt
-import slicer
-import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.i18n import tr as _
-from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+# In a checkout the library sits next to this folder; in a built extension it is copied next to this file.
+for _candidate in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
+    if (_candidate / "LymphNodeStagingLib").is_dir():
+        if str(_candidate) not in sys.path:
+            sys.path.insert(0, str(_candidate))
+        break
+
+import qt  # noqa: E402
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode  # noqa: E402
+from slicer.i18n import tr as _  # noqa: E402
+from slicer.i18n import translate  # noqa: E402
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
+from slicer.util import VTKObservationMixin  # noqa: E402
 
-from LymphNodeStagingLib.errors import Cancelled
+from LymphNodeStagingLib.errors import Cancelled  # noqa: E402
+from LymphNodeStagingLib.staging.rules import DEFAULT_RULES, available_rule_sets  # noqa: E402
 
-# In a checkout the library sits next to this folder; in a built extension it is copied next to this file.
-for _candidate in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
-    if (_candidate / "LymphNodeStagingLib").is_dir() and str(_candidate) not in sys.path:
-        sys.path.insert(0, str(_candidate))
-        break
+#: Device choices of the Advanced section (read by LymphNodeStagingLib.runtime.parse_device).
+DEVICES = ("auto", "cpu", "gpu")
+#: Reader decisions of the override combo box, in its order ("model": no override).
+OVERRIDES = (None, "positive", "negative")
+#: Node attribute Slicer's DICOM plugins set on a volume loaded from DICOM (the SOP Instance UIDs of its files).
+DICOM_INSTANCE_UIDS = "DICOM.instanceUIDs"
 
 
 #
@@ -51,8 +61,9 @@ class LymphNodeStaging(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Finds the 17 mediastinal lymph node stations on an FDG PET/CT, gives each a probability of malignancy "
             "and derives the N-stage of lung cancer (AJCC 8th edition and TNM 9th edition N2a/N2b). "
-            "Click a row of the station table to jump to the station; move the threshold or override a station to "
-            "re-stage instantly. Not a medical device: results must be reviewed by a qualified physician.")
+            "Click a row of the station table to jump to the station; move the threshold, change the rule set or "
+            "override a station to re-stage instantly. 'Load demo case' loads a synthetic patient. "
+            "Not a medical device: results must be reviewed by a qualified physician.")
         self.parent.acknowledgementText = _(
             "Method: S. Engelson et al., Deep learning-based mediastinal lymph node assessment on PET/CT images "
             "without pixel-level annotations, J. Med. Imaging 13(1) 014507 (2026), doi:10.1117/1.JMI.13.1.014507. "
@@ -70,14 +81,13 @@ class LymphNodeStagingParameterNode:
 
     ctVolume: vtkMRMLScalarVolumeNode
     petVolume: vtkMRMLScalarVolumeNode
-    petIsSuv: bool = True
-    petDicomFolder: str = ""
     tumourSide: Annotated[str, Choice(["R", "L"])] = "R"
-    anatomySegmentation: vtkMRMLSegmentationNode
+    petIsSuv: bool = False  # only for a PET from an image file; a PET from DICOM gets SUV from its header
+    anatomy: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007 - read as typing.Union
     modelPath: str = ""
     atlasSet: str = ""
-    ruleSet: Annotated[str, Choice(["ajcc8", "engelson2026"])] = "ajcc8"
-    useCpu: bool = False
+    ruleSet: Annotated[str, Choice(available_rule_sets())] = DEFAULT_RULES
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     resultSegmentation: vtkMRMLSegmentationNode
 
@@ -88,9 +98,7 @@ class LymphNodeStagingParameterNode:
 
 
 class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: inputs, Apply with progress and cancel, results table, threshold, overrides, export."""
-
-    TABLE_COLUMNS = ("Station", "Probability", "Status", "SUVmax", "SUVpeak", "Agreement", "Override")
+    """GUI: inputs, Apply with progress and cancel, results table, threshold, rule set, overrides, export."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -101,6 +109,7 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._process = None  # the running AssessmentProcess
         self._pollTimer = None
         self._updatingResults = False
+        self._station = None  # station of the last clicked table row
 
     def setup(self) -> None:
         """Called once when the module is first opened."""
@@ -121,15 +130,15 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.ui.loadDemoButton.connect("clicked(bool)", self.onLoadDemoButton)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
-        self.ui.stationTableWidget.connect("cellClicked(int,int)", self.onStationClicked)
+        self.ui.ruleSetComboBox.connect("currentIndexChanged(int)", self.onRuleSetChanged)
+        self.ui.stationTableView.connect("clicked(QModelIndex)", self.onStationClicked)
         self.ui.overrideComboBox.connect("currentIndexChanged(int)", self.onOverrideChanged)
         self.ui.resultSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onResultSelected)
-        self.ui.stationTableWidget.setColumnCount(len(self.TABLE_COLUMNS))
-        self.ui.stationTableWidget.setHorizontalHeaderLabels(list(self.TABLE_COLUMNS))
         self.ui.exportDirectoryButton.directory = qt.QDir.homePath()
 
         self.initializeParameterNode()
@@ -155,23 +164,26 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """Called just before the scene is closed."""
         if self._process is not None:
             self._process.cancel()  # its inputs are leaving the scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        """Called just after the scene is closed."""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        """Parameter node of the module, with the first CT-like volume selected when nothing is."""
+        """Parameter node of the module, with the first volume selected as CT when nothing is."""
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.ctVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
                 self._parameterNode.ctVolume = first
 
-    def setParameterNode(self, inputParameterNode: LymphNodeStagingParameterNode | None) -> None:
+    def setParameterNode(self, inputParameterNode: "LymphNodeStagingParameterNode | None") -> None:
+        """Bind the GUI to a parameter node (None: unbind)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
@@ -183,17 +195,17 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        hasPet = bool(p and (p.petVolume or p.petDicomFolder))
-        if p and p.ctVolume and hasPet:
+        if p and p.ctVolume and p.petVolume:
             self.ui.applyButton.toolTip = _("Assess the stations and stage the case.")
-            self.ui.applyButton.enabled = True
+            self.ui.applyButton.enabled = self._process is None
         else:
-            self.ui.applyButton.toolTip = _("Select a CT volume and a PET volume (or a PET DICOM folder).")
+            self.ui.applyButton.toolTip = _("Select a CT volume and a PET volume.")
             self.ui.applyButton.enabled = False
         self.ui.exportButton.enabled = self.logic.result is not None
 
     # ----- log and progress ------------------------------------------------------------------------------------
     def addLog(self, text: str) -> None:
+        """Append a line to the log box."""
         self.ui.logTextEdit.appendPlainText(text)
 
     def _progress(self, fraction: float, message: str = "") -> None:
@@ -211,8 +223,22 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     # ----- actions ---------------------------------------------------------------------------------------------
+    def onLoadDemoButton(self) -> None:
+        """Load a synthetic PET/CT patient (generated once into the cache) and select it as input."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the demo case."), waitCursor=True):
+            self.useDemoCase(self.logic.loadDemoCase())
+
+    def useDemoCase(self, demo: dict) -> None:
+        """Select a loaded demo case (``LymphNodeStagingLogic.loadDemoCase``) as the inputs."""
+        p = self._parameterNode
+        p.ctVolume, p.petVolume, p.anatomy = demo["ctVolume"], demo["petVolume"], demo["anatomy"]
+        p.tumourSide = demo["side"]
+        p.petIsSuv = True  # the phantom's PET file holds SUV
+        self.addLog(_("Demo case {case}: synthetic patient, tumour side {side}, true N-stage {stage}").format(
+            case=demo["caseId"], side=demo["side"], stage=demo["truth"].get("n_stage", "?")))
+
     def onApplyButton(self) -> None:
-        """Install missing dependencies (after confirmation), then start the assessment in a child process.
+        """Install missing dependencies (after one confirmation), then start the assessment in a child process.
 
         The GUI stays responsive: a timer polls the process for progress and log lines, Cancel asks it to stop.
         """
@@ -223,9 +249,8 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the assessment."), waitCursor=True):
             self.logic.setupPythonRequirements(interactive=True)
             self._process = self.logic.startBackgroundProcess(
-                p.ctVolume, p.petVolume, p.tumourSide, petIsSuv=p.petIsSuv, petDicomFolder=p.petDicomFolder,
-                anatomy=p.anatomySegmentation, modelPath=p.modelPath, atlasSet=p.atlasSet, rules=p.ruleSet,
-                cpu=p.useCpu, threshold=p.threshold)
+                p.ctVolume, p.petVolume, p.tumourSide, petIsSuv=p.petIsSuv, anatomy=p.anatomy,
+                modelPath=p.modelPath, atlasSet=p.atlasSet, rules=p.ruleSet, device=p.device, threshold=p.threshold)
         if self._process is None:
             self._setRunning(False)
             return
@@ -246,8 +271,6 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._pollTimer.stop()
         self._process = None
-        pass
-
         try:
             with slicer.util.tryWithErrorDisplay(_("Failed to assess the lymph node stations."), waitCursor=False):
                 try:
@@ -261,11 +284,13 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setRunning(False)
 
     def onCancelButton(self) -> None:
+        """Ask the running assessment to stop."""
         if self._process is not None:
             self._process.cancel()
             self.addLog(_("Cancelling..."))
 
     def onResultSelected(self, node) -> None:
+        """Review a result saved in the scene."""
         if self._updatingResults or node is None:
             return
         with slicer.util.tryWithErrorDisplay(_("This segmentation holds no lymph node staging result."),
@@ -274,44 +299,51 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateResults()
 
     def onThresholdChanged(self, value: float) -> None:
+        """Re-stage with another probability threshold."""
         if self.logic.result is None or self._updatingResults:
             return
         self.logic.restage(threshold=value)
         self.updateResults()
 
-    def _selectedStation(self) -> str | None:
-        row = self.ui.stationTableWidget.currentRow()
-        if row < 0 or self.logic.result is None:
-            return None
-        item = self.ui.stationTableWidget.item(row, 0)
-        return item.text() if item else None
-
-    def onStationClicked(self, row: int, column: int) -> None:
-        station = self._selectedStation()
-        if station is None:
+    def onRuleSetChanged(self, index: int) -> None:
+        """Re-stage the shown result with the chosen rule set."""
+        rules = self.ui.ruleSetComboBox.currentText
+        if self.logic.result is None or self._updatingResults or not rules or rules == self.logic.result.rules:
             return
+        self.logic.restage(rules=rules)
+        self.updateResults()
+
+    def onStationClicked(self, index) -> None:
+        """Centre the slice views on the station of the clicked table row and show its override."""
+        if self.logic.result is None or self.logic.nodes is None:
+            return
+        station = self.logic.nodes.table.GetCellText(index.row(), 0)
+        if not station:
+            return
+        self._station = station
         self.logic.jumpToStation(station)
-        override = self.logic.result.station(station).override or "model"
         self._updatingResults = True
-        self.ui.overrideComboBox.currentText = override
-        self._updatingResults = False
+        try:
+            self.ui.overrideComboBox.currentIndex = OVERRIDES.index(self.logic.result.station(station).override)
+        finally:
+            self._updatingResults = False
 
     def onOverrideChanged(self, index: int) -> None:
-        station = self._selectedStation()
-        if station is None or self._updatingResults:
+        """Apply the reader's decision for the selected station and re-stage."""
+        if self._station is None or self.logic.result is None or self._updatingResults:
             return
-        value = self.ui.overrideComboBox.currentText
-        self.logic.restage(overrides={station: None if value == "model" else value})
+        self.logic.restage(overrides={self._station: OVERRIDES[max(0, index)]})
         self.updateResults()
 
     def onExportButton(self) -> None:
+        """Write the result files into the chosen folder."""
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             paths = self.logic.exportResults(self.ui.exportDirectoryButton.directory)
             self.addLog(_("Exported: {files}").format(files=", ".join(str(v) for v in paths.values())))
 
     # ----- results ---------------------------------------------------------------------------------------------
     def updateResults(self) -> None:
-        """Show the logic's current result: N-stage labels and the station table."""
+        """Show the logic's current result: N-stage labels, the station table node, threshold and rule set."""
         result = self.logic.result
         if result is None:
             return
@@ -322,26 +354,12 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.decidingLabel.text = _("{stations} ({rules} rules, tumour side {side})").format(
                 stations=", ".join(result.deciding_stations) or _("none"), rules=result.rules, side=result.side)
             self.ui.thresholdSliderWidget.value = result.threshold
-            table = self.ui.stationTableWidget
-            table.setRowCount(len(result.stations))
-            from LymphNodeStagingLib.staging.colors import probability_color
-
-            for row, st in enumerate(result.stations):
-                cells = (st.name, _num(st.probability), st.status, _num(st.suv_max, 2), _num(st.suv_peak, 2),
-                         _num(st.agreement), st.override or "")
-                for col, text in enumerate(cells):
-                    item = qt.QTableWidgetItem(text)
-                    if col == 1 and st.probability is not None:
-                        r, g, b = probability_color(st.probability)
-                        item.setBackground(qt.QColor(int(255 * r), int(255 * g), int(255 * b)))
-                    table.setItem(row, col, item)
+            if result.rules in available_rule_sets():
+                self._parameterNode.ruleSet = result.rules
+            self.ui.stationTableView.setMRMLTableNode(self.logic.nodes.table)
         finally:
             self._updatingResults = False
         self._checkCanApply()
-
-
-def _num(value, digits: int = 3) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
 
 
 #
@@ -361,133 +379,248 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         self.dicomSources = {}
 
     def getParameterNode(self):
+        """The module's parameter node, typed."""
         return LymphNodeStagingParameterNode(super().getParameterNode())
 
     def log(self, text: str) -> None:
+        """Log a line (and show it in the widget's log box)."""
         logging.info(text)
         if self.logCallback:
             self.logCallback(text)
 
+    @staticmethod
+    def columnTitles() -> dict:
+        """Translated titles of the station table's columns (LymphNodeStagingLib.slicer.mrml.TABLE_COLUMNS)."""
+        return {"Station": _("Station"), "Probability": _("Probability"), "Status": _("Status"),
+                "Override": _("Override"), "SUVmax": _("SUVmax"), "SUVpeak": _("SUVpeak"),
+                "Agreement": _("Atlas agreement"), "Group": _("N group")}
+
     # ----- dependencies ----------------------------------------------------------------------------------------
-    def setupPythonRequirements(self, interactive: bool = True) -> None:
-        """Install the pinned dependencies that are missing (asks first when interactive)."""
-        from LymphNodeStagingLib.slicer import dependencies as slicer_deps
+    @staticmethod
+    def requirementsFile() -> Path:
+        """The module's requirements file (what Slicer does not ship)."""
+        return Path(__file__).resolve().parent / "Resources" / "requirements.txt"
 
-        missing = slicer_deps.missing(slicer_deps.slicer_requirements())
-        torchReq = slicer_deps.torch_requirement()
-        needTorch = bool(slicer_deps.missing([torchReq]))
+    def setupPythonRequirements(self, interactive: bool = True) -> list:
+        """Install the missing Python packages: one confirmation (when interactive), then one
+        ``slicer.packaging.pip_ensure`` call (``slicer.util.pip_install`` in Slicer versions without it); torch
+        through the PyTorch extension when it is installed. Returns what was installed."""
+        from LymphNodeStagingLib.slicer import dependencies
+
+        plan = dependencies.plan(self.requirementsFile())
+        if not plan.missing:
+            return []
         try:
-            import torch  # noqa: F401
-            needTorch = False
+            import slicer.packaging as packaging
         except ImportError:
-            pass
-        if not missing and not needTorch:
-            return
-        names = [r.spec for r in missing] + ([torchReq.spec] if needTorch else [])
-        if interactive and not slicer.util.confirmOkCancelDisplay(
-                _("LymphNodeStaging needs these Python packages, which will be downloaded and installed now "
-                  "(this can take several minutes):\n{names}").format(names="\n".join(names))):
-            raise RuntimeError(_("Python packages required by LymphNodeStaging were not installed."))
-        if needTorch:
-            self._installTorch(torchReq)
-        if missing:
-            specs = [r.spec for r in missing]
-            self.log(_("Installing {names}").format(names=", ".join(specs)))
-            packaging = getattr(slicer, "packaging", None)
-            if packaging is not None and hasattr(packaging, "pip_ensure"):
-                packaging.pip_ensure(specs, requester="LymphNodeStaging")
-            else:
-                slicer.util.pip_install(specs)
+            packaging = None
 
-    def _installTorch(self, requirement) -> None:
+        def confirm(specs: list) -> bool:
+            return slicer.util.confirmOkCancelDisplay(
+                _("LymphNodeStaging needs {count} Python package(s) that Slicer does not include. They will be "
+                  "downloaded and installed now; this needs a network connection and can take several minutes.")
+                .format(count=len(specs)),
+                windowTitle=_("LymphNodeStaging - Install Python Packages"), detailedText="\n".join(specs))
+
+        self.log(_("Installing Python packages: {names}").format(names=", ".join(plan.missing_specs())))
+        return dependencies.install(
+            plan, confirm=confirm if interactive else None,
+            pip_ensure=getattr(packaging, "pip_ensure", None), pip_install=slicer.util.pip_install,
+            install_torch=self._torchInstaller())
+
+    def _torchInstaller(self):
+        """torch through the PyTorch extension (CPU or CUDA build for this computer), None without it."""
         try:
             import PyTorchUtils
         except ImportError:
-            # no PyTorch extension: the pinned (CPU) build from PyPI
-            slicer.util.pip_install(requirement.spec)
-            return
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
+            return None
+
+        def installTorch(requirement) -> None:
             self.log(_("Installing PyTorch through the PyTorch extension"))
-            torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=f">={requirement.version}")
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=str(requirement.specifier))
+            if torch is None:
+                raise RuntimeError(_("The PyTorch extension could not install PyTorch ({requirement}); install it "
+                                     "with the PyTorch Utils module.").format(requirement=requirement))
+
+        return installTorch
+
+    # ----- demo ------------------------------------------------------------------------------------------------
+    def loadDemoCase(self, seed: int | None = None, size: str | None = None, folder: str | None = None,
+                     buildAtlases: bool = True) -> dict:
+        """Load a synthetic patient (the phantom generator's, written once into the cache folder) into the scene:
+        CT, PET (SUV) and anatomy label map, shown fused. With ``buildAtlases`` the synthetic demo atlas set is
+        built too when no atlas set is configured, so that Apply works on the demo case. Returns the nodes, the
+        tumour side and the truth."""
+        import json
+
+        import SimpleITK as sitk
+
+        from LymphNodeStagingLib.assessment.demo import DEMO_SEED, DEMO_SIZE
+        from LymphNodeStagingLib.paths import ENV_ATLASES, cache_root, demo_atlas_set_path
+        from LymphNodeStagingLib.phantom import build_demo_atlas_set, generate_patient, write_patient
+        from LymphNodeStagingLib.slicer import mrml
+
+        seed = DEMO_SEED if seed is None else int(seed)
+        size = size or DEMO_SIZE
+        caseId = f"DEMO{seed:04d}"
+        folder = Path(folder) if folder else cache_root() / "slicer-demo" / f"{caseId}-{size}"
+        if not (folder / "truth.json").is_file():  # written last: its presence means the case is complete
+            self.log(_("Generating the demo patient (synthetic, seed {seed})...").format(seed=seed))
+            write_patient(generate_patient(seed, size=size, patient_id=caseId), folder)
+        if buildAtlases and not os.environ.get(ENV_ATLASES) and not (demo_atlas_set_path() / "manifest.json").is_file():
+            self.log(_("Building the synthetic demo atlas set (once)..."))
+            build_demo_atlas_set()
+        truth = json.loads((folder / "truth.json").read_text(encoding="utf-8"))
+        scene = slicer.mrmlScene
+
+        def read(name: str):
+            return sitk.ReadImage(str(folder / f"{name}.nii.gz"))
+
+        ctVolume = mrml.volume_node_from_image(scene, read("ct"), f"{caseId} CT")
+        petVolume = mrml.volume_node_from_image(scene, read("pet"), f"{caseId} PET (SUV)")
+        anatomy = mrml.volume_node_from_image(scene, read("anatomy"), f"{caseId} anatomy", labelmap=True)
+        anatomy.GetDisplayNode().SetVisibility(False)
+        mrml.show_pet_over_ct(scene, ctVolume, petVolume)
+        if getattr(slicer, "app", None) is not None:
+            slicer.util.resetSliceViews()
+        return {"ctVolume": ctVolume, "petVolume": petVolume, "anatomy": anatomy, "side": truth["tumour_side"],
+                "truth": truth, "caseId": caseId, "folder": folder}
 
     # ----- assessment ------------------------------------------------------------------------------------------
     @staticmethod
-    def _checkInputs(ctVolume, petVolume, petDicomFolder) -> None:
+    def petDicomFiles(petVolume, fileForInstance=None) -> list:
+        """The DICOM files a PET volume was loaded from (through Slicer's DICOM database); [] for a volume read
+        from an image file. ``fileForInstance``: SOP Instance UID -> file (default: ``slicer.dicomDatabase``)."""
+        uids = (petVolume.GetAttribute(DICOM_INSTANCE_UIDS) or "").split() if petVolume is not None else []
+        if not uids:
+            return []
+        if fileForInstance is None:
+            database = getattr(slicer, "dicomDatabase", None)
+            if database is None:
+                return []
+            fileForInstance = database.fileForInstance
+        files = [fileForInstance(uid) for uid in uids]
+        if not all(files):
+            raise ValueError(_("The DICOM files of the PET volume '{name}' are no longer in the DICOM database; "
+                               "import the PET series again.").format(name=petVolume.GetName()))
+        return files
+
+    def checkInputs(self, ctVolume, petVolume, petIsSuv: bool = False, petDicomFolder: str = "",
+                    fileForInstance=None) -> list:
+        """Refuse what cannot be assessed, before any work; returns the PET's DICOM files ([] for a PET from an
+        image file, which must be declared SUV: its SUV cannot be computed without a DICOM header)."""
         if ctVolume is None:
             raise ValueError(_("Select a CT volume."))
         if petVolume is None and not petDicomFolder:
-            raise ValueError(_("Select a PET volume or a PET DICOM folder."))
+            raise ValueError(_("Select a PET volume."))
+        if petDicomFolder:
+            return []
+        files = self.petDicomFiles(petVolume, fileForInstance)
+        if not files and not petIsSuv:
+            raise ValueError(_(
+                "The PET volume '{name}' was not loaded from DICOM, so its SUV cannot be computed. If its values are "
+                "SUV (body weight), tick 'PET volume holds SUV' under Advanced; otherwise load the PET series "
+                "through the DICOM module.").format(name=petVolume.GetName()))
+        return files
 
-    def process(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = True, petDicomFolder: str = "",
-                anatomy=None, modelPath: str = "", atlasSet: str = "", rules: str = "ajcc8", cpu: bool = False,
-                threshold: float = 0.5, progress=None, cancel=None, outDir: str | None = None):
-        """Assess one PET/CT given as volume nodes (PET as node or DICOM folder) in this process and show the result.
+    @staticmethod
+    def _linkFiles(files: list, folder: Path) -> Path:
+        """A folder holding exactly the given files (hard links where possible, else copies)."""
+        import shutil
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, source in enumerate(files):
+            target = folder / f"{i:05d}.dcm"
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        return folder
+
+    def _petSource(self, petVolume, petIsSuv: bool, petDicomFolder: str, dicomFiles: list, workDir: Path):
+        """(PET for the library, PET is SUV): a DICOM folder (SUV from its header) or the volume's image."""
+        from LymphNodeStagingLib.slicer import mrml
+
+        if petDicomFolder:
+            return str(petDicomFolder), False
+        if dicomFiles:
+            return str(self._linkFiles(dicomFiles, workDir / "pet-dicom")), False
+        return mrml.image_from_volume_node(petVolume), bool(petIsSuv)
+
+    def process(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = False, petDicomFolder: str = "",
+                anatomy=None, modelPath: str = "", atlasSet: str = "", rules: str = DEFAULT_RULES,
+                device: str = "auto", threshold: float = 0.5, progress=None, cancel=None, outDir: str | None = None,
+                fileForInstance=None):
+        """Assess one PET/CT given as volume nodes in this process and show the result.
 
         Blocks until done (scripts, batch, tests); the widget uses startBackgroundProcess instead.
         """
+        import shutil
+        import tempfile
         import time
 
         from LymphNodeStagingLib.assessment.assess import assess_case
+        from LymphNodeStagingLib.runtime import parse_device
         from LymphNodeStagingLib.slicer import mrml
 
-        self._checkInputs(ctVolume, petVolume, petDicomFolder)
+        dicomFiles = self.checkInputs(ctVolume, petVolume, petIsSuv, petDicomFolder, fileForInstance)
+        dev = parse_device(device, name="device")
         start = time.time()
         self.log(_("Assessing lymph node stations..."))
-        ct = mrml.image_from_volume_node(ctVolume)
-        if petDicomFolder:
-            pet, petIsSuv = petDicomFolder, False  # SUV computed from the DICOM headers
-        else:
-            pet = mrml.image_from_volume_node(petVolume)
-        anatomyImage = None
-        if anatomy is not None:
-            anatomyImage = self._anatomyImage(anatomy, ctVolume)
-        assessment = assess_case(
-            ct, pet, side, anatomy=anatomyImage, model=modelPath or None, atlases=atlasSet or None, rules=rules,
-            device="cpu" if cpu else self.defaultDevice(), pet_is_suv=petIsSuv, out_dir=outDir,
-            progress=progress, cancel=cancel)
-        self._showOutput(assessment.result, assessment.station_map, assessment.pet if petVolume is None else None,
+        workDir = Path(tempfile.mkdtemp(prefix="LymphNodeStaging-"))
+        try:
+            pet, petIsSuv = self._petSource(petVolume, petIsSuv, petDicomFolder, dicomFiles, workDir)
+            anatomyImage = self._anatomyImage(anatomy) if anatomy is not None else None
+            assessment = assess_case(
+                mrml.image_from_volume_node(ctVolume), pet, side, anatomy=anatomyImage, model=modelPath or None,
+                atlases=atlasSet or None, rules=rules, device=dev, pet_is_suv=petIsSuv, out_dir=outDir,
+                progress=progress, cancel=cancel)
+        finally:
+            shutil.rmtree(workDir, ignore_errors=True)
+        suvImage = assessment.pet if isinstance(pet, str) else None  # SUV computed from the DICOM header
+        self._showOutput(assessment.result, assessment.station_map, suvImage,
                          getattr(assessment, "dicom_sources", None), ctVolume, petVolume, threshold, start)
         return self.nodes
 
-    def startBackgroundProcess(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = True,
+    def startBackgroundProcess(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = False,
                                petDicomFolder: str = "", anatomy=None, modelPath: str = "", atlasSet: str = "",
-                               rules: str = "ajcc8", cpu: bool = False, threshold: float = 0.5,
-                               stationMapping: str = "", python: str | None = None):
+                               rules: str = DEFAULT_RULES, device: str = "auto", threshold: float = 0.5,
+                               stationMapping: str = "", python: str | None = None, fileForInstance=None):
         """Start the assessment in a child process and return it (an AssessmentProcess: poll(), cancel()).
 
-        The input volumes are written to a temporary folder; call finishBackgroundProcess(process) once
-        ``process.finished`` to show the result. ``stationMapping``: a station mapping folder written before (e.g.
-        by a cohort run), which skips the registration.
+        The inputs are written to a temporary folder (a PET from DICOM as its DICOM files, so that SUV is
+        computed from the header); call finishBackgroundProcess(process) once ``process.finished`` to show the
+        result. ``stationMapping``: a station mapping folder written before (e.g. by a cohort run), which skips
+        the registration.
         """
+        import shutil
         import tempfile
         import time
 
         from LymphNodeStagingLib.assessment.process import AssessmentJob, AssessmentProcess
         from LymphNodeStagingLib.io.files import write_image
+        from LymphNodeStagingLib.runtime import parse_device
         from LymphNodeStagingLib.slicer import mrml
 
-        self._checkInputs(ctVolume, petVolume, petDicomFolder)
+        dicomFiles = self.checkInputs(ctVolume, petVolume, petIsSuv, petDicomFolder, fileForInstance)
+        dev = parse_device(device, name="device")
         workDir = Path(tempfile.mkdtemp(prefix="LymphNodeStaging-"))
         try:
             ctFile = write_image(mrml.image_from_volume_node(ctVolume), workDir / "ct.nrrd", compress=False)
-            if petDicomFolder:
-                petFile, petIsSuv = petDicomFolder, False  # SUV computed from the DICOM headers in the child
-            else:
-                petFile = write_image(mrml.image_from_volume_node(petVolume), workDir / "pet.nrrd", compress=False)
+            pet, petIsSuv = self._petSource(petVolume, petIsSuv, petDicomFolder, dicomFiles, workDir)
+            if not isinstance(pet, str):
+                pet = str(write_image(pet, workDir / "pet.nrrd", compress=False))
             anatomyFile = None
             if anatomy is not None:
-                anatomyFile = write_image(self._anatomyImage(anatomy, ctVolume), workDir / "anatomy.nrrd",
-                                          compress=False)
+                anatomyFile = write_image(self._anatomyImage(anatomy), workDir / "anatomy.nrrd", compress=False)
             job = AssessmentJob(
-                ct=str(ctFile), pet=str(petFile), side=side, out_dir=str(workDir / "out"),
+                ct=str(ctFile), pet=pet, side=side, out_dir=str(workDir / "out"),
                 anatomy=str(anatomyFile) if anatomyFile else None, model=modelPath or None,
-                atlases=atlasSet or None, rules=rules, device="cpu" if cpu else self.defaultDevice(),
-                pet_is_suv=bool(petIsSuv), case_id=ctVolume.GetName(), station_mapping=stationMapping or None)
+                atlases=atlasSet or None, rules=rules, device=dev.torch, pet_is_suv=petIsSuv,
+                case_id=ctVolume.GetName(), station_mapping=stationMapping or None)
             process = AssessmentProcess(job, python=python or self.pythonExecutable()).start()
         except Exception:
-            import shutil
-
             shutil.rmtree(workDir, ignore_errors=True)
             raise
         self.log(_("Assessing lymph node stations in the background..."))
@@ -516,31 +649,25 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
         return shutil.which("PythonSlicer") or sys.executable
 
-    def _showOutput(self, result, stationMap, petImage, dicomSources, ctVolume, petVolume, threshold, start):
+    def _showOutput(self, result, stationMap, suvImage, dicomSources, ctVolume, petVolume, threshold, start):
+        """Show an assessment; ``suvImage``: the PET in SUV when it was computed from DICOM (shown as a new
+        volume, since the loaded PET volume holds activity concentration)."""
         import time
 
         from LymphNodeStagingLib.slicer import mrml
 
         if abs(result.threshold - threshold) > 1e-9:
             result = result.restage(threshold=threshold)
-        if petVolume is None:
-            petVolume = mrml.volume_node_from_image(slicer.mrmlScene, petImage, "PET (SUV)")
+        if suvImage is not None or petVolume is None:
+            petVolume = mrml.volume_node_from_image(slicer.mrmlScene, suvImage, _("PET (SUV)"))
         self.dicomSources = dict(dicomSources or {})
         self.showAssessment(result, stationMap, ctVolume, petVolume)
         self.log(_("{stage} (TNM 9 {tnm9}) in {seconds:.1f} s").format(
             stage=result.n_stage, tnm9=result.tnm9, seconds=time.time() - start))
 
     @staticmethod
-    def defaultDevice() -> str:
-        try:
-            import torch
-
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            return "cpu"
-
-    @staticmethod
-    def _anatomyImage(anatomy, referenceVolume):
+    def _anatomyImage(anatomy):
+        """The anatomy label map of a label map node, or of a segmentation exported to one."""
         from LymphNodeStagingLib.slicer import mrml
 
         if anatomy.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -560,6 +687,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         scene = slicer.mrmlScene
         mrml.show_pet_over_ct(scene, ctVolume, petVolume)
         self.nodes = mrml.show_result(scene, result, stationMap, reference_node=ctVolume)
+        mrml.set_column_titles(self.nodes.table, self.columnTitles())
         self.result = result
         self.stationMap = stationMap
         return self.nodes
@@ -570,6 +698,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
         self.result = mrml.result_from_node(segmentationNode)
         self.nodes = mrml.find_result_nodes(slicer.mrmlScene, segmentationNode)
+        mrml.set_column_titles(self.nodes.table, self.columnTitles())
         self.stationMap = None
 
     def restage(self, threshold=None, overrides=None, rules=None):
@@ -585,6 +714,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         return self.result
 
     def jumpToStation(self, station: str):
+        """Centre every slice view on a station."""
         from LymphNodeStagingLib.slicer import mrml
 
         return mrml.jump_to_station(slicer.mrmlScene, self.result, station, self.nodes.segmentation)
@@ -606,58 +736,37 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
 
 def makeSyntheticCase(side: str = "R"):
-    """A small synthetic PET/CT with a station map and a result (the phantom generator when installed)."""
+    """A small phantom PET/CT with its station map and a result with made-up probabilities."""
     import numpy as np
     import SimpleITK as sitk
 
+    from LymphNodeStagingLib.phantom import generate_patient
     from LymphNodeStagingLib.staging.result import make_case_result
     from LymphNodeStagingLib.staging.stations import STATIONS
 
-    try:
-        from LymphNodeStagingLib.phantom import generate_patient
-
-        patient = generate_patient(0, size="small")
-        ct, pet, stations = patient.ct, patient.pet, patient.stations
-    except (ImportError, AttributeError, TypeError):
-        shape, spacing = (24, 40, 48), 4.0
-        z, y, x = np.meshgrid(*(np.arange(n) * spacing - (n - 1) * spacing / 2 for n in shape), indexing="ij")
-        ctArray = np.where((x / 90) ** 2 + (y / 70) ** 2 <= 1, 40.0, -1000.0).astype(np.float32)
-        petArray = np.where(ctArray > -500, 1.0, 0.0).astype(np.float32)
-        labels = np.zeros(shape, np.uint8)
-        for i, st in enumerate(STATIONS):
-            cx = {"R": -20.0, "L": 20.0, "M": 0.0}[st.side]
-            cz = 40.0 - 5.0 * i
-            labels[(x - cx) ** 2 + (y - 0) ** 2 + (z - cz) ** 2 <= 36.0] = st.label
-        petArray[labels == 8] = 7.0  # 4R
-
-        def image(array):
-            img = sitk.GetImageFromArray(array)
-            img.SetSpacing((spacing,) * 3)
-            img.SetOrigin(tuple(-(n - 1) * spacing / 2 for n in shape[::-1]))
-            return img
-
-        ct, pet, stations = image(ctArray), image(petArray), image(labels)
-    present = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(stations))}
+    patient = generate_patient(0, size="small")
+    present = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(patient.stations))}
     probabilities = {st.name: (0.9 if st.name == "4R" else 0.6 if st.name == "7" else 0.1)
                      for st in STATIONS if st.label in present}
-    result = make_case_result("synthetic", side, probabilities)
-    return ct, pet, stations, result
+    return patient.ct, patient.pet, patient.stations, make_case_result("synthetic", side, probabilities)
 
 
 class LymphNodeStagingTest(ScriptedLoadableModuleTest):
     """Runs in Slicer (Reload & Test, ctest py_LymphNodeStaging) on synthetic data; nothing is downloaded."""
 
     def setUp(self):
+        """Start from an empty scene."""
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        """Run every test."""
         self.setUp()
         self.test_ShowAndRestage()
         self.setUp()
         self.test_FullPipeline()
 
     def test_ShowAndRestage(self):
-        """Nodes of a synthetic result, instant re-staging after an override, export."""
+        """Nodes of a synthetic result, instant re-staging after an override and a rule change, export."""
         import tempfile
 
         from LymphNodeStagingLib.slicer import mrml
@@ -674,10 +783,14 @@ class LymphNodeStagingTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentation.GetSegment("4R").GetName(), "Station 4R")
         self.assertEqual(nodes.segmentation.GetAttribute(mrml.ATTR_N_STAGE), "N2")
         self.assertEqual(nodes.segmentation.GetAttribute(mrml.ATTR_TNM9), "N2b")
+        self.assertEqual(nodes.table.GetColumnTitle("Station"), _("Station"))
 
         logic.restage(overrides={"7": "negative"})
         self.assertEqual(nodes.segmentation.GetAttribute(mrml.ATTR_TNM9), "N2a")
         self.assertEqual(mrml.segment_tag(segmentation.GetSegment("7"), mrml.TAG_OVERRIDE), "negative")
+        other = next(r for r in available_rule_sets() if r != result.rules)
+        logic.restage(rules=other)
+        self.assertEqual(nodes.segmentation.GetAttribute(mrml.ATTR_RULES), other)
         logic.restage(threshold=0.95)
         self.assertEqual(nodes.segmentation.GetAttribute(mrml.ATTR_N_STAGE), "N0")
         self.assertIsNotNone(logic.jumpToStation("4R"))
@@ -690,21 +803,16 @@ class LymphNodeStagingTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_FullPipeline(self):
-        """The whole assessment on a phantom, when the assessment and the phantom are installed."""
-        try:
-            from LymphNodeStagingLib.assessment.assess import assess_case  # noqa: F401
-            from LymphNodeStagingLib.phantom import generate_patient  # noqa: F401
-        except ImportError:
-            self.delayDisplay("Assessment or phantom not available: full pipeline test skipped")
-            return
-        from LymphNodeStagingLib.slicer import mrml
+        """The whole assessment on a small phantom, with its anatomy label map (no TotalSegmentator run)."""
+        import tempfile
 
-        ct, pet, _stations, _result = makeSyntheticCase()
-        scene = slicer.mrmlScene
-        ctNode = mrml.volume_node_from_image(scene, ct, "CT")
-        petNode = mrml.volume_node_from_image(scene, pet, "PET")
         logic = LymphNodeStagingLogic()
-        nodes = logic.process(ctNode, petNode, "R", petIsSuv=True, cpu=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            demo = logic.loadDemoCase(size="small", folder=tmp)
+            with self.assertRaises(ValueError):  # a PET from an image file must be declared SUV
+                logic.process(demo["ctVolume"], demo["petVolume"], demo["side"], device="cpu")
+            nodes = logic.process(demo["ctVolume"], demo["petVolume"], demo["side"], petIsSuv=True,
+                                  anatomy=demo["anatomy"], device="cpu")
         self.assertEqual(nodes.segmentation.GetSegmentation().GetNumberOfSegments(), 17)
         self.assertIn(logic.result.n_stage, ("N0", "N1", "N2", "N3"))
         self.delayDisplay("Test passed")

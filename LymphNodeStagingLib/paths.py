@@ -88,3 +88,8 @@ def totalseg_weights_dir(home_dir: str | Path | None = None) -> Path:
     if home_dir is None and ENV_TOTALSEG_WEIGHTS in os.environ:
         return Path(os.environ[ENV_TOTALSEG_WEIGHTS])
     return totalseg_home(home_dir) / "nnunet" / "results"
+
+
+def station_map_store_path() -> Path:
+    """The station maps shared by every command (batch, train, evaluate): ``<cache>/station-maps``."""
+    return cache_root() / "station-maps"

@@ -21,19 +21,15 @@ Leftovers of a killed run (``.NAME.XXXX.part`` temporary files and folders, ``.N
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import InputError
-from ..io.files import atomic_dir, write_json
+from ..io.files import atomic_dir, digest, write_json
 
 STEP_FORMAT = "lnstaging-step"
 CASE_FORMAT = "lnstaging-case"
@@ -45,45 +41,6 @@ def _library_version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: the same object always gives the same text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def digest(obj: Any, length: int = 20) -> str:
-    """Hex SHA-256 of the canonical JSON of ``obj`` (first ``length`` characters)."""
-    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
-
-
-def fingerprint(path: str | Path | None) -> dict | None:
-    """Identity of an input file or folder without reading it: resolved path, size and modification time.
-
-    A folder (a DICOM series) is summarised by a hash over the relative path, size and modification time of every
-    file below it. A missing path gives ``{"path": ..., "missing": True}`` (the step that needs it then fails).
-    """
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    with contextlib.suppress(OSError):
-        p = p.resolve()
-    if p.is_file():
-        st = p.stat()
-        return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if p.is_dir():
-        entries = []
-        for root, dirs, files in os.walk(p):
-            dirs.sort()
-            for name in sorted(files):
-                f = Path(root) / name
-                try:
-                    st = f.stat()
-                except OSError:
-                    continue
-                entries.append((str(f.relative_to(p)), st.st_size, st.st_mtime_ns))
-        return {"path": str(p), "files": len(entries), "digest": digest(entries, 32)}
-    return {"path": str(p), "missing": True}
 
 
 def step_key(step: str, version: int, params: dict, inputs: dict, upstream: dict[str, str]) -> str:

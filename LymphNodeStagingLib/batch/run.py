@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, LNSError, UsageError
-from ..io.files import write_json
+from ..io.files import fingerprint, write_json
+from ..mapping.store import atlas_set_identity
 from ..runtime import ProgressCallback, limit_threads, parse_device, reporter
 from ..suv.inputs import decide_pet_is_suv, parse_pet_is_suv, pet_is_suv_name
-from .cache import CaseCache, StepSpec, clean_partial, fingerprint
+from .cache import CaseCache, StepSpec, clean_partial
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class BatchOptions:
     registration: dict = field(default_factory=dict)  # RegistrationConfig overrides (e.g. iterations)
     threads: int = 1  # threads per worker
     atlas_fingerprint: dict | None = None
+    map_store: str | None = None  # the shared station-map store (None: the default in the user cache)
     model_fingerprint: dict | None = None
 
 
@@ -269,20 +271,32 @@ class _CaseRun:
             write_image(img, out / "anatomy.nii.gz")
             source = "given"
         else:
-            ts_device = "cpu" if self.opt.device == "cpu" else "gpu" + self.opt.device[4:]
-            run_totalsegmentator(self.ct_file(), out / "anatomy.nii.gz", device=ts_device, fast=True)
+            run_totalsegmentator(self.ct_file(), out / "anatomy.nii.gz",
+                                 device=parse_device(self.opt.device, check=False).totalsegmentator, fast=True)
             source = "totalsegmentator"
         return {"source": source}
 
     def stations(self, out: Path) -> dict:
+        """Station map from the shared store when this CT, anatomy and atlas set were mapped before (by any run,
+        training or evaluation), else registered and filed there."""
         from ..mapping.station_mapping import map_stations, write_station_mapping
+        from ..mapping.store import StationMapStore, station_map_key
 
-        cfg = registration_config(self.opt.registration, self.opt.threads)
-        mapping = map_stations(self.ct(), self.anatomy(), _atlas_set(self.opt.atlases), device=self.opt.device,
-                               config=cfg)
+        anatomy_file = self.row.get("anatomy_path") or self.cache.step_dir("anatomy") / "anatomy.nii.gz"
+        key = station_map_key(self.row["ct_path"], anatomy_file, self.opt.atlas_fingerprint or self.opt.atlases,
+                              self.opt.registration)
+        store = StationMapStore(self.opt.map_store)
+        mapping = store.get(key)
+        reused = mapping is not None
+        if mapping is None:
+            cfg = registration_config(self.opt.registration, self.opt.threads)
+            mapping = map_stations(self.ct(), self.anatomy(), _atlas_set(self.opt.atlases), device=self.opt.device,
+                                   config=cfg)
+            store.put(key, mapping)
         write_station_mapping(mapping, out)
         present = sorted(mapping.weight_maps)
-        return {"stations_mapped": len(present), "flags": {k: v for k, v in mapping.flags.items() if v != "ok"}}
+        return {"stations_mapped": len(present), "flags": {k: v for k, v in mapping.flags.items() if v != "ok"},
+                "from_store": reused}
 
     def assess(self, out: Path) -> dict:
         from ..assessment.assess import assess_case
@@ -418,23 +432,6 @@ def _lock(out_dir: Path) -> Iterator[None]:
         fh.close()
 
 
-def _fingerprint_atlases(path: str) -> dict:
-    import json
-
-    root = Path(path)
-    manifest = root / "manifest.json"
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"atlas set {root}: cannot read {manifest} ({exc})") from None
-    files = {}
-    for entry in data.get("atlases", []):
-        for k in ("ct", "anatomy", "stations"):
-            if isinstance(entry, dict) and isinstance(entry.get(k), str):
-                files[f"{entry.get('id')}/{k}"] = fingerprint(root / entry[k])
-    return {"manifest": fingerprint(manifest), "files": files}
-
-
 def _case_folder_name(scan_id: str) -> str:
     name = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in scan_id).strip(".") or "case"
     return name
@@ -464,6 +461,7 @@ def run_batch(
     pet_is_suv: bool | str | None = None,
     suv_mode: str = "qiba",
     registration: dict | None = None,
+    map_store: str | Path | None = None,
 ) -> BatchSummary:
     """Run the pipeline steps for every row of a cohort CSV; resumable, parallel, one folder per case.
 
@@ -471,7 +469,8 @@ def run_batch(
     a Dask LocalCluster with ``workers`` workers, an address such as "tcp://host:8786", or a distributed.Client.
     ``steps``: subset of suv,anatomy,stations,assess (dependencies are added). A case whose steps are complete with
     the current parameters is reused; a failed case is kept as failed unless ``retry_failed`` or its parameters
-    changed. ``registration``: RegistrationConfig field overrides, e.g. {"iterations": [60, 40]}.
+    changed. ``registration``: RegistrationConfig field overrides, e.g. {"iterations": [60, 40]}. ``map_store``:
+    the station-map store shared with training and evaluation (None: the default in the user cache).
     ``pet_is_suv`` (or "declared", "yes", "no"): None lets the cohort's pet_is_suv column decide per row; a row
     without it has its DICOM PET converted to SUV and its PET image file refused (a failed case naming the file:
     an image file has no header to compute SUV from). True takes every PET as SUV; False takes none (DICOM PET is
@@ -521,8 +520,8 @@ def run_batch(
                         rules=rules, pet_is_suv=parse_pet_is_suv(pet_is_suv), suv_mode=suv_mode,
                         registration=_check_registration(registration),
                         threads=int(threads_per_worker),
-                        atlas_fingerprint=_fingerprint_atlases(atlas_path) if atlas_path else None,
-                        model_fingerprint=model_fp)
+                        atlas_fingerprint=atlas_set_identity(atlas_path) if atlas_path else None,
+                        model_fingerprint=model_fp, map_store=str(map_store) if map_store else None)
 
     cohort = read_cohort(cohort_csv, rules=rules)
     out = Path(out_dir)

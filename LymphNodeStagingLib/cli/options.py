@@ -75,6 +75,12 @@ def add_atlases(p: argparse.ArgumentParser) -> None:
                    help="atlas set folder (default: $LNSTAGING_ATLASES, else the synthetic demo atlas set)")
 
 
+def add_map_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="station-map store shared by batch, train and evaluate: a case mapped once with the same CT, "
+                        "anatomy and atlas set is not registered again (default: $LNSTAGING_CACHE/station-maps)")
+
+
 def add_model(p: argparse.ArgumentParser, help: str = "classifier checkpoint (default: the bundled demo model)") -> None:
     p.add_argument("--model", default=None, metavar="CHECKPOINT", help=help)
 

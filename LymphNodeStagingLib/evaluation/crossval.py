@@ -10,7 +10,6 @@ decisions staged with the other rule set) and ``atlases=K`` (TS1 on station maps
 Layout of the output folder::
 
     split.json, split.csv          the patient-level split (written once, reused by every later run)
-    cases/                         cached station maps per scan (or --cache)
     folds/fold<k>/<method>/        checkpoints of the trained methods and predictions.json (test patients)
     report.md, report.json         the tables (methods x metrics, mean +- sd over folds), CIs and tests
     figures/                       confusion matrices per method and a summary chart
@@ -194,7 +193,7 @@ def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
     return labels, parse_n_stage(n_text)
 
 
-def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path, config: EvaluationConfig, need_lesions: bool,
+def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path | None, config: EvaluationConfig, need_lesions: bool,
                   progress: ProgressCallback | None = None) -> list[EvalCase]:
     """Images, cached station maps, samplers and baseline features of every row."""
     from ..suv.statistics import station_suv_max
@@ -479,7 +478,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     split_fp = split.fingerprint
 
     atlas_set = resolve_atlas_set(atlases)
-    cache = Path(cache_dir) if cache_dir else out_dir / "cases"
+    cache = Path(cache_dir) if cache_dir else None
     need_lesions = any(s.kind == "lesion" for s in specs)
     report(0.0, f"preparing {len(rows)} scans")
     case_sets: dict[int | None, list[EvalCase]] = {
@@ -489,7 +488,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
         if k > len(atlas_set):
             raise UsageError(f"--ablation atlases={k}: the atlas set has only {len(atlas_set)} atlases")
         sub = atlas_set.subset([a.id for a in atlas_set.atlases[:k]])
-        case_sets[k] = prepare_cases(rows, sub, cache / f"atlases{k}", config, False,
+        case_sets[k] = prepare_cases(rows, sub, cache, config, False,
                                      progress_part(progress, 0.0, 0.1))
     cases_by_scan = {c.scan_id: c for c in case_sets[None]}
 
@@ -553,7 +552,7 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
     report = reporter(progress)
     rows = _staged_rows(cohort_csv, config.rules)
     atlas_set = resolve_atlas_set(atlases)
-    cache = Path(cache_dir) if cache_dir else out_dir / "cases"
+    cache = Path(cache_dir) if cache_dir else None
     cases = prepare_cases(rows, atlas_set, cache, config, False, progress_part(progress, 0.0, 0.8))
     report(0.85, "classifying")
     score, pred, n_pred, n_prob, params = predict_model(Path(model), cases, config.rules, config.device)

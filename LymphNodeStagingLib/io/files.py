@@ -1,9 +1,12 @@
 """Atomic file output: write to a temporary name in the same folder, then rename, so that a crash or kill never
-leaves a half-written file under its final name."""
+leaves a half-written file under its final name. Files and folders get the permissions the user's umask gives
+(as ``open`` and ``mkdir`` would), not the private 0600/0700 of temporary files, so that a shared cohort folder stays
+readable by colleagues. Also the identity of input files (``fingerprint``) that caches are keyed by."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -12,6 +15,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: Path, folder: bool = False) -> None:
+    """Give a temporary file or folder the mode a normal create would: 0666 (0777 for folders) less the umask."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -26,6 +40,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    _public(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -40,6 +55,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    _public(tmp, folder=True)
     try:
         yield tmp
         if path.exists():
@@ -97,3 +113,45 @@ def write_figure(fig, path: str | Path, **savefig_kwargs: Any) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ identity
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same object always gives the same text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj: Any, length: int = 20) -> str:
+    """Hex SHA-256 of the canonical JSON of ``obj`` (first ``length`` characters)."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
+
+
+def fingerprint(path: str | Path | None) -> dict | None:
+    """Identity of an input file or folder without reading it: resolved path, size and modification time.
+
+    A folder (a DICOM series) is summarised by a hash over the relative path, size and modification time of every
+    file below it. A missing path gives ``{"path": ..., "missing": True}`` (the step that needs it then fails).
+    """
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    with contextlib.suppress(OSError):
+        p = p.resolve()
+    if p.is_file():
+        st = p.stat()
+        return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if p.is_dir():
+        entries = []
+        for root, dirs, files in os.walk(p):
+            dirs.sort()
+            for name in sorted(files):
+                f = Path(root) / name
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                entries.append((str(f.relative_to(p)), st.st_size, st.st_mtime_ns))
+        return {"path": str(p), "files": len(entries), "digest": digest(entries, 32)}
+    return {"path": str(p), "missing": True}

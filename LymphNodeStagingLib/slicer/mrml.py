@@ -57,6 +57,8 @@ TAG_SUV_PEAK = PREFIX + "SUVpeak"
 TAG_AGREEMENT = PREFIX + "Agreement"
 
 COLOR_MAP_NAME = "LymphNodeStaging probability"
+#: Column names of the station table (the names stay English: scripts read columns by name; the titles shown in
+#: the table view can be translated, see ``set_column_titles``).
 TABLE_COLUMNS = ("Station", "Probability", "Status", "Override", "SUVmax", "SUVpeak", "Agreement", "Group")
 
 # Terminology (Slicer's "category~type~modifier" entry): category "Anatomical Structure" as in Slicer's general
@@ -145,13 +147,23 @@ def image_from_volume_node(node) -> sitk.Image:
 
 
 # ----- display of the inputs -----------------------------------------------------------------------------------
-def show_pet_over_ct(scene, ct_node, pet_node=None, *, opacity: float = 0.4, suv_max: float = 8.0,
-                     pet_color: str = "PET-Heat") -> None:
-    """CT in the background (mediastinal window), PET in the foreground with a PET colour map, in every slice view."""
+#: CT in a mediastinal window (width, level in HU).
+CT_WINDOW = (400.0, 40.0)
+#: PET as a nuclear-medicine reader fuses it: SUV 0..12 on the hot-iron scale (PET-Heat), transparent below SUV 2.5,
+#: so that the blood pool (SUV about 1.5-2.5) and soft tissue leave the CT visible and hot nodes stand out.
+PET_SUV_RANGE = (0.0, 12.0)
+PET_SUV_THRESHOLD = 2.5
+
+
+def show_pet_over_ct(scene, ct_node, pet_node=None, *, opacity: float = 0.6, suv_range: tuple[float, float] =
+                     PET_SUV_RANGE, suv_threshold: float | None = PET_SUV_THRESHOLD,
+                     pet_color: str = "PET-Heat", ct_window: tuple[float, float] = CT_WINDOW) -> None:
+    """CT in the background (mediastinal window), PET in the foreground of every slice view: a PET colour map over
+    ``suv_range``, transparent below ``suv_threshold`` (None: the whole PET is blended), at ``opacity``."""
     ct_display = ct_node.GetDisplayNode() or (ct_node.CreateDefaultDisplayNodes() or ct_node.GetDisplayNode())
     ct_display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
     ct_display.SetAutoWindowLevel(False)
-    ct_display.SetWindowLevel(400.0, 40.0)
+    ct_display.SetWindowLevel(*ct_window)
     if pet_node is not None:
         pet_display = pet_node.GetDisplayNode() or (pet_node.CreateDefaultDisplayNodes()
                                                      or pet_node.GetDisplayNode())
@@ -159,7 +171,13 @@ def show_pet_over_ct(scene, ct_node, pet_node=None, *, opacity: float = 0.4, suv
         if color is not None:
             pet_display.SetAndObserveColorNodeID(color.GetID())
         pet_display.SetAutoWindowLevel(False)
-        pet_display.SetWindowLevelMinMax(0.0, suv_max)
+        pet_display.SetWindowLevelMinMax(*suv_range)
+        pet_display.SetAutoThreshold(False)
+        if suv_threshold is None:
+            pet_display.SetApplyThreshold(False)
+        else:
+            pet_display.SetThreshold(float(suv_threshold), 1.0e6)  # no upper limit: the hottest voxels stay shown
+            pet_display.SetApplyThreshold(True)
     for composite in _nodes(scene, "vtkMRMLSliceCompositeNode"):
         composite.SetBackgroundVolumeID(ct_node.GetID())
         composite.SetForegroundVolumeID(pet_node.GetID() if pet_node is not None else None)
@@ -299,7 +317,7 @@ def show_result(scene, result: CaseResult, station_map: sitk.Image, *, reference
     if reference_node is not None:
         seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     display = seg.GetDisplayNode()
-    display.SetOpacity2DFill(0.45)
+    display.SetOpacity2DFill(0.3)  # light fill and a full outline: the fused PET stays readable inside a station
     display.SetOpacity2DOutline(1.0)
     display.SetOpacity3D(0.8)
     _place_in_hierarchy(scene, nodes, reference_node, result.case_id)
@@ -394,11 +412,23 @@ def _fill_table(table_node, result: CaseResult) -> None:
     was = table_node.StartModify()
     table_node.SetAndObserveTable(table)
     table_node.SetUseColumnTitleAsColumnHeader(True)
+    table_node.SetLocked(True)  # computed values: not editable in the table view (overrides go through re-staging)
     descriptions = {"Probability": "malignancy probability (0..1)", "SUVmax": "maximum SUV in the station",
                     "SUVpeak": "mean SUV in a 1 cm^3 sphere at the hottest voxel",
                     "Agreement": "atlas agreement (mean pairwise Dice)", "Group": "N group of a positive station"}
     for col, text in descriptions.items():
         table_node.SetColumnDescription(col, text)
+    table_node.EndModify(was)
+
+
+def set_column_titles(table_node, titles: dict[str, str]) -> None:
+    """Titles shown in the table view's header for the columns named in ``titles`` (e.g. translated ones); the
+    column names stay as they are. Kept when the table is refilled."""
+    was = table_node.StartModify()
+    for name, title in titles.items():
+        if table_node.GetColumnIndex(name) < 0:
+            raise InputError(f"table {table_node.GetName()!r} has no column {name!r}")
+        table_node.SetColumnTitle(name, title)
     table_node.EndModify(was)
 
 
@@ -533,6 +563,6 @@ def _safe(text: str) -> str:
 __all__ = [
     "InputError", "ResultNodes", "export_result", "find_result_nodes", "ijk_to_ras",
     "image_from_volume_node", "jump_to_station", "load_segmentation", "probability_color", "probability_color_node",
-    "report_text", "result_from_node", "save_segmentation", "show_pet_over_ct", "show_result", "station_center_ras",
-    "station_terminology", "update_result", "volume_node_from_image",
+    "report_text", "result_from_node", "save_segmentation", "set_column_titles", "show_pet_over_ct", "show_result",
+    "station_center_ras", "station_terminology", "update_result", "volume_node_from_image",
 ]

@@ -6,7 +6,6 @@ and mapping_key.json with the inputs it was made from), so a second training or 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,12 +16,10 @@ import SimpleITK as sitk
 
 from ..cohort.table import CohortRow
 from ..errors import InputError
-from ..io.files import atomic_dir, write_json
 from ..runtime import Progress, ProgressCallback
 from ..staging.stations import NUM_STATIONS
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
 
 
 @dataclass
@@ -34,18 +31,6 @@ class PreparedCase:
     vote_fractions: np.ndarray  # (17, z, y, x) float32 on the station map's grid
     sampler: object  # patches.StationSampler
     from_cache: bool
-
-
-def _mapping_key(row: CohortRow, atlas_set) -> dict:
-    anat = row.anatomy_path
-    return {
-        "cache_version": CACHE_VERSION,
-        "atlas_set": atlas_set.name,
-        "atlases": [a.id for a in atlas_set.atlases],
-        "ct": str(row.ct_path),
-        "anatomy": str(anat) if anat else None,
-        "anatomy_mtime": anat.stat().st_mtime if anat and anat.exists() else None,
-    }
 
 
 def load_images(row: CohortRow, pet_is_suv: bool | str | None = None) -> tuple[sitk.Image, sitk.Image]:
@@ -61,35 +46,35 @@ def load_images(row: CohortRow, pet_is_suv: bool | str | None = None) -> tuple[s
     return case.ct, case.pet
 
 
-def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path, *, device: str = "cpu",
+def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path | None = None, *, device: str = "cpu",
                  pet_is_suv: bool | str | None = None) -> PreparedCase:
-    """Images, station map (cached) and sampler of one cohort row."""
+    """Images, station map and sampler of one cohort row. The station map comes from the shared station-map store
+    (``cache_dir``, default the user cache's, the one ``lnstaging batch`` fills) when this CT, anatomy and atlas set
+    were mapped before; otherwise it is registered and filed there."""
     from ..classifier.patches import StationSampler
-    from ..mapping.station_mapping import map_stations, read_station_mapping, write_station_mapping
+    from ..mapping.station_mapping import map_stations
+    from ..mapping.store import StationMapStore, atlas_set_identity, station_map_key
 
     ct, pet = load_images(row, pet_is_suv)
-    folder = Path(cache_dir) / row.scan_id
-    key = _mapping_key(row, atlas_set)
-    key_file = folder / "mapping_key.json"
-    from_cache = key_file.is_file() and json.loads(key_file.read_text()) == key
-    if from_cache:
-        mapping = read_station_mapping(folder)
-    else:
+    if row.anatomy_path is None:
+        raise InputError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and evaluation "
+                         "(run `lnstaging anatomy` or `lnstaging batch --steps anatomy` first)")
+    store = StationMapStore(cache_dir)
+    key = station_map_key(row.ct_path, row.anatomy_path,
+                          atlas_set_identity(atlas_set.root, [a.id for a in atlas_set.atlases]))
+    mapping = store.get(key)
+    from_cache = mapping is not None
+    if mapping is None:
         from ..anatomy.vocabulary import load_anatomy
 
-        if row.anatomy_path is None:
-            raise InputError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and "
-                                "evaluation (run `lnstaging anatomy` or `lnstaging batch --steps anatomy` first)")
         anatomy = load_anatomy(row.anatomy_path, reference=ct)
         mapping = map_stations(ct, anatomy, atlas_set, device=device)
-        with atomic_dir(folder) as tmp:
-            write_station_mapping(mapping, tmp)
-            write_json(tmp / "mapping_key.json", key)
+        store.put(key, mapping)
     return PreparedCase(row, ct, pet, mapping.label_image(), mapping.votes.astype(np.float32) / mapping.n_atlases,
                         StationSampler.from_sparse_maps(mapping.weight_maps), from_cache)
 
 
-def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path, *, device: str = "cpu",
+def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path | None = None, *, device: str = "cpu",
                  pet_is_suv: bool | str | None = None, crop_margin_mm: float = 48.0,
                  progress: ProgressCallback | None = None) -> list:
     """training.CaseSample for each row (cropped around the stations to save memory)."""

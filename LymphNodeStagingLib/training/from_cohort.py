@@ -49,7 +49,7 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
         raise LNSError(f"cohort {cohort_csv}: no training rows")
     out_dir = Path(out_dir)
     atlas_set = resolve_atlas_set(atlases)
-    cache = Path(cache_dir) if cache_dir else out_dir / "cases"
+    cache = Path(cache_dir) if cache_dir else None
     train_cases = case_samples(train_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=progress)
     val_cases = case_samples(val_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=progress)
     mconfig = ModelConfig.small(32) if small else ModelConfig()

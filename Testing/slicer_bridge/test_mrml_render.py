@@ -1,7 +1,7 @@
 """Offscreen rendering of the result nodes through Slicer's slice logic and displayable managers (EGL).
 
-Writes the PNGs for a person to look at (in the test's tmp folder). Run as a script to refresh the README screenshot:
-``.venv/bin/python Testing/test_mrml_render.py`` writes LymphNodeStaging/Resources/Screenshots/*.png.
+Writes the PNGs for a person to look at (in the test's tmp folder). The README and Extensions Index screenshots are
+made by ``render_screenshots.py`` next to this file, on a full-size phantom.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from LymphNodeStagingLib.slicer import mrml
-
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "LymphNodeStaging" / "Resources" / "Screenshots"
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -54,12 +52,16 @@ def render_case(out_dir: Path, size: int = 384) -> dict:
         # legend node added to the scene after the view exists
         view = app.slice_view(size=size)
         three_d = app.threed_view(size=size)
-        mrml.show_pet_over_ct(scene, ct, pet, opacity=0.35)
+        mrml.show_pet_over_ct(scene, ct, pet)
         nodes = mrml.show_result(scene, case.result, case.stations, reference_node=ct)
         view.fit()
         ras_4r = mrml.jump_to_station(scene, case.result, "4R", nodes.segmentation)
         axial = view.save_png(out_dir / "axial_4R.png")
-        pixels = {name: view.ras_to_pixel(mrml.lps_to_ras(case.centres_lps[name])) for name in ("4R", "4L")}
+        centres = {**case.centres_lps, "tissue": (0.0, -60.0, case.centres_lps["4R"][2])}
+        pixels = {name: view.ras_to_pixel(mrml.lps_to_ras(centres[name])) for name in ("4R", "4L", "tissue")}
+        nodes.segmentation.GetDisplayNode().SetVisibility(False)  # the fused PET/CT alone
+        axial_pet = view.save_png(out_dir / "axial_4R_pet.png")
+        nodes.segmentation.GetDisplayNode().SetVisibility(True)
         legend = legend_box(nodes.legend, size)
         nodes.legend.SetVisibility(False)  # the same view without the legend: the control for its pixels
         axial_no_legend = view.save_png(out_dir / "axial_4R_no_legend.png")
@@ -74,7 +76,8 @@ def render_case(out_dir: Path, size: int = 384) -> dict:
         coord.SetValue(*ras_4r)
         x3, y3 = coord.GetComputedDisplayValue(three_d.renderer)
         threed = three_d.save_png(out_dir / "threed.png")
-        return {"axial": axial, "axial_no_legend": axial_no_legend, "threed": threed, "pixels": pixels,
+        return {"axial": axial, "axial_no_legend": axial_no_legend, "axial_pet": axial_pet, "threed": threed,
+                "pixels": pixels,
                 "legend": legend, "pixel_3d": (x3, size - 1 - y3), "size": size}
     finally:
         app.close()
@@ -96,12 +99,23 @@ def test_axial_slice_shows_stations_where_they_are(rendered):
     # radiological convention: the patient's right (4R) is on the left of the picture
     assert p4r.x < p4l.x and abs(p4r.y - p4l.y) <= 1
     r, g, b = _patch(img, p4r.x, p4r.y)
-    assert r > 150 and r > g + 60 and r > b + 60, (r, g, b)  # p=0.92: red fill (over hot PET)
+    assert r > 150 and r > g + 20 and g > b + 20, (r, g, b)  # p=0.92: light red fill over the hot PET
     r, g, b = _patch(img, p4l.x, p4l.y)
     assert g > 120 and g > b + 40, (r, g, b)  # p=0.20: green-yellow fill
     # outside the body: black background
     assert _patch(img, 3, 3).max() < 30
     assert img.std() > 20  # grey tissue, not a blank picture
+
+
+def test_pet_is_fused_as_a_reader_windows_it(rendered):
+    """Above SUV 2.5 the PET shows in hot-iron colours; the soft tissue (SUV 1.2, like the blood pool) leaves the
+    CT grey: the PET does not paint the whole body."""
+    img = read_png(rendered["axial_pet"])
+    hot, tissue = rendered["pixels"]["4R"], rendered["pixels"]["tissue"]
+    r, g, b = _patch(img, hot.x, hot.y)
+    assert r > 180 and g > 150 and r > b + 40, (r, g, b)  # SUV 9: yellow-white over the CT
+    r, g, b = _patch(img, tissue.x, tissue.y, 2)
+    assert max(r, g, b) - min(r, g, b) < 8 and 60 < r < 200, (r, g, b)  # plain grey CT at 40 HU
 
 
 def _saturated(img: np.ndarray, colour: str) -> np.ndarray:
@@ -151,15 +165,28 @@ def test_threed_view_shows_station_surfaces(rendered):
     assert _saturated(box[:third], "red").sum() >= 20 and _saturated(box[2 * third:], "green").sum() >= 20
 
 
-if __name__ == "__main__":
-    import shutil
-    import tempfile
+def test_screenshot_script_renders_a_phantom_case(tmp_path, monkeypatch):
+    """render_screenshots.py (run by hand to refresh Resources/Screenshots) on a small phantom with made-up
+    probabilities: three pictures, the slices through the hottest voxel of the positive station."""
+    import importlib.util
+    from types import SimpleNamespace
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = render_case(Path(tmp), size=512)
-        for key in ("axial", "threed"):
-            target = SCREENSHOTS / f"LymphNodeStaging_{key}.png"
-            shutil.copyfile(result[key], target)
-            print(target, target.stat().st_size)
-    sys.exit(0)
+    from LymphNodeStagingLib.phantom import generate_patient
+    from LymphNodeStagingLib.staging.result import make_case_result
+    from LymphNodeStagingLib.staging.stations import STATIONS
+
+    spec = importlib.util.spec_from_file_location("render_screenshots",
+                                                  Path(__file__).with_name("render_screenshots.py"))
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "render_screenshots", script)
+    spec.loader.exec_module(script)
+    patient = generate_patient(7, size="small")
+    positive = set(patient.truth["positive_stations"]) or {"4R"}
+    result = make_case_result("PH7", patient.truth["tumour_side"],
+                              {s.name: (0.9 if s.name in positive else 0.1) for s in STATIONS})
+    shots = script.render(patient, SimpleNamespace(result=result, station_map=patient.stations), tmp_path,
+                          width=480, height=270, colors=64)
+    assert set(shots.files) == {"axial", "coronal", "threed"} and shots.station in positive
+    for path in shots.files.values():
+        img = read_png(path)
+        assert img.shape == (270, 480, 3) and img.std() > 20, path

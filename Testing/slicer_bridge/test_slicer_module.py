@@ -30,17 +30,14 @@ MEMBER_CLASSES: dict[str, set[str] | None] = {
     "value": {"QProgressBar", "ctkSliderWidget", "QSlider", "QSpinBox", "QDoubleSpinBox"},
     "setFormat": {"QProgressBar"},
     "text": {"QLabel", "QPushButton", "QLineEdit"},
-    "setColumnCount": {"QTableWidget"}, "setHorizontalHeaderLabels": {"QTableWidget"},
-    "setRowCount": {"QTableWidget"}, "setItem": {"QTableWidget"}, "currentRow": {"QTableWidget"},
-    "item": {"QTableWidget"},
-    "currentText": {"QComboBox"},
+    "setMRMLTableNode": {"qMRMLTableView"},
+    "currentText": {"QComboBox"}, "currentIndex": {"QComboBox"},
     "directory": {"ctkDirectoryButton"},
 }
 #: what a signal connected with ``self.ui.<name>.connect("signal(...)", ...)`` requires
 SIGNAL_CLASSES: dict[str, set[str]] = {
-    "clicked": {"QPushButton", "ctkPushButton"},
+    "clicked": {"QPushButton", "ctkPushButton", "qMRMLTableView"},
     "valueChanged": {"ctkSliderWidget", "QSlider", "QSpinBox", "QDoubleSpinBox"},
-    "cellClicked": {"QTableWidget"},
     "currentIndexChanged": {"QComboBox"},
     "currentNodeChanged": {"qMRMLNodeComboBox"},
 }
@@ -117,7 +114,7 @@ def test_parameter_names_in_the_ui_match_the_parameter_node():
     assert set(bound) == set(fields), (set(bound) ^ set(fields))
     for field, (name, cls) in bound.items():
         ann = fields[field]
-        if ann.startswith("vtkMRML"):
+        if ann.startswith(("vtkMRML", "Union[vtkMRML")):
             expected = {"qMRMLNodeComboBox"}
         elif ann == "bool":
             expected = {"QCheckBox"}
@@ -131,18 +128,51 @@ def test_parameter_names_in_the_ui_match_the_parameter_node():
     # node selectors get the scene through the top widget's mrmlSceneChanged signal
     root = ET.parse(UI_FILE).getroot()
     receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot").startswith("setMRMLScene")}
-    selectors = {n for n, w in ui_widgets().items() if w.get("class") == "qMRMLNodeComboBox"}
+    selectors = {n for n, w in ui_widgets().items() if w.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")}
     assert selectors <= receivers
+
+
+def _children(section: str) -> set[str]:
+    root = ET.parse(UI_FILE).getroot()
+    button = next(w for w in root.iter("widget") if w.get("name") == section)
+    return {w.get("name") for w in button.iter("widget")} - {section}
+
+
+def _property(widget: ET.Element, name: str) -> str | None:
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            return "".join(prop.itertext()).strip()
+    return None
+
+
+def test_inputs_up_front_options_in_a_collapsed_advanced_section():
+    inputs, advanced = _children("inputsCollapsibleButton"), _children("advancedCollapsibleButton")
+    widgets = ui_widgets()
+    assert {"ctSelector", "petSelector", "tumourSideComboBox", "loadDemoButton"} <= inputs
+    assert {"petIsSuvCheckBox", "anatomySelector", "modelPathLineEdit", "atlasPathLineEdit", "ruleSetComboBox",
+            "deviceComboBox"} <= advanced
+    assert _property(widgets["advancedCollapsibleButton"], "collapsed") == "true"
+    assert widgets["advancedCollapsibleButton"].get("class") == "ctkCollapsibleButton"
+    assert _property(widgets["inputsCollapsibleButton"], "collapsed") in (None, "false")
+    # the parameter node wrapper fills the combo boxes from the Choice annotations (the rule sets from the library)
+    for name in ("tumourSideComboBox", "ruleSetComboBox", "deviceComboBox"):
+        assert widgets[name].findall("item") == [], f"{name} lists items of its own"
+    fields = parameter_fields()
+    assert fields["ruleSet"] == "Annotated[str, Choice(available_rule_sets())]"
+    # the results: the MRML table node's view (one set of columns), not a table widget of its own
+    assert widgets["stationTableView"].get("class") == "qMRMLTableView"
+    assert not [n for n, w in widgets.items() if w.get("class") == "QTableWidget"]
 
 
 def test_resources_listed_in_cmake_exist():
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "LymphNodeStaging")
     assert "WITH_GENERIC_TESTS" in cmake and "slicer_add_python_unittest" in cmake
-    listed = re.findall(r"^\s+([\w./]+\.(?:py|png|ui|json))\s*$", cmake, flags=re.MULTILINE)
+    listed = re.findall(r"^\s+([\w./]+\.(?:py|png|ui|json|txt))\s*$", cmake, flags=re.MULTILINE)
     assert len(listed) >= 15
     for rel in listed:
         assert (MODULE_DIR / rel).is_file(), f"{rel} is listed in the module CMakeLists.txt but does not exist"
-    for rel in ("Resources/Icons/LymphNodeStaging.png", "Resources/UI/LymphNodeStaging.ui"):
+    for rel in ("Resources/Icons/LymphNodeStaging.png", "Resources/UI/LymphNodeStaging.ui",
+                "Resources/requirements.txt"):
         assert rel in cmake and (MODULE_DIR / rel).is_file()
     icon = MODULE_DIR / "Resources" / "Icons" / "LymphNodeStaging.png"
     assert icon.stat().st_size <= 20_000
@@ -178,6 +208,7 @@ def test_module_metadata_and_parameter_node(module):
     logic = module.LymphNodeStagingLogic()
     params = logic.getParameterNode()
     assert params.tumourSide == "R" and params.ruleSet == "ajcc8" and params.threshold == 0.5
+    assert params.device == "auto" and params.petIsSuv is False  # a PET image file is SUV only when declared
     params.threshold = 0.3
     assert logic.getParameterNode().threshold == pytest.approx(0.3)  # singleton node in the scene
 
@@ -207,10 +238,11 @@ class StandinWidget:
         self.text = ""
         self.value = 0
         self.format = ""
+        self.currentText = ""
+        self.currentIndex = 0
+        self.tableNode = None
         self.lines: list[str] = []
         self.values: list[int] = []
-        self.rows = 0
-        self.items: dict[tuple[int, int], object] = {}
 
     def __setattr__(self, name, value) -> None:
         if name == "value" and "values" in self.__dict__:
@@ -223,11 +255,8 @@ class StandinWidget:
     def setFormat(self, text: str) -> None:
         self.format = text
 
-    def setRowCount(self, n: int) -> None:
-        self.rows = n
-
-    def setItem(self, row: int, col: int, item) -> None:
-        self.items[(row, col)] = item
+    def setMRMLTableNode(self, node) -> None:
+        self.tableNode = node
 
 
 class StandinTimer:
@@ -252,7 +281,8 @@ def phantom_files(tmp_path_factory):
 def _widget(module):
     widget = module.LymphNodeStagingWidget.__new__(module.LymphNodeStagingWidget)
     names = ("progressBar", "logTextEdit", "applyButton", "cancelButton", "exportButton", "nStageLabel",
-             "tnm9Label", "decidingLabel", "thresholdSliderWidget", "stationTableWidget")
+             "tnm9Label", "decidingLabel", "thresholdSliderWidget", "stationTableView", "ruleSetComboBox",
+             "overrideComboBox")
     widget.ui = SimpleNamespace(**{n: StandinWidget() for n in names})
     widget.logic = module.LymphNodeStagingLogic()
     widget.logic.logCallback = widget.addLog
@@ -260,10 +290,11 @@ def _widget(module):
     widget._process = None
     widget._pollTimer = StandinTimer()
     widget._updatingResults = False
+    widget._station = None
     return widget
 
 
-def _start(module, widget, files, **kwargs):
+def _volumes(files):
     import SimpleITK as sitk
 
     from LymphNodeStagingLib.slicer import mrml
@@ -272,12 +303,17 @@ def _start(module, widget, files, **kwargs):
     ct = mrml.volume_node_from_image(scene, sitk.ReadImage(files["ct"]), "PH1357 CT")
     pet = mrml.volume_node_from_image(scene, sitk.ReadImage(files["pet"]), "PH1357 PET")
     anatomy = mrml.volume_node_from_image(scene, sitk.ReadImage(files["anatomy"]), "anatomy", labelmap=True)
+    return ct, pet, anatomy
+
+
+def _start(module, widget, files, **kwargs):
+    ct, pet, anatomy = _volumes(files)
     params = widget._parameterNode
     params.ctVolume, params.petVolume = ct, pet
     widget._setRunning(True)
     widget._process = widget.logic.startBackgroundProcess(
-        ct, pet, files["side"], anatomy=anatomy, modelPath=files["model"], cpu=True, threshold=0.5,
-        stationMapping=files["mapping"], **kwargs)
+        ct, pet, files["side"], petIsSuv=True, anatomy=anatomy, modelPath=files["model"], device="cpu",
+        threshold=0.5, stationMapping=files["mapping"], **kwargs)
     widget._pollTimer.start()
     return widget._process
 
@@ -299,22 +335,33 @@ def test_apply_runs_in_a_child_process_polled_by_the_widget_timer(module, phanto
     widget = _widget(module)
     process = _start(module, widget, phantom_files)
     assert process.running and widget.ui.cancelButton.enabled and not widget.ui.applyButton.enabled
+    assert process.job.device == "cpu" and process.job.pet_is_suv is True
     ticks = _drive(widget)
     assert ticks > 1  # the GUI thread got control back between polls
     assert widget._process is None and not process.running and process.returncode == 0
     values = widget.ui.progressBar.values
     assert values[0] == 0 and values[-1] == 100 and values == sorted(values) and len(set(values)) >= 4
     assert widget.ui.progressBar.format.startswith("%p% done")
-    # the result is shown: nodes, labels, table; buttons back to idle
+    # the result is shown: nodes, labels, the table node in the table view; buttons back to idle
     nodes = widget.logic.nodes
     assert nodes.segmentation.GetSegmentation().GetNumberOfSegments() == 17
     assert widget._parameterNode.resultSegmentation is nodes.segmentation
     assert widget.ui.nStageLabel.text == widget.logic.result.n_stage in ("N0", "N1", "N2", "N3")
-    assert widget.ui.stationTableWidget.rows == 17
+    table = widget.ui.stationTableView.tableNode
+    assert table is nodes.table and table.GetNumberOfRows() == 17 and table.GetLocked()
+    titles = module.LymphNodeStagingLogic.columnTitles()
+    assert [table.GetColumnTitle(table.GetColumnName(c)) for c in range(table.GetNumberOfColumns())] == \
+        [titles[c] for c in mrml_columns()]
     assert not widget.ui.cancelButton.enabled and not widget.ui.progressBar.visible
     assert any("TNM 9" in line for line in widget.ui.logTextEdit.lines)
     # the temporary inputs are removed
     assert not process.slicerContext["workDir"].exists()
+
+
+def mrml_columns() -> tuple[str, ...]:
+    from LymphNodeStagingLib.slicer import mrml
+
+    return mrml.TABLE_COLUMNS
 
 
 def test_cancel_from_the_widget_stops_the_child(module, phantom_files):
@@ -325,3 +372,167 @@ def test_cancel_from_the_widget_stops_the_child(module, phantom_files):
     assert process.returncode == 3 and widget.logic.result is None
     assert widget.ui.logTextEdit.lines[-1] == "Assessment cancelled."
     assert not widget.ui.cancelButton.enabled and not widget.ui.progressBar.visible
+
+
+# ----- inputs: the PET-is-SUV rule, the demo case ------------------------------------------------------------------
+def test_a_pet_volume_from_a_file_must_be_declared_suv(module, phantom_files):
+    logic = module.LymphNodeStagingLogic()
+    ct, pet, _anatomy = _volumes(phantom_files)
+    with pytest.raises(ValueError, match="was not loaded from DICOM, so its SUV cannot be computed"):
+        logic.startBackgroundProcess(ct, pet, "R", device="cpu")
+    with pytest.raises(ValueError, match="PET volume holds SUV"):
+        logic.process(ct, pet, "R", device="cpu")
+    assert logic.checkInputs(ct, pet, petIsSuv=True) == []
+    with pytest.raises(ValueError, match="Select a PET volume"):
+        logic.checkInputs(ct, None)
+
+
+def test_a_pet_volume_from_dicom_gets_suv_from_its_header(module, tmp_path):
+    """A PET loaded through Slicer's DICOM module (its node lists the SOP Instance UIDs) needs no declaration: its
+    DICOM files go to the library, which computes SUV from the header."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from LymphNodeStagingLib.phantom import generate_patient, write_patient
+    from LymphNodeStagingLib.slicer import mrml
+    from LymphNodeStagingLib.suv.inputs import load_pet
+
+    patient = generate_patient(4242, size="small")
+    paths = write_patient(patient, tmp_path / "dicom", format="dicom")
+    files = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): str(f)
+             for f in sorted(Path(paths["pet"]).iterdir())}
+    scene = headless_slicer.slicer.mrmlScene
+    ct = mrml.volume_node_from_image(scene, patient.ct, "CT")
+    pet = mrml.volume_node_from_image(scene, patient.pet, "PET (Bq/ml)")
+    pet.SetAttribute(module.DICOM_INSTANCE_UIDS, " ".join(files))
+    logic = module.LymphNodeStagingLogic()
+    dicom = logic.checkInputs(ct, pet, petIsSuv=False, fileForInstance=files.get)  # no declaration needed
+    assert sorted(dicom) == sorted(files.values())
+    source, isSuv = logic._petSource(pet, True, "", dicom, tmp_path / "work")  # the box is ignored for DICOM
+    assert isSuv is False and len(list(Path(source).iterdir())) == len(files)
+    suv, provenance, _uid, _for = load_pet(source)
+    assert provenance["mode"] != "user"  # computed from the header, not declared
+    ref = sitk.GetArrayViewFromImage(patient.pet)
+    assert abs(float(sitk.GetArrayViewFromImage(suv).max()) - float(ref.max())) < 0.05 * float(ref.max())
+    # files no longer in the database: a clear refusal
+    with pytest.raises(ValueError, match="no longer in the DICOM database"):
+        logic.checkInputs(ct, pet, fileForInstance=lambda uid: None)
+
+
+def test_load_demo_case_selects_a_phantom_patient(module, tmp_path):
+    widget = _widget(module)
+    demo = widget.logic.loadDemoCase(size="small", folder=str(tmp_path / "demo"), buildAtlases=False)
+    assert (tmp_path / "demo" / "truth.json").is_file()
+    widget.useDemoCase(demo)
+    p = widget._parameterNode
+    assert p.ctVolume is demo["ctVolume"] and p.petVolume is demo["petVolume"] and p.anatomy is demo["anatomy"]
+    assert p.petIsSuv is True and p.tumourSide == demo["side"] in ("R", "L")
+    assert demo["anatomy"].IsA("vtkMRMLLabelMapVolumeNode")
+    assert "true N-stage" in widget.ui.logTextEdit.lines[-1]
+    # shown as a reader looks at it: CT in a mediastinal window, PET fused above a threshold
+    ctDisplay, petDisplay = demo["ctVolume"].GetDisplayNode(), demo["petVolume"].GetDisplayNode()
+    assert (ctDisplay.GetWindow(), ctDisplay.GetLevel()) == (400.0, 40.0)
+    assert petDisplay.GetApplyThreshold() and petDisplay.GetLowerThreshold() >= 1.5
+    # a second load reuses the generated files
+    mtime = (tmp_path / "demo" / "ct.nii.gz").stat().st_mtime
+    widget.logic.loadDemoCase(size="small", folder=str(tmp_path / "demo"), buildAtlases=False)
+    assert (tmp_path / "demo" / "ct.nii.gz").stat().st_mtime == mtime
+
+
+# ----- results: rule set, station table clicks, overrides ----------------------------------------------------------
+def _shown(module):
+    ct, pet, stations, result = module.makeSyntheticCase()
+    from LymphNodeStagingLib.slicer import mrml
+
+    scene = headless_slicer.slicer.mrmlScene
+    widget = _widget(module)
+    ctNode = mrml.volume_node_from_image(scene, ct, "CT")
+    widget.logic.showAssessment(result, stations, ctNode, mrml.volume_node_from_image(scene, pet, "PET"))
+    widget.updateResults()
+    return widget
+
+
+def test_rule_set_combo_restages_the_shown_result(module):
+    from LymphNodeStagingLib.staging.rules import available_rule_sets
+
+    widget = _shown(module)
+    other = next(r for r in available_rule_sets() if r != widget.logic.result.rules)
+    widget.ui.ruleSetComboBox.currentText = other
+    widget.onRuleSetChanged(1)
+    assert widget.logic.result.rules == other
+    assert widget._parameterNode.ruleSet == other
+    assert other in widget.ui.decidingLabel.text
+    assert widget.logic.nodes.segmentation.GetAttribute("LymphNodeStaging.RuleSet") == other
+
+
+def test_clicking_a_station_row_jumps_there_and_overrides_restage(module):
+    widget = _shown(module)
+    table = widget.logic.nodes.table
+    row = next(r for r in range(table.GetNumberOfRows()) if table.GetCellText(r, 0) == "7")
+    widget.onStationClicked(SimpleNamespace(row=lambda: row))
+    assert widget._station == "7" and widget.ui.overrideComboBox.currentIndex == 0
+    before = widget.logic.result.tnm9
+    widget.onOverrideChanged(module.OVERRIDES.index("negative"))
+    assert widget.logic.result.station("7").override == "negative" and table.GetCellText(row, 3) == "negative"
+    assert (before, widget.logic.result.tnm9) == ("N2b", "N2a")
+    widget.onStationClicked(SimpleNamespace(row=lambda: row))
+    assert widget.ui.overrideComboBox.currentIndex == module.OVERRIDES.index("negative")
+    widget.onOverrideChanged(0)  # back to the model's decision
+    assert widget.logic.result.station("7").override is None
+
+
+def test_python_requirements_are_complete_in_this_environment(module):
+    logic = module.LymphNodeStagingLogic()
+    assert logic.requirementsFile().is_file()
+    assert logic.setupPythonRequirements(interactive=False) == []  # nothing to install, nothing asked
+
+
+# ----- the extension: metadata, icon, screenshots, Extensions Index entry --------------------------------------------
+EXTENSION_DIR = MODULE_DIR.parent
+#: The properties of Slicer's catalog entry schema v1.0.2 (Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json,
+#: "additionalProperties": false) and the ones it requires.
+CATALOG_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                      "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+
+
+def _cmake_variables() -> dict[str, str]:
+    text = (EXTENSION_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    values: dict[str, str] = {}
+    for name, value in re.findall(r'^set\((\w+) "([^"]*)"\)', text, flags=re.MULTILINE):
+        values[name] = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], value)
+    return values
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_extension_icon_and_screenshots_are_in_resources():
+    cmake = _cmake_variables()
+    prefix = "https://raw.githubusercontent.com/LymphNodeStaging/LymphNodeStaging/main/"
+    icon = EXTENSION_DIR / cmake["EXTENSION_ICONURL"].removeprefix(prefix)
+    assert icon.parent.parent == EXTENSION_DIR / "Resources" and _png_size(icon) == (128, 128)
+    screenshots = [EXTENSION_DIR / url.removeprefix(prefix) for url in cmake["EXTENSION_SCREENSHOTURLS"].split()]
+    assert len(screenshots) >= 2
+    for shot in screenshots:
+        assert shot.parent == EXTENSION_DIR / "Resources" / "Screenshots", shot
+        width, height = _png_size(shot)
+        assert width >= 800 and height >= 450, (shot, width, height)  # a real view, not a thumbnail
+        assert shot.stat().st_size < 400_000, shot
+    assert (EXTENSION_DIR / "Testing" / "slicer_bridge" / "render_screenshots.py").is_file()
+
+
+def test_extensions_index_entry_follows_the_catalog_schema_and_the_cmake_metadata():
+    import json
+
+    entry = json.loads((EXTENSION_DIR / "Resources" / "LymphNodeStaging.json").read_text(encoding="utf-8"))
+    assert CATALOG_REQUIRED <= set(entry) <= CATALOG_PROPERTIES, set(entry) ^ CATALOG_PROPERTIES
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    cmake = _cmake_variables()
+    assert entry["category"] == cmake["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == cmake["EXTENSION_DEPENDS"].split()
+    assert entry["scm_url"].removesuffix(".git") in cmake["EXTENSION_HOMEPAGE"]
+    assert entry["dicom_support_rule"] == "Modality == 'PT'"

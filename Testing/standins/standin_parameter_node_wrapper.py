@@ -1,7 +1,7 @@
 """Stand-in for ``slicer.parameterNodeWrapper``: typed fields stored in a vtkMRMLScriptedModuleNode.
 
-Strings, numbers and booleans are node parameters; MRML node fields are node references. No GUI binding
-(``connectGui`` needs Qt widgets).
+Strings, numbers and booleans are node parameters; MRML node fields (or Unions of them) are node references.
+No GUI binding (``connectGui`` needs Qt widgets).
 """
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ def _base(annotation):
     return annotation
 
 
+def _is_node(kind) -> bool:
+    """An MRML node class, or a Union of them (with None)."""
+    if typing.get_origin(kind) is typing.Union:
+        return all(a is type(None) or _is_node(a) for a in typing.get_args(kind))
+    return isinstance(kind, type) and kind.__name__.startswith("vtkMRML")
+
+
 def parameterNodeWrapper(cls):
     fields = {name: _base(ann) for name, ann in typing.get_type_hints(cls, include_extras=True).items()}
     defaults = {name: getattr(cls, name) for name in fields if hasattr(cls, name)}
@@ -36,7 +43,7 @@ def parameterNodeWrapper(cls):
         if name not in fields:
             raise AttributeError(name)
         node, kind = self.parameterNode, fields[name]
-        if isinstance(kind, type) and kind.__name__.startswith("vtkMRML"):
+        if _is_node(kind):
             return node.GetNodeReference(name)
         raw = node.GetParameter(name)
         if raw == "":
@@ -49,7 +56,7 @@ def parameterNodeWrapper(cls):
         if name not in fields:
             raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
         node, kind = self.parameterNode, fields[name]
-        if isinstance(kind, type) and kind.__name__.startswith("vtkMRML"):
+        if _is_node(kind):
             node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
         elif kind is bool:
             node.SetParameter(name, "true" if value else "false")

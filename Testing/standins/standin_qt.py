@@ -7,20 +7,3 @@ class QDir:
         import os
 
         return os.path.expanduser("~")
-
-
-class QColor:
-    def __init__(self, r: int = 0, g: int = 0, b: int = 0) -> None:
-        self.rgb = (r, g, b)
-
-
-class QTableWidgetItem:
-    def __init__(self, text: str = "") -> None:
-        self._text = text
-        self.background = None
-
-    def text(self) -> str:
-        return self._text
-
-    def setBackground(self, color) -> None:
-        self.background = color

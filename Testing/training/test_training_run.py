@@ -50,6 +50,27 @@ def test_station_maps_are_cached_per_case(cohort_and_atlases, tmp_path):
 
 
 @pytest.mark.slow
+def test_training_reuses_the_station_maps_of_a_batch_run(cohort_and_atlases, tmp_path):
+    """One station-map store: a case mapped by `lnstaging batch` is not registered again by train/evaluate."""
+    from LymphNodeStagingLib.batch.run import run_batch
+    from LymphNodeStagingLib.mapping.atlas import load_atlas_set
+
+    csv, atlases, _ = cohort_and_atlases
+    store = tmp_path / "store"
+    s = run_batch(csv, tmp_path / "batch", workers=0, steps="stations", atlases=atlases, threads_per_worker=1,
+                  map_store=store)
+    assert s.counts["ok"] == 5
+    rows = read_cohort(csv).usable_rows()
+    prep = prepare_case(rows[0], load_atlas_set(atlases), store)
+    assert prep.from_cache
+    # a second batch run elsewhere takes its station maps from the store as well
+    s2 = run_batch(csv, tmp_path / "batch2", workers=0, steps="stations", atlases=atlases, threads_per_worker=1,
+                   map_store=store)
+    manifest = json.loads((s2.out_dir / "cases" / rows[1].scan_id / "case.json").read_text())
+    assert manifest["steps"]["stations"]["info"]["from_store"] is True
+
+
+@pytest.mark.slow
 def test_train_command_writes_a_loadable_checkpoint(cohort_and_atlases, capsys):
     csv, atlases, root = cohort_and_atlases
     out = root / "ts1"
@@ -60,4 +81,7 @@ def test_train_command_writes_a_loadable_checkpoint(cohort_and_atlases, capsys):
     assert data["strategy"] == "ts1" and data["epochs_run"] == 1
     model, manifest = load_model(data["checkpoint"])
     assert manifest["kind"] == "station" and 0.0 <= manifest["threshold"] <= 1.0
-    assert len(list((out / "cases").iterdir())) == 5  # one cached station mapping per scan
+    # one station map per scan in the shared store (the test session's cache folder)
+    from LymphNodeStagingLib.paths import station_map_store_path
+
+    assert len([d for d in station_map_store_path().iterdir() if not d.name.startswith(".")]) >= 5

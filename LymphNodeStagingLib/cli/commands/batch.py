@@ -10,6 +10,7 @@ from ..options import (
     add_atlases,
     add_device,
     add_json,
+    add_map_store,
     add_model,
     add_out,
     add_pet_is_suv,
@@ -36,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     add_model(p)
     add_atlases(p)
+    add_map_store(p)
     p.add_argument("--steps", default=None,
                    help="comma-separated steps among suv,anatomy,stations,assess (default all; the steps they "
                         "depend on are added)")
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                             atlases=args.atlases, steps=args.steps, scheduler=args.scheduler,
                             retry_failed=args.retry_failed, rules=args.rules, progress=report,
                             threads_per_worker=args.threads, pet_is_suv=args.pet_is_suv,
-                            suv_mode=args.suv_mode, registration=registration)
+                            suv_mode=args.suv_mode, registration=registration, map_store=args.cache)
     finally:
         close()
     obj = {"out": str(summary.out_dir), "counts": summary.counts, "this_run": summary.this_run,

@@ -7,6 +7,7 @@ import argparse
 from ..options import (
     add_atlases,
     add_compute_options,
+    add_map_store,
     add_model,
     add_out,
     add_pet_is_suv,
@@ -61,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--small", action="store_true", help="the small network (32^3 patches at 2 mm)")
     p.add_argument("--patch-spacing", type=float)
     add_atlases(p)
-    p.add_argument("--cache", help="folder of the per-case station maps (default OUT/cases)")
+    add_map_store(p)
     add_pet_is_suv(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs")
     p.add_argument("--permutations", type=int, default=10000, help="permutations of the N-stage test")

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..options import (
     add_atlases,
     add_compute_options,
+    add_map_store,
     add_out,
     add_pet_is_suv,
     add_rules,
@@ -40,8 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--small", action="store_true",
                    help="the small network: 32^3 patches at 2 mm (the same 64 mm field of view), fast on a CPU")
     p.add_argument("--patch-spacing", type=float, help="patch voxel size in mm (default: the network's)")
-    p.add_argument("--cache", help="folder of the per-case station maps (default OUT/cases); share it between runs "
-                   "on the same cohort")
+    add_map_store(p)
     add_atlases(p)
     add_rules(p, default=None, help="rule set for validation N-staging (default: the model's)")
     add_pet_is_suv(p)
