@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt -e .
@@ -39,7 +39,7 @@ lint: $(STAMP)
 lock:
 	rm -rf /tmp/lns-lock && $(PYTHON) -m venv /tmp/lns-lock
 	/tmp/lns-lock/bin/python -m pip install --quiet --upgrade "pip>=24"
-	/tmp/lns-lock/bin/python -m pip install --quiet -r requirements.txt
+	/tmp/lns-lock/bin/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	(echo "# Exact versions resolved together (one pip call); regenerate with \`make lock\`."; echo "torch==2.13.0"; \
 	 /tmp/lns-lock/bin/python -m pip freeze | grep -v -iE "^(torch|pip|setuptools)==") > constraints.txt
 
