@@ -245,6 +245,3 @@ def predict_stations(model: nn.Module, patches: np.ndarray | torch.Tensor, stati
         clf.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

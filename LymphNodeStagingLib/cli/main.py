@@ -12,6 +12,7 @@ import importlib
 import logging
 import pkgutil
 import sys
+import traceback
 from collections.abc import Sequence
 
 from .. import __version__
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lnstaging {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr (-vv: debug)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (accepted anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         module = importlib.import_module(f"{__package__}.commands.{name}")
@@ -46,7 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(command: str, message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"lnstaging {command}: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 failed work or invalid data, 2 usage error or a validation
+    with problems, 130 interrupted). Errors are one line on stderr; ``--debug`` adds the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -60,17 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    command = args.command
     try:
         return int(args.func(args) or 0)
     except (Cancelled, KeyboardInterrupt):
-        print(f"lnstaging {args.command}: interrupted", file=sys.stderr)
+        print(f"lnstaging {command}: interrupted", file=sys.stderr)
         return 130
     except UsageError as exc:
-        print(f"lnstaging {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(command, str(exc), 2, debug)
     except LNSError as exc:
-        print(f"lnstaging {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(command, str(exc), 1, debug)
+    except MemoryError:
+        return _fail(command, "out of memory; use smaller inputs, fewer workers or a machine with more memory", 1,
+                     debug)
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        return _fail(command, f"{exc.strerror or exc}{where}", 1, debug)
+    except Exception as exc:  # noqa: BLE001 - a bug must not reach the user as a traceback
+        return _fail(command, f"unexpected failure ({type(exc).__name__}: {exc}); run again with --debug for the "
+                     "traceback and report it", 1, debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,6 +51,19 @@ def add_out(p: argparse.ArgumentParser, *, required: bool = True, default: str |
                    help=help if default is None else f"{help} (default {default})")
 
 
+def add_out_file(p: argparse.ArgumentParser, example: str) -> None:
+    """The output of a command that writes one image: ``--out FILE`` (or the positional OUT of earlier versions)."""
+    p.add_argument("output", type=Path, nargs="?", metavar="OUT", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help=f"output image, e.g. {example}")
+
+
+def out_file(args: argparse.Namespace) -> Path:
+    """The output path of :func:`add_out_file` (exactly one of --out and OUT)."""
+    if (args.out is None) == (args.output is None):
+        raise UsageError("give the output image once, with --out FILE")
+    return args.out if args.out is not None else args.output
+
+
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

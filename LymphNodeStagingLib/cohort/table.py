@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -351,16 +352,19 @@ def read_cohort(path: str | Path, *, check_files: bool = True, rules: str = DEFA
     return Cohort(path=path, rows=rows, problems=problems, rules=rule_set.name)
 
 
-def write_cohort(rows: list[dict], path: str | Path) -> Path:
-    """Write a cohort CSV (atomically) from dicts with the cohort columns; lists of stations are joined with ';'."""
+def write_cohort(rows: list[dict], path: str | Path, columns: Sequence[str] | None = None) -> Path:
+    """Write a cohort CSV (atomically) from dicts with the cohort columns; lists of stations are joined with ';'.
+
+    ``columns``: the column order (default: the required columns, the optional ones used, then the others sorted)."""
     from ..io.files import atomic_path
 
-    columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if any(c in r for r in rows)]
-    extra = sorted({k for r in rows for k in r} - set(columns))
-    columns += extra
+    if columns is None:
+        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if any(c in r for r in rows)]
+        columns += sorted({k for r in rows for k in r} - set(columns))
+    columns = list(columns)
     path = Path(path)
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for r in rows:
             out = {}

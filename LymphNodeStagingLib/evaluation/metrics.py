@@ -97,11 +97,6 @@ def stage_from_confusion(cm: Any) -> dict[str, np.ndarray]:
     }
 
 
-def quadratic_weighted_kappa(y_true: Any, y_pred: Any, n_classes: int = N_CLASSES) -> float:
-    """Cohen's kappa with quadratic weights over the fixed categories 0..n_classes-1 (NaN if undefined)."""
-    return float(stage_from_confusion(confusion_matrix(y_true, y_pred, n_classes))["qwk"])
-
-
 def _clean(v: Any) -> Any:
     if isinstance(v, float | np.floating):
         return None if np.isnan(v) else float(v)

@@ -217,8 +217,3 @@ def find_series(folder: str | Path, modality: str, series: str | None = None) ->
     """Scan ``folder`` and assemble the one series of ``modality`` (``series`` chooses among several)."""
     return assemble(choose_series(scan_folder(folder), modality, series, where=str(folder)))
 
-
-def read_ct(folder: str | Path, series: str | None = None) -> tuple[sitk.Image, DicomSeries]:
-    """The CT series of a folder as a float32 image in HU (per-slice rescale)."""
-    ser = find_series(folder, "CT", series)
-    return ser.to_image(ser.rescaled_array()), ser

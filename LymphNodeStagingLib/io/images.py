@@ -93,22 +93,3 @@ def check_same_space(ct: sitk.Image, pet: sitk.Image, ct_for: str | None = None,
         raise InputError(f"PET and CT overlap in only {frac:.1%} of the smaller volume ({names[0]}, {names[1]}); "
                            "expected the same body region")
     return frac
-
-
-_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline,
-                  "label_gaussian": sitk.sitkLabelGaussian}
-
-
-def _interp(interpolator) -> int:
-    if isinstance(interpolator, str):
-        if interpolator not in _INTERPOLATORS:
-            raise InputError(f"interpolator '{interpolator}' is unknown; expected one of {', '.join(_INTERPOLATORS)}")
-        return _INTERPOLATORS[interpolator]
-    return int(interpolator)
-
-
-def resample_to(image: sitk.Image, reference: sitk.Image, interpolator="linear", default_value: float = 0.0,
-                pixel_type=None) -> sitk.Image:
-    """``image`` resampled onto the grid of ``reference`` (identity transform: both in patient space)."""
-    pt = image.GetPixelID() if pixel_type is None else pixel_type
-    return sitk.Resample(image, reference, sitk.Transform(), _interp(interpolator), float(default_value), pt)

@@ -116,24 +116,6 @@ def station_weight_maps(labels: np.ndarray, geom: Geometry, votes: np.ndarray | 
     return out
 
 
-def sample_centres(weight_map: WeightMap, k: int, rng: np.random.Generator, jitter: bool = True) -> np.ndarray:
-    """k patch centres (k, 3) in world mm drawn with probability proportional to the weights (with replacement);
-    jitter spreads each draw uniformly inside its voxel."""
-    if k < 0:
-        raise InputError(f"k = {k}: expected a non-negative number of centres")
-    p = weight_map.weights.astype(np.float64)
-    total = p.sum()
-    if not np.isfinite(total) or total <= 0:
-        raise InputError(f"weight map of station {weight_map.station} has no positive weight to sample from")
-    choice = rng.choice(weight_map.indices, size=k, p=p / total)
-    g = weight_map.geometry
-    nx, ny = g.shape[0], g.shape[1]
-    idx = np.stack([choice % nx, (choice // nx) % ny, choice // (nx * ny)], 1).astype(float)
-    if jitter:
-        idx += rng.uniform(-0.5, 0.5, idx.shape)
-    return _index_to_world(g, idx)
-
-
 def assign_points(points_mm: np.ndarray, maps: dict[str, WeightMap] | Sequence[WeightMap]) -> list[str | None]:
     """The station with the highest weight at each world point (None where every weight is zero)."""
     maps = list(maps.values()) if isinstance(maps, dict) else list(maps)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..staging.stations import STATIONS, parse_station
+from ..staging.stations import parse_station
 from .anatomy import AnatomyModel
 from .geometry import Canvas, segment_distance
 from .materials import Material as M
@@ -131,6 +131,3 @@ def place_stations(canvas: Canvas, m: AnatomyModel, lung_space: np.ndarray) -> n
     canvas.material[out > 0] = M.FAT
     return out
 
-
-def station_names() -> list[str]:
-    return [s.name for s in STATIONS]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import logging
@@ -10,8 +9,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from ..cohort.table import write_cohort
 from ..errors import UsageError
-from ..io.files import atomic_path, write_json, write_text
+from ..io.files import atomic_path, write_json
 from ..runtime import Progress, ProgressCallback
 from .patient import GENERATOR, GENERATOR_VERSION, PhantomConfig, PhantomPatient, generate_patient, patient_seed
 
@@ -104,11 +104,7 @@ def generate_cohort(out_dir: str | Path, patients: int, seed: int, size: str = "
         log.info("phantom %s: %s %s", pid, p.truth["n_stage"], p.truth["positive_stations"])
         if progress:
             progress(Progress(i + 1, patients, f"patient {i + 1} of {patients}"))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COHORT_COLUMNS), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    csv_path = write_text(out / "cohort.csv", buf.getvalue())
+    csv_path = write_cohort(rows, out / "cohort.csv", COHORT_COLUMNS)
     write_json(out / "manifest.json", {
         "generator": GENERATOR, "generator_version": GENERATOR_VERSION, "synthetic": True, "seed": int(seed),
         "patients": patients, "size": size, "format": format, "config": config.to_dict(),

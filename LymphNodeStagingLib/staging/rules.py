@@ -253,13 +253,3 @@ def pseudo_labels(n_stage: int | str) -> np.ndarray:
             out[k - 1] = UNKNOWN
     return out
 
-
-def station_pseudo_labels(n_stage: int | str, side: str, rules: str = DEFAULT_RULES) -> np.ndarray:
-    """Per-station consequences of an N-stage: 0 = must be negative, UNKNOWN = not determined.
-
-    A station in a group above the N-stage must be negative; every other station is undetermined (for the
-    stations of the deciding group at least one is positive, which is a group-level, not a station-level, fact).
-    """
-    n = parse_n_stage(n_stage)
-    g = load_rules(rules).group_of[parse_side(side)]
-    return np.where(g > n, 0, UNKNOWN).astype(np.int64)

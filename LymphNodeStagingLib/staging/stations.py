@@ -149,14 +149,6 @@ def parse_station_list(text: str) -> list[Station]:
     return parse_stations(parts)
 
 
-def station_by_label(label: int) -> Station:
-    """The station with atlas label value 1..17."""
-    try:
-        return _BY_LABEL[int(label)]
-    except (KeyError, ValueError):
-        raise UsageError(f"station label {label!r} is not one of 1..{NUM_STATIONS}") from None
-
-
 def contralateral(side: str) -> str:
     """'R' <-> 'L'."""
     return {"R": "L", "L": "R"}[side]

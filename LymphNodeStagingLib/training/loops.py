@@ -38,7 +38,7 @@ from ..classifier.patches import DEFAULT_PATCH_SPACING, StationSampler, crop_to_
 from ..errors import InputError, UsageError
 from ..runtime import Progress, ProgressCallback
 from ..staging.rules import UNKNOWN, load_rules, parse_n_stage, parse_side, pseudo_labels
-from ..staging.stations import NUM_STATIONS, STATION_NAMES, parse_stations
+from ..staging.stations import NUM_STATIONS, STATION_NAMES
 from .losses import LossWeights, masked_bce, staging_loss
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,6 @@ class CaseSample:
         if box is None:
             return self
         return dataclasses.replace(self, ct=crop_to_box(self.ct, *box), pet=crop_to_box(self.pet, *box))
-
-
-def station_labels_from_lists(positive: Sequence[str] = (), negative: Sequence[str] | None = None) -> np.ndarray:
-    """Station labels (17,): positives 1; negatives 0 (all others when ``negative`` is None, else -1)."""
-    labels = np.full(NUM_STATIONS, 0 if negative is None else UNKNOWN, dtype=np.int64)
-    for st in parse_stations(negative or []):
-        labels[st.index] = 0
-    for st in parse_stations(positive):
-        labels[st.index] = 1
-    return labels
 
 
 def data_fingerprint(cases: Sequence[CaseSample]) -> str:

@@ -14,7 +14,7 @@ from LymphNodeStagingLib.anatomy.vocabulary import id_of
 from LymphNodeStagingLib.classifier.patches import normalise_ct, normalise_pet
 from LymphNodeStagingLib.cli import main as cli
 from LymphNodeStagingLib.errors import InputError
-from LymphNodeStagingLib.io.images import physical_bounds, resample_to
+from LymphNodeStagingLib.io.images import physical_bounds
 from LymphNodeStagingLib.mapping.crop import check_pet_covers, mediastinal_crop
 from LymphNodeStagingLib.suv.inputs import load_case
 
@@ -74,14 +74,6 @@ def test_image_files_and_pet_is_suv(tmp_path):
     (tmp_path / "x.txt").write_text("not an image")
     with pytest.raises(InputError, match="unknown image format"):
         load_case(tmp_path / "ct.nrrd", tmp_path / "x.txt", pet_is_suv=True)
-
-
-def test_resampling():
-    img = _image(np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4), spacing=(2.0, 2.0, 3.0), origin=(1, 2, 3))
-    back = resample_to(img, img, "nearest")
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
-    with pytest.raises(InputError, match="interpolator"):
-        resample_to(img, img, "cubic-ish")
 
 
 def test_normalisation():

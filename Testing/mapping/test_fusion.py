@@ -8,7 +8,7 @@ import pytest
 from LymphNodeStagingLib.errors import InputError
 from LymphNodeStagingLib.mapping.fusion import ABSENT, FALLBACK_BEST, FALLBACK_UNION, OK, UNRESOLVED, fuse
 from LymphNodeStagingLib.mapping.registration import Geometry
-from LymphNodeStagingLib.mapping.weightmap import assign_points, sample_centres, station_weight_maps, weight_map
+from LymphNodeStagingLib.mapping.weightmap import weight_map
 
 
 def _maps(*rows):
@@ -88,20 +88,3 @@ def test_weight_map_single_voxel_and_votes_and_empty():
     with pytest.raises(InputError, match="station 1L has no voxel"):
         weight_map(np.zeros_like(mask), g, 1)
 
-
-def test_sample_centres_follow_weights_and_seed():
-    g = _geom()
-    labels = np.zeros((11, 21, 21), np.uint8)
-    labels[2:9, 2:10, 2:10] = 8
-    labels[2:9, 12:19, 12:19] = 7
-    maps = station_weight_maps(labels, g)
-    assert set(maps) == {"4R", "4L"}
-    a = sample_centres(maps["4R"], 500, np.random.default_rng(3))
-    b = sample_centres(maps["4R"], 500, np.random.default_rng(3))
-    assert np.array_equal(a, b) and a.shape == (500, 3)
-    assert assign_points(a, maps).count("4R") == 500
-    # weighted towards the centroid: closer on average than uniform draws over the mask
-    uniform = np.argwhere(labels == 8)[:, ::-1] * np.array([1.0, 1.0, 2.0])
-    c = maps["4R"].centroid_mm
-    assert np.linalg.norm(a - c, axis=1).mean() < np.linalg.norm(uniform - c, axis=1).mean()
-    assert assign_points(np.array([[0.0, 0.0, 0.0]]), maps) == [None]

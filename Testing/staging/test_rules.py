@@ -16,7 +16,6 @@ from LymphNodeStagingLib.staging.rules import (
     parse_side,
     pseudo_labels,
     stage,
-    station_pseudo_labels,
 )
 from LymphNodeStagingLib.staging.stations import NUM_STATIONS, STATION_NAMES, STATIONS, mirror, parse_station
 
@@ -163,20 +162,6 @@ def test_pseudo_labels_agree_with_every_subset(subsets, stages, rules, side):
         known = labels != UNKNOWN
         sel = st == n
         assert (group_pos[sel][:, known] == labels[known]).all()
-
-
-@pytest.mark.parametrize("side", SIDES)
-def test_station_pseudo_labels(side):
-    ipsi = side
-    contra = "L" if side == "R" else "R"
-    for n in range(4):
-        lab = station_pseudo_labels(n, side)
-        g = load_rules("ajcc8").group_of[side]
-        assert ((lab == 0) == (g > n)).all()
-    assert station_pseudo_labels("N1", side)[IDX["10" + ipsi]] == UNKNOWN
-    assert station_pseudo_labels("N1", side)[IDX["10" + contra]] == 0
-    assert station_pseudo_labels("N0", side).tolist() == [0] * NUM_STATIONS
-    assert (station_pseudo_labels("N3", side) == UNKNOWN).all()
 
 
 def test_parsers_and_errors(tmp_path):

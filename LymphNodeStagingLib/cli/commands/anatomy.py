@@ -6,7 +6,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ..options import add_device, add_json, emit
+from ..options import add_device, add_json, add_out_file, emit, out_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(see README, 'Anatomy (TotalSegmentator)').",
     )
     p.add_argument("ct", type=Path, metavar="CT", help="CT image (.nii.gz, .nrrd, .mha) or DICOM folder")
-    p.add_argument("output", type=Path, metavar="OUT", help="output label map, e.g. anatomy.nii.gz")
+    add_out_file(p, "anatomy.nii.gz")
     add_device(p)
     p.add_argument("--full", action="store_true", help="all 'total' classes instead of the thoracic subset")
     p.add_argument("--series", default=None, help="CT series when the DICOM folder holds several")
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.output = out_file(args)
     import numpy as np
     import SimpleITK as sitk
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import add_json, emit
+from ..options import add_json, add_out_file, emit, out_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "image (.nii.gz, .nrrd, .mha). The factor(s), the tags and times used, decisions and warnings are reported.",
     )
     p.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR", help="folder with the PET DICOM files")
-    p.add_argument("output", type=Path, metavar="OUT", help="output image, e.g. suv.nii.gz")
+    add_out_file(p, "suv.nii.gz")
     # the modes are checked by the library (suv.SUV_MODES), which is not imported until the command runs
     p.add_argument("--mode", default="qiba", help="conversion: qiba (default) or gatidis")
     p.add_argument("--series", default=None,
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.output = out_file(args)
     from ...io.files import write_image
     from ...suv.conversion import suv_from_folder
 
