@@ -4,6 +4,7 @@ included), and the phantom generator is imported only by the phantom itself, the
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -122,3 +123,17 @@ def test_test_file_names_are_unique():
     """pytest imports test files by their base name (no __init__.py in Testing/): two with the same name clash."""
     names = [p.name for p in Path(__file__).parent.rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+CITED = re.compile(r"(?<![\w/.$<])((?:docs|Testing|Resources|LymphNodeStaging|LymphNodeStagingLib)/[\w./-]*\w|README\.md)")
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_docstrings_cite_only_files_of_the_repository(path):
+    """A file named in the code (docs/..., Testing/..., README.md) exists in the repository; nothing cites material
+    outside it."""
+    repo = PACKAGE.parent
+    text = path.read_text(encoding="utf-8")
+    missing = [m for m in CITED.findall(text) if not (repo / m).exists() and not (PACKAGE / m).exists()]
+    assert not missing, f"{path.relative_to(repo)} cites {missing}, which do not exist"
+    assert "METHOD_SPEC" not in text and "shared/" not in text, f"{path.relative_to(repo)} cites the shared folder"

@@ -407,6 +407,12 @@ class BatchSummary:
     def failed(self) -> list[dict]:
         return [r for r in self.rows if r["status"] == FAILED]
 
+    def to_frame(self):
+        """summary.csv as a pandas DataFrame: one row per cohort row, the summary columns."""
+        import pandas as pd
+
+        return pd.DataFrame([{k: r.get(k) for k in summary_columns()} for r in self.rows], columns=summary_columns())
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["out_dir"] = str(self.out_dir)

@@ -1,11 +1,11 @@
 """Networks: the per-station classifier (the paper's 6-block 3D CNN) and the staging model (TS2/TS3 head).
 
-Reference configuration (METHOD_SPEC 6.1): 2-channel 64^3 patches, 6 blocks of
+Reference configuration (the paper's, docs/explanation/method.md): 2-channel 64^3 patches, 6 blocks of
 [Conv3d 3^3 without bias -> InstanceNorm3d -> Dropout3d -> MaxPool3d 2 -> ReLU] with 8..256 channels, then one
 linear layer to a malignancy logit. Differences from the original, by design: the station identity enters as a
 learned embedding (not a raw index through Linear(1, 1)); the staging head has a non-linearity; an optional
 rule-consistent ordinal output gives P(N >= k) from the group maxima of the station probabilities for the patient's
-tumour side (METHOD_SPEC 10.3), so it has gradients and never contradicts the rule table.
+tumour side (docs/explanation/method.md), so it has gradients and never contradicts the rule table.
 """
 
 from __future__ import annotations

@@ -164,6 +164,12 @@ class Cohort:
             out[r.patient_id].append(r)
         return dict(out)
 
+    def to_frame(self):
+        """The rows as a pandas DataFrame (one row per scan, the cohort columns as read and checked)."""
+        import pandas as pd
+
+        return pd.DataFrame([r.to_dict() for r in self.rows])
+
     def summary(self) -> dict:
         n_counts = Counter(N_STAGES[r.n_stage] for r in self.rows if r.n_stage is not None)
         return {

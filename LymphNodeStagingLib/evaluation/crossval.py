@@ -431,6 +431,20 @@ class EvaluationRun:
     n_patients: int
     n_scans: int
 
+    def to_frame(self, level: str = "patient"):
+        """Methods x metrics (mean and sd over the folds) at ``level`` ("patient" or "scan") as a pandas DataFrame:
+        the numbers of the report's main table."""
+        import pandas as pd
+
+        rows = {}
+        for m, r in self.results.items():
+            row = {}
+            for k, v in r.summary[level].items():
+                d = v.to_dict()
+                row[f"{k}_mean"], row[f"{k}_sd"] = d.get("mean"), d.get("sd")
+            rows[m] = row
+        return pd.DataFrame.from_dict(rows, orient="index")
+
     def to_dict(self) -> dict:
         return {"out": str(self.out_dir), "methods": self.methods, "patients": self.n_patients,
                 "scans": self.n_scans, "seconds": round(self.seconds, 1),

@@ -250,7 +250,7 @@ def _anatomy_from_folder(folder: Path, ref: sitk.Image) -> sitk.Image:
 
 def convert_lynch(source: str | Path, out_dir: str | Path, name: str = "lynch-creatis",
                   segment: Callable[[Path, Path], Path] | None = None) -> Path:
-    """Convert downloaded Lynch et al. station atlases into an atlas set (see README, "Station mapping").
+    """Convert downloaded Lynch et al. station atlases into an atlas set (docs/how-to/use-lynch-atlases.md).
 
     source holds one folder per atlas with: the CT (an image whose name starts with "ct", any of .mhd .mha .nii
     .nii.gz .nrrd); the station masks, one binary image per station or sub-station named after it ("4R.mhd",

@@ -154,17 +154,29 @@ class CaseResult:
                    "suv_peak", "agreement", "volume_ml", "centre_x_mm", "centre_y_mm", "centre_z_mm", "group",
                    "flags")
 
+    def table_rows(self) -> list[dict[str, Any]]:
+        """One dict per station with the CSV_COLUMNS (None where a value is missing)."""
+        rows = []
+        for s in self.stations:
+            c = s.centre_mm or (None, None, None)
+            values = (self.case_id, s.name, s.label, int(s.present), s.probability, s.status, s.override,
+                      s.suv_max, s.suv_peak, s.agreement, s.volume_ml, c[0], c[1], c[2],
+                      self.groups.get(s.name), ";".join(s.flags))
+            rows.append(dict(zip(self.CSV_COLUMNS, values, strict=True)))
+        return rows
+
+    def to_frame(self):
+        """The station table as a pandas DataFrame (one row per station, the columns of result.csv)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.table_rows(), columns=list(self.CSV_COLUMNS))
+
     def to_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(self.CSV_COLUMNS)
-        for s in self.stations:
-            c = s.centre_mm or (None, None, None)
-            writer.writerow([
-                self.case_id, s.name, s.label, int(s.present), _fmt(s.probability), s.status, s.override or "",
-                _fmt(s.suv_max), _fmt(s.suv_peak), _fmt(s.agreement), _fmt(s.volume_ml),
-                _fmt(c[0]), _fmt(c[1]), _fmt(c[2]), self.groups.get(s.name, ""), ";".join(s.flags),
-            ])
+        for r in self.table_rows():
+            writer.writerow(["" if v is None else (_fmt(v) if isinstance(v, float) else v) for v in r.values()])
         return buf.getvalue()
 
     def text_table(self, truth: list[str] | None = None) -> str:

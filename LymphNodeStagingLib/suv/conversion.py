@@ -2,7 +2,7 @@
 
 For every slice k the SUV is ``A_k * F_k`` where ``A_k = RescaleSlope_k * SV_k + RescaleIntercept_k`` and F_k is the
 slice's conversion factor. F_k is the same for all slices except for DecayCorrection NONE (per-frame decay) and
-per-slice Philips scale factors. The steps follow ``reference/SUV.md``:
+per-slice Philips scale factors. The steps (docs/explanation/suv.md):
 
 units (BQML, CNTS with the Philips factors, GML with SUVType, CM2ML) -> weight (kg; grams recognised) -> dose (Bq;
 MBq recognised) -> reference time for START (SeriesDate/Time if not after the first acquisition, else the GE private

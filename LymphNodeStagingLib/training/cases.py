@@ -1,7 +1,7 @@
 """Cohort rows turned into training/evaluation cases: images, cached station maps and patch-centre samplers.
 
-The station mapping of a scan is cached in ``CACHE/<scan_id>/`` (the files of ``mapping.write_station_mapping``
-and mapping_key.json with the inputs it was made from), so a second training or evaluation run skips registration.
+The station map of a scan comes from the shared station-map store (``mapping/store.py``), which ``lnstaging batch``
+fills too, so a scan mapped once by any command is not registered again.
 """
 
 from __future__ import annotations

@@ -316,7 +316,7 @@ def tune_stage_threshold(cases: Sequence[CaseSample], probs: np.ndarray, rule_se
 
 @dataclass
 class TrainConfig:
-    """Training settings. Defaults follow the paper (METHOD_SPEC 7) with the fixes of 10.1."""
+    """Training settings. Defaults follow the paper (docs/explanation/method.md), with its known bugs fixed."""
 
     epochs: int = 150
     batch_size: int | None = None  # None: 64 for TS1, 16 for TS2/TS3

@@ -1,4 +1,4 @@
-"""Loss functions of TS1 and TS2/TS3 (METHOD_SPEC 7, with the fixes of 10.1).
+"""Loss functions of TS1 and TS2/TS3 (docs/explanation/method.md), with the known bugs of the original fixed.
 
 Unknown labels are encoded as -1 (``rules.UNKNOWN``) everywhere and never contribute, nor do absent stations.
 TS2/TS3 loss (paper Eq. 2, weights configurable):

@@ -120,7 +120,7 @@ def test_assess_cli_json_and_errors(phantom_case, capsys):
 
 
 def test_pet_not_covering_the_mediastinum_is_refused(tmp_path):
-    """A PET that stops above the mediastinum is refused before the station mapping (README: Inputs)."""
+    """A PET that stops above the mediastinum is refused before the station mapping (docs/how-to/dicom-input.md)."""
     from LymphNodeStagingLib.assessment.assess import assess_case
     pass
     from LymphNodeStagingLib.phantom import generate_patient

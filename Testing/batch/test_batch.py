@@ -94,6 +94,8 @@ def test_run_resume_and_parameter_change(cohort, tmp_path):
     s1 = run_batch(cohort, out, workers=0, steps=CHEAP, threads_per_worker=1)
     assert s1.counts == {"ok": 3, "failed": 0, "pending": 0} and s1.this_run["computed"] == 3
     rows = read_summary(out)
+    frame = s1.to_frame()  # summary.csv as a DataFrame
+    assert len(frame) == len(rows) and list(frame["scan_id"]) == [r["scan_id"] for r in rows]
     assert [r["patient_id"] for r in rows] == ["PH0001", "PH0002", "PH0003"]
     assert all(r["status"] == "ok" and r["case_dir"] for r in rows)
     assert rows[0]["n_stage_reference"] in ("N0", "N1", "N2", "N3")

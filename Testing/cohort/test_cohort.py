@@ -50,6 +50,8 @@ def test_valid_cohort_with_relative_paths_and_label_forms(tmp_path):
     s = c.summary()
     assert s["n_stage_counts"] == {"N0": 1, "N1": 1, "N2": 2, "N3": 1} and s["patients"] == 5
     assert s["rows_with_station_labels"] == 3
+    frame = c.to_frame()
+    assert len(frame) == 5 and frame.loc[0, "patient_id"] == "p1" and frame.loc[0, "n_stage"] == "N2"
 
 
 def test_every_error_kind_is_reported_with_its_line(tmp_path):

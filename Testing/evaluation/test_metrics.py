@@ -305,3 +305,13 @@ def test_mean_sd_over_folds_and_evaluate_method():
     assert res.summary["patient"]["stage.accuracy"].format() in lines[2]
     with pytest.raises(UsageError, match="without a fold"):
         evaluate_method("x", [scan("p", "s", [0], [0.1], 0, 0, fold=None)])
+
+
+def test_evaluation_run_as_a_data_frame(tmp_path):
+    from LymphNodeStagingLib.evaluation.crossval import EvaluationRun
+
+    res = evaluate_method("TS1", random_scans(20, seed=4, folds=2), n_boot=0)
+    run = EvaluationRun(tmp_path, ["TS1"], {"TS1": res}, [], {}, {}, 0.0, 20, 20)
+    frame = run.to_frame("patient")
+    assert list(frame.index) == ["TS1"]
+    assert frame.loc["TS1", "stage.accuracy_mean"] == pytest.approx(res.summary["patient"]["stage.accuracy"].mean)

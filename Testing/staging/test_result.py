@@ -56,6 +56,9 @@ def test_json_and_csv_round_trip(tmp_path):
     rows = list(csv.DictReader(io.StringIO(r.to_csv())))
     assert len(rows) == 17 and rows[7]["station"] == "4R" and rows[7]["status"] == "positive"
     assert rows[12]["override"] == "positive" and rows[15]["present"] == "0"
+    frame = r.to_frame()  # the same table for pandas users
+    assert list(frame.columns) == list(CaseResult.CSV_COLUMNS) and len(frame) == 17
+    assert frame.loc[7, "station"] == "4R" and frame.loc[7, "probability"] == r.stations[7].probability
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(LNSError, match="case result"):
         CaseResult.read_json(tmp_path / "bad.json")

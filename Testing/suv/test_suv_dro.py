@@ -56,7 +56,7 @@ def test_dro_within_half_percent(dro_root, dro):
     expected = _expected(dro_root)[dro]
     assert expected == (0.20, 1.00, 4.00)
     if dro == "DRO_2_3":
-        expected = DRO_2_3_QUANTISED  # the DRO's own quantisation limit, documented in README "Inputs and SUV"
+        expected = DRO_2_3_QUANTISED  # the DRO's own quantisation limit, documented in docs/explanation/suv.md
     got, result = _stats(dro_root, dro)
     for g, e in zip(got, expected, strict=True):
         assert abs(g - e) <= REL_TOL * e, f"{dro}: SUV {got} vs expected {expected}"

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run TotalSegmentator (fast 3 mm model, thoracic roi_subset) on a CT (image file or DICOM "
         "folder) and write the label map in the project's anatomy vocabulary (TotalSegmentator v2 'total' ids). "
         "Usage statistics are switched off and nothing is downloaded: the weights must be installed "
-        "(see README, 'Anatomy (TotalSegmentator)').",
+        "(docs/how-to/run-totalsegmentator.md).",
     )
     p.add_argument("ct", type=Path, metavar="CT", help="CT image (.nii.gz, .nrrd, .mha) or DICOM folder")
     add_out_file(p, "anatomy.nii.gz")
