@@ -6,7 +6,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ..options import add_device, add_json, add_out_file, emit, out_file
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,16 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(docs/how-to/run-totalsegmentator.md).",
     )
     p.add_argument("ct", type=Path, metavar="CT", help="CT image (.nii.gz, .nrrd, .mha) or DICOM folder")
-    add_out_file(p, "anatomy.nii.gz")
-    add_device(p)
+    options.add_out_file(p, "anatomy.nii.gz")
+    options.add_device(p)
     p.add_argument("--full", action="store_true", help="all 'total' classes instead of the thoracic subset")
     p.add_argument("--series", default=None, help="CT series when the DICOM folder holds several")
-    add_json(p)
+    options.add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    args.output = out_file(args)
+    args.output = options.out_file(args)
     import numpy as np
     import SimpleITK as sitk
 
@@ -50,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
     found = {names.get(int(i), str(i)): int(c) for i, c in zip(ids, counts, strict=True)}
     out = {"output": str(args.output), "device": args.device.torch, "fast": True, "roi_subset": list(roi or []),
            "structures": found}
-    emit(out, args.json, f"anatomy written to {args.output}: {len(found)} structures")
+    options.emit(out, args.json, f"anatomy written to {args.output}: {len(found)} structures")
     return 0

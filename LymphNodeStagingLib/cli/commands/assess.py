@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import (
-    add_atlases,
-    add_compute_options,
-    add_model,
-    add_out,
-    add_pet_is_suv,
-    add_rules,
-    apply_runtime,
-    emit,
-    progress_printer,
-)
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,23 +19,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "file with --pet-is-suv")
     p.add_argument("--side", required=True, help="side of the primary tumour: R or L")
     p.add_argument("--anatomy", help="precomputed anatomy labels (file or folder); default: run TotalSegmentator")
-    add_model(p)
-    add_atlases(p)
-    add_rules(p)
+    options.add_model(p)
+    options.add_atlases(p)
+    options.add_rules(p)
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     p.add_argument("--tta", type=int, default=0, help="extra weight-map-sampled patches per station (default 0)")
-    add_pet_is_suv(p)
+    options.add_pet_is_suv(p)
     p.add_argument("--suv-mode", default="qiba", help="SUV conversion for DICOM PET: qiba (default) or gatidis")
     p.add_argument("--case-id", help="identifier written into the result (default: from the CT file name)")
-    add_out(p)
-    add_compute_options(p)
+    options.add_out(p)
+    options.add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...assessment.assess import assess_case
-    apply_runtime(args)
-    show = progress_printer(args)
+    options.apply_runtime(args)
+    show = options.progress_printer(args)
     res = assess_case(args.ct, args.pet, args.side, anatomy=args.anatomy, model=args.model, atlases=args.atlases,
                       rules=args.rules, device=args.device, pet_is_suv=args.pet_is_suv, suv_mode=args.suv_mode,
                       threshold=args.threshold, tta=args.tta, case_id=args.case_id, out_dir=args.out, progress=show)
@@ -54,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
     lines = [r.text_table()]
     lines.append(r.explanation)
     lines.append(f"files in {args.out}: {', '.join(p.name for p in res.files.values())}")
-    emit(out, args.json, "\n".join(lines))
+    options.emit(out, args.json, "\n".join(lines))
     return 0

@@ -6,18 +6,7 @@ import argparse
 import sys
 
 from ...runtime import Progress
-from ..options import (
-    add_atlases,
-    add_device,
-    add_json,
-    add_map_store,
-    add_model,
-    add_out,
-    add_pet_is_suv,
-    add_rules,
-    add_threads,
-    emit,
-)
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,29 +18,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the steps whose parameters changed. Writes summary.csv, summary.json and report.png into --out.",
     )
     p.add_argument("cohort", help="cohort CSV (see lnstaging validate-cohort)")
-    add_out(p, help="output folder (one sub-folder per case)")
+    options.add_out(p, help="output folder (one sub-folder per case)")
     p.add_argument("--workers", type=int, default=1,
                    help="local worker processes (default 1; 0 = in this process); with --scheduler local: the "
                         "number of Dask workers")
-    add_threads(p, help="threads per worker (default: the machine's cores divided by --workers)")
-    add_device(p)
-    add_model(p)
-    add_atlases(p)
-    add_map_store(p)
+    options.add_threads(p, help="threads per worker (default: the machine's cores divided by --workers)")
+    options.add_device(p)
+    options.add_model(p)
+    options.add_atlases(p)
+    options.add_map_store(p)
     p.add_argument("--steps", default=None,
                    help="comma-separated steps among suv,anatomy,stations,assess (default all; the steps they "
                         "depend on are added)")
     p.add_argument("--scheduler", default=None,
                    help="Dask scheduler address (tcp://host:port), or 'local' for a Dask LocalCluster")
     p.add_argument("--retry-failed", action="store_true", help="run failed cases again")
-    add_rules(p)
-    add_pet_is_suv(p)
+    options.add_rules(p)
+    options.add_pet_is_suv(p)
     p.add_argument("--suv-mode", default="qiba", help="SUV computation for DICOM PET (default qiba)")
     p.add_argument("--iterations", default=None,
                    help="deformable registration iterations per level, e.g. 60,40 (default: the library's)")
     p.add_argument("--affine-iterations", type=int, default=None, help="affine registration iterations")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_json(p)
+    options.add_json(p)
     p.set_defaults(func=run)
 
 
@@ -111,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
              f"summary: {summary.files['summary_csv']}", f"report:  {summary.files['report_png']}"]
     for f in obj["failures"]:
         lines.append(f"  failed {f['scan_id']} at {f['step']}: {f['error']}")
-    emit(obj, args.json, "\n".join(lines))
+    options.emit(obj, args.json, "\n".join(lines))
     return 1 if summary.counts["failed"] else 0

@@ -10,7 +10,7 @@ import time
 
 from ... import __version__
 from ... import benchmarks as benchmarks_pkg
-from ..options import add_json, emit
+from .. import options
 
 
 def benchmark_names() -> list[str]:
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         module = importlib.import_module(f"{benchmarks_pkg.__name__}.{name}")
         bp = bsub.add_parser(name, help=getattr(module, "HELP", ""), description=getattr(module, "HELP", ""))
         module.add_arguments(bp)
-        add_json(bp)
+        options.add_json(bp)
         bp.set_defaults(func=run, bench_module=module)
 
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         **result,
         "total_wall_s": round(time.perf_counter() - t0, 3),
     }
-    emit(out, args.json)
+    options.emit(out, args.json)
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_atlases, add_compute_options, add_model, add_out, apply_runtime, emit, progress_printer
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,21 +18,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "result JSON/CSV, the station map and the PNG overview (OUT/assessment). Prints the station table and the "
         "N-stage next to the phantom's truth.",
     )
-    add_out(p, default="demo-out")
+    options.add_out(p, default="demo-out")
     p.add_argument("--seed", type=int, default=DEMO_SEED, help=f"phantom patient seed (default {DEMO_SEED})")
     p.add_argument("--size", choices=["small", "full"], default=DEMO_SIZE, help=f"phantom size (default {DEMO_SIZE})")
-    add_model(p)
-    add_atlases(p)
-    add_compute_options(p)
+    options.add_model(p)
+    options.add_atlases(p)
+    options.add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...assessment.demo import run_demo
 
-    apply_runtime(args)
+    options.apply_runtime(args)
     res = run_demo(args.out, seed=args.seed, size=args.size, model=args.model, atlases=args.atlases,
-                   device=args.device, progress=progress_printer(args))
+                   device=args.device, progress=options.progress_printer(args))
     r = res.assessment.result
     t = res.truth
     truth_text = ", ".join(t["positive_stations"]) or "none"
@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
              f"Result: {r.explanation}", "",
              f"Report files in {res.out_dir}: " + ", ".join(p.name for p in res.files.values()),
              f"Images in {res.patient_dir}. Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items())]
-    emit(res.to_dict(), args.json, "\n".join(lines))
+    options.emit(res.to_dict(), args.json, "\n".join(lines))
     return 0

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import (
-    add_atlases,
-    add_compute_options,
-    add_map_store,
-    add_model,
-    add_out,
-    add_pet_is_suv,
-    add_rules,
-    apply_runtime,
-    emit,
-    progress_printer,
-)
+from .. import options
 
 
 def _list(text: str) -> list[str]:
@@ -35,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tested on the whole cohort instead.",
     )
     p.add_argument("cohort", metavar="COHORT.csv")
-    add_out(p)
+    options.add_out(p)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--strategy", default="ts1,threshold",
                    help="methods, comma-separated or 'all': ts1, ts2, ts3, threshold (SUVmax), lesion (lesion mask "
@@ -49,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of each fold's non-test patients used for validation (default 0.25: 60/20/20)")
     p.add_argument("--reference", choices=["labels", "truth"], default="labels",
                    help="reference labels: the cohort's (default) or the true_* columns of a phantom cohort")
-    add_rules(p)
-    add_model(p, help="test this checkpoint on every scan of the cohort (no folds, no training)")
+    options.add_rules(p)
+    options.add_model(p, help="test this checkpoint on every scan of the cohort (no folds, no training)")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--ts23-epochs", type=int, help="epochs of TS2/TS3 (default: --epochs)")
     p.add_argument("--batch-size", type=int)
@@ -61,19 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--small", action="store_true", help="the small network (32^3 patches at 2 mm)")
     p.add_argument("--patch-spacing", type=float)
-    add_atlases(p)
-    add_map_store(p)
-    add_pet_is_suv(p)
+    options.add_atlases(p)
+    options.add_map_store(p)
+    options.add_pet_is_suv(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs")
     p.add_argument("--permutations", type=int, default=10000, help="permutations of the N-stage test")
-    add_compute_options(p)
+    options.add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...evaluation.crossval import BASE_METHODS, EvaluationConfig, evaluate_model, run_evaluation
 
-    apply_runtime(args)
+    options.apply_runtime(args)
     methods = list(BASE_METHODS) if args.strategy.strip().lower() == "all" else _list(args.strategy)
     ablations = [a for text in args.ablation for a in _list(text)]
     config = EvaluationConfig(
@@ -84,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         ts23_max_steps=args.ts23_steps, augment=not args.no_augment, lr=args.lr, small=args.small, patch_spacing=args.patch_spacing,
         device=args.device.torch, pet_is_suv=args.pet_is_suv, n_boot=args.bootstrap,
         n_permutations=args.permutations)
-    show = progress_printer(args)
+    show = options.progress_printer(args)
     if args.model:
         res = evaluate_model(args.cohort, args.model, args.out, config, atlases=args.atlases, cache_dir=args.cache,
                              progress=show)
@@ -92,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
         res = run_evaluation(args.cohort, args.out, config, atlases=args.atlases, cache_dir=args.cache,
                              progress=show)
     text = res.files["report"].read_text()
-    emit(res.to_dict(), args.json, text)
+    options.emit(res.to_dict(), args.json, text)
     return 0

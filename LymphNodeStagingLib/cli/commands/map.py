@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import add_atlases, add_compute_options, add_out, apply_runtime, emit
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,11 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ct", required=True, help="patient CT (NIfTI/NRRD/MHA); its grid is the output grid")
     p.add_argument("--anatomy", required=True,
                    help="anatomy label map with TotalSegmentator 'total' ids (a file or a TotalSegmentator folder)")
-    add_atlases(p)
-    add_out(p)
+    options.add_atlases(p)
+    options.add_out(p)
     p.add_argument("--iterations", default=None, help="deformable iterations per level, e.g. 60,40")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay.png")
-    add_compute_options(p)
+    options.add_compute_options(p)
     p.set_defaults(func=run)
 
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ...mapping.registration import RegistrationConfig
     from ...mapping.station_mapping import map_stations
 
-    apply_runtime(args)
+    options.apply_runtime(args)
     ct = _read(args.ct, "ct")
     anatomy = _read(args.anatomy, "anatomy")
     atlas_set = resolve_atlas_set(args.atlases, allow_missing_stations=True)
@@ -76,5 +76,5 @@ def run(args: argparse.Namespace) -> int:
     for name, st in out["stations"].items():
         if st["flag"] != "absent":
             lines.append(f"  {name:>4}: {st['flag']:<20} agreement {st['agreement']}  centre {st['centre_mm']}")
-    emit(out, args.json, "\n".join(lines))
+    options.emit(out, args.json, "\n".join(lines))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from ...errors import UsageError
-from ..options import add_json, add_out, emit
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "lymph nodes, a primary tumour and image-level labels, written as a cohort (cohort.csv + one folder per "
         "patient); or, with --atlas, an atlas set (CT, anatomy, stations; no disease). Deterministic by --seed.",
     )
-    add_out(p, required=False)
+    options.add_out(p, required=False)
     p.add_argument("--patients", type=int, default=5, help="number of patients (or atlases with --atlas; default 5)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
     p.add_argument("--size", default="small", choices=["small", "full", "atlas"],
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-stage-mix", default=None, help="N0,N1,N2,N3 weights, e.g. 0.55,0.12,0.23,0.10")
     p.add_argument("--no-confounders", action="store_true",
                    help="switch off partial volume, inflammatory nodes, spill-over, physiological uptake, label noise")
-    add_json(p)
+    options.add_json(p)
     p.set_defaults(func=run)
 
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         from ...phantom import build_demo_atlas_set
 
         path = build_demo_atlas_set()
-        emit({"atlas_set": str(path), "manifest": str(path / "manifest.json"),
+        options.emit({"atlas_set": str(path), "manifest": str(path / "manifest.json"),
               "wall_s": round(time.perf_counter() - t0, 3)}, args.json, f"synthetic demo atlas set: {path}")
         return 0
     if not args.out:
@@ -72,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
                   "format": args.format, "preview": bool(args.preview)}
         text = f"{args.patients} phantom patients, cohort table {csv_path}"
     result["wall_s"] = round(time.perf_counter() - t0, 3)
-    emit(result, args.json, text)
+    options.emit(result, args.json, text)
     return 0

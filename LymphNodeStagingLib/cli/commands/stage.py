@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ...staging.rules import load_rules, parse_side
-from ..options import add_json, add_rules, emit
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("stations", nargs="*", metavar="STATION", help="positive stations, e.g. 4R 7 10L (none: N0)")
     p.add_argument("--side", required=True, help="side of the primary tumour: R or L")
-    add_rules(p)
-    add_json(p)
+    options.add_rules(p)
+    options.add_json(p)
     p.set_defaults(func=run)
 
 
@@ -26,5 +26,5 @@ def run(args: argparse.Namespace) -> int:
 
     stations = [s for arg in args.stations for s in arg.replace(",", ";").split(";") if s.strip()]
     result = load_rules(args.rules).stage(stations, parse_side(args.side, "--side"))
-    emit(result.to_dict(), args.json, result.explanation())
+    options.emit(result.to_dict(), args.json, result.explanation())
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import add_json, add_out_file, emit, out_file
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,17 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "image (.nii.gz, .nrrd, .mha). The factor(s), the tags and times used, decisions and warnings are reported.",
     )
     p.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR", help="folder with the PET DICOM files")
-    add_out_file(p, "suv.nii.gz")
+    options.add_out_file(p, "suv.nii.gz")
     # the modes are checked by the library (suv.SUV_MODES), which is not imported until the command runs
     p.add_argument("--mode", default="qiba", help="conversion: qiba (default) or gatidis")
     p.add_argument("--series", default=None,
                    help="SeriesInstanceUID, SeriesNumber or SeriesDescription when the folder holds several PET series")
-    add_json(p)
+    options.add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    args.output = out_file(args)
+    args.output = options.out_file(args)
     from ...io.files import write_image
     from ...suv.conversion import suv_from_folder
 
@@ -44,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
             f"dose {prov['dose_bq']} Bq", f"reference: {prov['reference_time']} ({prov['reference_source']})",
             f"injection: {prov['administration_time']}"]
     text += [f"decision: {d}" for d in prov["decisions"]] + [f"warning: {w}" for w in prov["warnings"]]
-    emit(out, args.json, "\n".join(text))
+    options.emit(out, args.json, "\n".join(text))
     return 0

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..options import (
-    add_atlases,
-    add_compute_options,
-    add_map_store,
-    add_out,
-    add_pet_is_suv,
-    add_rules,
-    apply_runtime,
-    emit,
-    progress_printer,
-)
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("cohort", metavar="COHORT.csv")
     p.add_argument("--strategy", required=True, choices=["ts1", "ts2", "ts3"])
-    add_out(p, help="output folder (checkpoints, history, case cache)")
+    options.add_out(p, help="output folder (checkpoints, history, case cache)")
     p.add_argument("--init", help="checkpoint to start from (TS2/TS3: the TS1 model of the same data)")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--batch-size", type=int)
@@ -41,27 +31,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--small", action="store_true",
                    help="the small network: 32^3 patches at 2 mm (the same 64 mm field of view), fast on a CPU")
     p.add_argument("--patch-spacing", type=float, help="patch voxel size in mm (default: the network's)")
-    add_map_store(p)
-    add_atlases(p)
-    add_rules(p, default=None, help="rule set for validation N-staging (default: the model's)")
-    add_pet_is_suv(p)
+    options.add_map_store(p)
+    options.add_atlases(p)
+    options.add_rules(p, default=None, help="rule set for validation N-staging (default: the model's)")
+    options.add_pet_is_suv(p)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    add_compute_options(p)
+    options.add_compute_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ...training.from_cohort import train_from_cohort
 
-    apply_runtime(args)
+    options.apply_runtime(args)
     res = train_from_cohort(
         args.cohort, args.out, strategy=args.strategy, init=args.init, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, sampling=args.sampling,
         pseudo_loss=not args.no_pseudo_loss, max_steps_per_epoch=args.max_steps_per_epoch, small=args.small,
         atlases=args.atlases, rules=args.rules, pet_is_suv=args.pet_is_suv, val_fraction=args.val_fraction,
-        device=args.device, progress=progress_printer(args), patch_spacing=args.patch_spacing, cache_dir=args.cache)
+        device=args.device, progress=options.progress_printer(args), patch_spacing=args.patch_spacing, cache_dir=args.cache)
     d = res.to_dict()
     text = (f"{args.strategy}: {res.epochs_run} epochs, best epoch {res.best_epoch} "
             f"(validation {res.best_metric:.3f}), threshold {res.threshold:.2f}\ncheckpoint: {res.checkpoint}")
-    emit({"out": str(Path(args.out)), **d}, args.json, text)
+    options.emit({"out": str(Path(args.out)), **d}, args.json, text)
     return 0

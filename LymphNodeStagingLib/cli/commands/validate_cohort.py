@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ...cohort.table import read_cohort
-from ..options import add_json, add_rules, emit
+from .. import options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as warnings. Exit code 0 when valid, 2 when there are errors.",
     )
     p.add_argument("cohort", metavar="COHORT.csv")
-    add_rules(p, help="rule set for the label consistency check")
+    options.add_rules(p, help="rule set for the label consistency check")
     p.add_argument("--no-file-check", action="store_true", help="do not check that the image files exist")
-    add_json(p)
+    options.add_json(p)
     p.set_defaults(func=run)
 
 
@@ -33,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
         *[f"  {p}" for p in cohort.problems],
         f"{'VALID' if cohort.valid else 'NOT VALID'}: {summary['errors']} error(s), {summary['warnings']} warning(s)",
     ]
-    emit(summary, args.json, "\n".join(lines))
+    options.emit(summary, args.json, "\n".join(lines))
     return 0 if cohort.valid else 2
