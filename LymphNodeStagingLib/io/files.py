@@ -155,3 +155,32 @@ def fingerprint(path: str | Path | None) -> dict | None:
                 entries.append((str(f.relative_to(p)), st.st_size, st.st_mtime_ns))
         return {"path": str(p), "files": len(entries), "digest": digest(entries, 32)}
     return {"path": str(p), "missing": True}
+
+
+# ------------------------------------------------------------------------------------------------ output checks
+
+
+def check_output(path: str | Path, *, folder: bool, parameter: str = "--out") -> Path:
+    """Check, before any work, that an output folder (``folder``) or file can be created and written; returns the
+    path. Raises InputError naming the parameter, the path and the reason (a file in the way, no permission)."""
+    from ..errors import InputError
+
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise InputError(f"{parameter} {p}: is a file; expected a folder (or a path where one can be created)")
+    if not folder and p.is_dir():
+        raise InputError(f"{parameter} {p}: is a folder; expected a file name, e.g. {p / 'out.nii.gz'}")
+    # the nearest existing ancestor must be a writable folder
+    probe = p if folder else p.parent
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{parameter} {p}: {probe} is a file, so no folder can be created below it")
+    target = p if (folder and p.exists()) else probe
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"{parameter} {p}: {target} is not writable (permission denied)")
+    if not folder and p.exists() and not os.access(p, os.W_OK):
+        raise InputError(f"{parameter} {p}: the file exists and is not writable (permission denied)")
+    return p

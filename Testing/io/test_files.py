@@ -42,3 +42,27 @@ def test_fingerprint_changes_with_the_file(tmp_path):
     p.write_bytes(b"22")
     assert digest(fingerprint(p)) != a
     assert fingerprint(tmp_path / "missing")["missing"] is True
+
+
+def test_output_checks_name_the_culprit(tmp_path):
+    from LymphNodeStagingLib.errors import InputError
+    from LymphNodeStagingLib.io.files import check_output
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert check_output(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
+    with pytest.raises(InputError, match="is a file; expected a folder"):
+        check_output(blocker, folder=True)
+    with pytest.raises(InputError, match="is a file, so no folder can be created"):
+        check_output(blocker / "sub" / "out.nii.gz", folder=False)
+    with pytest.raises(InputError, match="is a folder; expected a file"):
+        check_output(tmp_path, folder=False, parameter="OUT")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores permissions
+            with pytest.raises(InputError, match="not writable"):
+                check_output(ro / "x", folder=True)
+    finally:
+        ro.chmod(0o755)
