@@ -28,6 +28,13 @@ DEMO_ATLAS_COUNT = 5
 #: The bundled demo classifier (trained on a synthetic phantom cohort), relative to the resources folder.
 DEMO_MODEL = Path("models") / "demo_ts1.pt"
 
+#: SHA-256 of every bundled model file (by file name in the bundled models folder), pinned in the code. A checkpoint
+#: that is, or claims to be, a bundled model loads only when its file has this hash (classifier/checkpoint.py), so a
+#: new or retrained bundled model must update its entry here (Testing/classifier/test_bundled_models.py checks it).
+BUNDLED_MODELS: dict[str, str] = {
+    "demo_ts1.pt": "c0ab7ab5599e00ff93aaedaa85f7ea5d54b044f93bbbb7deda0e3c79aa84cf19",
+}
+
 
 def package_dir() -> Path:
     """The LymphNodeStagingLib folder."""
@@ -46,6 +53,11 @@ def resources_dir() -> Path:
 
 def rules_dir() -> Path:
     return resources_dir() / "rules"
+
+
+def bundled_models_dir() -> Path:
+    """The folder of the bundled models (every ``.pt`` file in it must be pinned in ``BUNDLED_MODELS``)."""
+    return resources_dir() / DEMO_MODEL.parent
 
 
 def demo_model_path() -> Path:
