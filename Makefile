@@ -27,6 +27,8 @@ demo-model: $(STAMP)
 		--max-steps-per-epoch 40 --batch-size 32 --seed 1 --out build/demo-model
 	cp build/demo-model/best.pt LymphNodeStagingLib/resources/models/demo_ts1.pt
 	cp build/demo-model/best.json LymphNodeStagingLib/resources/models/demo_ts1.json
+	@echo "pin the new file: set BUNDLED_MODELS['demo_ts1.pt'] in LymphNodeStagingLib/paths.py to"
+	@sha256sum LymphNodeStagingLib/resources/models/demo_ts1.pt
 
 test: $(STAMP)
 	$(BIN)/ruff check .
