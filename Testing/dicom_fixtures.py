@@ -90,3 +90,62 @@ def write_series(folder: Path, n: int = 3, per_slice=None, **over) -> Path:
 
 def expected_suv(value: float = 1000.0, weight: float = 70.0, dose: float = 370e6, dt_s: float = 3600.0) -> float:
     return value * weight * 1000.0 / (dose * math.exp(-LAM * dt_s))
+
+
+BASIC_TEXT_SR_SOP = "1.2.840.10008.5.1.4.1.1.88.11"
+GRAYSCALE_PR_SOP = "1.2.840.10008.5.1.4.1.1.11.1"
+DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+
+
+def _save(ds: Dataset, sop: str, path: Path) -> Path:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", generate_uid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_dicomdir(folder: Path) -> Path:
+    """A minimal DICOMDIR (Media Storage Directory, no pixel data)."""
+    ds = Dataset()
+    ds.FileSetID = "TEST"
+    ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = 0
+    ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = 0
+    ds.FileSetConsistencyFlag = 0
+    ds.DirectoryRecordSequence = Sequence([])
+    return _save(ds, DICOMDIR_SOP, folder / "DICOMDIR")
+
+
+def write_non_image(folder: Path, modality: str = "SR", name: str | None = None, patient_id: str = "P1") -> Path:
+    """A structured report (SR) or presentation state (PR) of the fixtures' patient: no pixel data."""
+    sop = BASIC_TEXT_SR_SOP if modality == "SR" else GRAYSCALE_PR_SOP
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop, generate_uid()
+    ds.Modality, ds.PatientID = modality, patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = "1.2.3.4", generate_uid(), 99
+    if modality == "SR":
+        ds.ValueType, ds.ContentSequence = "CONTAINER", Sequence([])
+    return _save(ds, sop, folder / (name or f"{modality.lower()}.dcm"))
+
+
+def write_header_only(folder: Path, series_uid: str, k: int = 0, name: str = "header_only.dcm", *,
+                      keep_rows: bool = False, **over) -> Path:
+    """A slice header of ``series_uid`` without PixelData (7FE0,0010) (and, unless ``keep_rows``, without
+    Rows/Columns), as some exports leave behind."""
+    ds = make_slice(k, series_uid, **over)
+    del ds.PixelData
+    if not keep_rows:
+        del ds.Rows, ds.Columns
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / name, enforce_file_format=True)
+    return folder / name
+
+
+def series_uid_of(folder: Path) -> str:
+    """The SeriesInstanceUID of the first slice written by :func:`write_series` in ``folder``."""
+    import pydicom
+
+    first = sorted(folder.glob("s*.dcm"))[0]
+    return str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)

@@ -10,7 +10,8 @@ scan datetime, else back-computed from AcquisitionTime, ActualFrameDuration and 
 time (RadiopharmaceuticalStartDateTime, else StartTime on the reference date, moved back a day across midnight) ->
 decay correction START / ADMIN / NONE.
 
-Nothing is guessed: a missing or contradictory required tag raises :class:`InputError` naming the tag.
+Nothing is guessed: a missing, unreadable or contradictory required tag raises :class:`InputError` naming the file
+(the first file of the series, or the offending slice) and the tag.
 ``mode="gatidis"`` reproduces the autoPET/TCIA conversion (AcquisitionTime of the first file, times without dates,
 Units ignored) for comparisons only.
 """
@@ -23,13 +24,14 @@ import math
 import re
 import struct
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 
 from ..errors import InputError
-from ..io.dicom_series import DicomSeries, find_series
+from ..io.dicom_series import DicomSeries, find_series, reason
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,8 @@ def parse_tm(value: str) -> float:
     if not m:
         raise ValueError(f"not a DICOM TM value: {value!r}")
     h, mi, se, frac = m.groups()
+    if int(h) > 23 or int(mi or 0) > 59 or int(se or 0) > 60:
+        raise ValueError(f"not a time of day: {value!r}")
     return int(h) * 3600 + int(mi or 0) * 60 + int(se or 0) + (float(frac) if frac else 0.0)
 
 
@@ -150,11 +154,104 @@ def _iso(t: dt.datetime | None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# reading values: errors name the tag and, where the dataset knows it, the file
+
+PRIVATE_NAMES = {PHILIPS_SUV_FACTOR: "Philips SUV Scale Factor", GE_SCAN_DATETIME: "GE scan_datetime",
+                 PHILIPS_ACTIVITY_FACTOR: "Philips Activity Concentration Scale Factor"}
+
+
+class _SliceError(InputError):
+    """An SUV error whose message already names the file (slice) it is about."""
+
+
+def _tag(key) -> str:
+    """'Keyword (gggg,eeee)' of a keyword or a (group, element) tag."""
+    if isinstance(key, str):
+        tag = pydicom.datadict.tag_for_keyword(key)
+        return f"{key} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else key
+    g, e = key
+    name = PRIVATE_NAMES.get((g, e))
+    return f"{name} ({g:04X},{e:04X})" if name else f"({g:04X},{e:04X})"
+
+
+def _file(ds: pydicom.Dataset, k: int | None = None) -> str | None:
+    """The file a header was read from; 'slice k' (1-based) for a header without one, None without k."""
+    name = getattr(ds, "filename", None)
+    if isinstance(name, str) and name:
+        return name
+    return f"slice {k + 1}" if k is not None else None
+
+
+def _name(ds: pydicom.Dataset, k: int) -> str:
+    """The file name (without folder) of a slice, or 'slice k'."""
+    name = _file(ds, k) or ""
+    return Path(name).name if getattr(ds, "filename", None) else name
+
+
+def _short(v: object, limit: int = 40) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _unreadable(ds: pydicom.Dataset, key, value: object, expected: str, exc: Exception) -> InputError:
+    msg = f"{_tag(key)} = {_short(value)} cannot be read ({reason(exc)}); expected {expected}"
+    name = _file(ds)
+    return _SliceError(f"{name}: {msg}") if name else InputError(msg)
+
+
+def _number(ds: pydicom.Dataset, key) -> float | None:
+    """A numeric element (DS, IS, FD, FL or raw private bytes); None when absent or empty."""
+    v = _value(ds, key)
+    try:
+        f = _float_value(v)
+    except (TypeError, ValueError, struct.error) as exc:
+        raise _unreadable(ds, key, v, "a number", exc) from exc
+    if f is not None and not math.isfinite(f):
+        raise _unreadable(ds, key, v, "a finite number", ValueError("not finite"))
+    return f
+
+
+def _time(ds: pydicom.Dataset, key) -> float | None:
+    """A TM element in seconds after midnight; None when absent or empty."""
+    v = _value(ds, key)
+    try:
+        return parse_tm(v) if v is not None else None
+    except (TypeError, ValueError) as exc:
+        raise _unreadable(ds, key, v, "a DICOM time HHMMSS.FFFFFF", exc) from exc
+
+
+def _date(ds: pydicom.Dataset, key) -> dt.date | None:
+    """A DA element; None when absent or empty."""
+    v = _value(ds, key)
+    try:
+        return parse_da(v) if v is not None else None
+    except (TypeError, ValueError) as exc:
+        raise _unreadable(ds, key, v, "a DICOM date YYYYMMDD", exc) from exc
+
+
+def _datetime(ds: pydicom.Dataset, key) -> dt.datetime | None:
+    """A DT element with a full date and time of day; None when absent, empty or shorter."""
+    v = _value(ds, key)
+    try:
+        return parse_dt(v) if v is not None else None
+    except (TypeError, ValueError) as exc:
+        raise _unreadable(ds, key, v, "a DICOM date-time YYYYMMDDHHMMSS.FFFFFF", exc) from exc
+
+
+def _first_without(headers: list[pydicom.Dataset], key) -> str:
+    """' (missing in FILE)' for the first slice without a value of ``key``, else ''."""
+    for k, h in enumerate(headers):
+        if _value(h, key) is None:
+            return f" (missing in {_name(h, k)})"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # body size helpers (for SUVType LBM / IBW and CM2ML)
 
 
 def _height_cm(ds: pydicom.Dataset, prov: SuvProvenance, why: str) -> float:
-    h = _float_value(_value(ds, "PatientSize"))
+    h = _number(ds, "PatientSize")
     if h is None or h <= 0:
         raise InputError(f"PatientSize (0010,1020) is missing or not positive; it is required for {why}")
     if h > 3:
@@ -206,21 +303,27 @@ SERIES_LEVEL = ("Units", "DecayCorrection", "PatientWeight", "SeriesDate", "Seri
                 "PatientSex")
 
 
+def _differs(kw: str, headers: list[pydicom.Dataset], k: int, v0: object, vk: object, where: str = "") -> InputError:
+    shown = [str(v) if v is not None else "missing" for v in (v0, vk)]
+    return InputError(f"{_tag(kw)}{where} differs between slices of one series: {shown[0]!r} in "
+                      f"{_name(headers[0], 0)}, {shown[1]!r} in {_name(headers[k], k)}; expected one value")
+
+
 def _check_consistent(headers: list[pydicom.Dataset]) -> None:
     for kw in SERIES_LEVEL:
-        values = {str(_value(h, kw)) for h in headers}
-        if len(values) > 1:
-            tag = pydicom.datadict.tag_for_keyword(kw)
-            raise InputError(f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) differs between slices of one series: "
-                           f"{sorted(values)}; expected one value")
+        v0 = _value(headers[0], kw)
+        for k, h in enumerate(headers[1:], start=1):
+            vk = _value(h, kw)
+            if str(vk) != str(v0):
+                raise _differs(kw, headers, k, v0, vk)
     first = _radiopharmaceutical(headers[0])
-    for h in headers[1:]:
+    for k, h in enumerate(headers[1:], start=1):
         item = _radiopharmaceutical(h)
         for kw in ("RadionuclideTotalDose", "RadionuclideHalfLife", "RadiopharmaceuticalStartTime",
                    "RadiopharmaceuticalStartDateTime"):
             if str(_value(item, kw)) != str(_value(first, kw)):
-                tag = pydicom.datadict.tag_for_keyword(kw)
-                raise InputError(f"{kw} ({tag >> 16:04X},{tag & 0xFFFF:04X}) differs between slices of one series")
+                raise _differs(kw, headers, k, _value(first, kw), _value(item, kw),
+                               " (in RadiopharmaceuticalInformationSequence (0054,0016))")
 
 
 def _radiopharmaceutical(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -235,7 +338,7 @@ def _radiopharmaceutical(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def _weight(ds: pydicom.Dataset, prov: SuvProvenance) -> float:
-    w = _float_value(_value(ds, "PatientWeight"))
+    w = _number(ds, "PatientWeight")
     if w is None or w <= 0:
         raise InputError(f"PatientWeight (0010,1030) is missing, empty or not positive ({w!r}); SUVbw needs the "
                        "patient's weight in kg and a weight is never assumed")
@@ -248,7 +351,7 @@ def _weight(ds: pydicom.Dataset, prov: SuvProvenance) -> float:
 
 
 def _dose(item: pydicom.Dataset, prov: SuvProvenance) -> float:
-    d = _float_value(_value(item, "RadionuclideTotalDose"))
+    d = _number(item, "RadionuclideTotalDose")
     if d is None or d <= 0:
         raise InputError(f"RadionuclideTotalDose (0018,1074) is missing or not positive ({d!r}); expected the "
                        "injected activity in Bq")
@@ -261,7 +364,7 @@ def _dose(item: pydicom.Dataset, prov: SuvProvenance) -> float:
 
 
 def _half_life(item: pydicom.Dataset, prov: SuvProvenance) -> float:
-    t = _float_value(_value(item, "RadionuclideHalfLife"))
+    t = _number(item, "RadionuclideHalfLife")
     if t is not None and t > 0:
         prov.tags["RadionuclideHalfLife"] = t
         prov.half_life_s = t
@@ -282,20 +385,19 @@ def _half_life(item: pydicom.Dataset, prov: SuvProvenance) -> float:
 def _acquisition_datetimes(headers: list[pydicom.Dataset]) -> list[dt.datetime] | None:
     out = []
     for h in headers:
-        adt = _value(h, "AcquisitionDateTime")
-        t = parse_dt(adt) if adt is not None else None
+        t = _datetime(h, "AcquisitionDateTime")
         if t is None:
-            tm = _value(h, "AcquisitionTime")
-            da = _value(h, "AcquisitionDate") or _value(h, "SeriesDate")
+            tm = _time(h, "AcquisitionTime")
+            da = _date(h, "AcquisitionDate") or _date(h, "SeriesDate")
             if tm is None or da is None:
                 return None
-            t = combine(parse_da(da), parse_tm(tm))
+            t = combine(da, tm)
         out.append(t)
     return out
 
 
 def _frame_durations_s(headers: list[pydicom.Dataset]) -> np.ndarray | None:
-    vals = [_float_value(_value(h, "ActualFrameDuration")) for h in headers]
+    vals = [_number(h, "ActualFrameDuration") for h in headers]
     if any(v is None or v <= 0 for v in vals):
         return None
     return np.array(vals, dtype=np.float64) / 1000.0
@@ -323,7 +425,8 @@ def _reference_time(headers: list[pydicom.Dataset], half_life: float, prov: SuvP
     acq = _acquisition_datetimes(headers)
     first_acq = min(acq) if acq else None
     sd, st = _value(h0, "SeriesDate"), _value(h0, "SeriesTime")
-    series_t = combine(parse_da(sd), parse_tm(st)) if sd is not None and st is not None else None
+    sd_v, st_v = _date(h0, "SeriesDate"), _time(h0, "SeriesTime")
+    series_t = combine(sd_v, st_v) if sd_v is not None and st_v is not None else None
     if series_t is not None:
         prov.tags["SeriesDate"], prov.tags["SeriesTime"] = str(sd), str(st)
     if first_acq is not None:
@@ -340,13 +443,18 @@ def _reference_time(headers: list[pydicom.Dataset], half_life: float, prov: SuvP
     creator_ok = _private_is(h0, 0x0009, 0x10, "GEMS_PETD_01")
     if ge is not None and creator_ok is not False:
         text = ge.decode("ascii", errors="ignore") if isinstance(ge, bytes) else str(ge)
-        t = parse_dt(text.strip().rstrip("\x00"))
+        try:
+            t = parse_dt(text.strip().rstrip("\x00"))
+        except ValueError:
+            t = None
+            prov.warnings.append(f"GE private scan_datetime (0009,100D) = {text.strip()!r} is not a DICOM date-time; "
+                                 "not used")
         if t is not None:
             prov.tags["GE scan_datetime (0009,100D)"] = text.strip()
             prov.reference_source = "GE private scan_datetime (0009,100D)"
             return t
     durations = _frame_durations_s(headers)
-    frt = [_float_value(_value(h, "FrameReferenceTime")) for h in headers]
+    frt = [_number(h, "FrameReferenceTime") for h in headers]
     if acq is None or durations is None or any(v is None for v in frt):
         raise InputError(
             "no usable decay-correction reference time: SeriesDate/SeriesTime (0008,0021)/(0008,0031) missing or "
@@ -371,8 +479,8 @@ def _reference_time(headers: list[pydicom.Dataset], half_life: float, prov: SuvP
 
 def _administration_time(item: pydicom.Dataset, ref: dt.datetime, prov: SuvProvenance) -> dt.datetime:
     sdt_raw, st_raw = _value(item, "RadiopharmaceuticalStartDateTime"), _value(item, "RadiopharmaceuticalStartTime")
-    sdt = parse_dt(sdt_raw) if sdt_raw is not None else None
-    st = parse_tm(st_raw) if st_raw is not None else None
+    sdt = _datetime(item, "RadiopharmaceuticalStartDateTime")
+    st = _time(item, "RadiopharmaceuticalStartTime")
     if sdt is not None:
         prov.tags["RadiopharmaceuticalStartDateTime"] = str(sdt_raw)
         if st is not None:
@@ -424,20 +532,37 @@ def _corrected_image(ds: pydicom.Dataset, decay: str) -> None:
 
 
 def _philips_factor(ds: pydicom.Dataset, tag) -> float | None:
-    f = _float_value(_value(ds, tag))
+    f = _number(ds, tag)
     return f if f is not None and f != 0.0 else None
 
 
-def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.ndarray, SuvProvenance]:
+def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba",
+                first_file_header: pydicom.Dataset | None = None) -> tuple[np.ndarray, SuvProvenance]:
     """Per-slice factors F_k with SUVbw = (RescaleSlope*SV + RescaleIntercept) * F_k, and the provenance.
 
-    ``headers`` are the slices' datasets in the order of the volume (sorted along the normal)."""
+    ``headers`` are the slices' datasets in the order of the volume (sorted along the normal);
+    ``first_file_header`` is the header the 'gatidis' mode reads (default the first). An error names the file of
+    the first header (or the offending slice) and the tag."""
     if mode not in SUV_MODES:
         raise InputError(f"SUV mode '{mode}' is unknown; expected one of {', '.join(SUV_MODES)}")
     if not headers:
         raise InputError("no PET slices")
-    if mode == "gatidis":
-        return _gatidis_factors(headers)
+    where = _file(first_file_header if mode == "gatidis" and first_file_header is not None else headers[0])
+    try:
+        if mode == "gatidis":
+            return _gatidis_factors(headers, first_file_header)
+        return _qiba_factors(headers, mode)
+    except _SliceError as exc:
+        raise InputError(str(exc)) from exc
+    except InputError as exc:
+        if where is None:
+            raise
+        raise InputError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise InputError(f"{where or 'PET series'}: an SUV tag value cannot be used ({reason(exc)})") from exc
+
+
+def _qiba_factors(headers: list[pydicom.Dataset], mode: str) -> tuple[np.ndarray, SuvProvenance]:
     h0 = headers[0]
     modality = str(_value(h0, "Modality") or "")
     if modality != "PT":
@@ -448,8 +573,8 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
     prov = SuvProvenance(mode=mode, units=units, decay_correction=decay)
     prov.tags.update({"Units": units, "DecayCorrection": decay})
     n = len(headers)
-    slopes = [float(_value(h, "RescaleSlope") or 1.0) for h in headers]
-    inters = [float(_value(h, "RescaleIntercept") or 0.0) for h in headers]
+    slopes = [_number(h, "RescaleSlope") or 1.0 for h in headers]
+    inters = [_number(h, "RescaleIntercept") or 0.0 for h in headers]
     prov.tags["RescaleSlope range"] = [min(slopes), max(slopes)]
     if any(b != 0.0 for b in inters):
         prov.warnings.append("RescaleIntercept (0028,1052) is not 0 (IBSI recommends excluding such series); "
@@ -508,9 +633,10 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
                                   " then as BQML")
             activity_scale = np.array(act_f, dtype=np.float64)
         else:
+            missing = next((_name(h, k) for k, h in enumerate(headers) if act_f[k] is None), None)
             raise InputError("Units (0054,1001) is CNTS but neither the Philips SUV Scale Factor (7053,1000) (with "
-                           "decay correction) nor the Activity Concentration Scale Factor (7053,1009) is present and "
-                           "non-zero on every slice; counts cannot be converted to SUV")
+                             "decay correction) nor the Activity Concentration Scale Factor (7053,1009) is present and "
+                             f"non-zero on every slice (e.g. not in {missing}); counts cannot be converted to SUV")
     elif units != "BQML":
         raise InputError(f"Units (0054,1001) = {units} cannot be converted to SUVbw; expected BQML, CNTS (Philips), "
                        "GML or CM2ML")
@@ -538,9 +664,10 @@ def suv_factors(headers: list[pydicom.Dataset], mode: str = "qiba") -> tuple[np.
     durations = _frame_durations_s(headers)
     if acq is None:
         raise InputError("DecayCorrection NONE needs AcquisitionDate/AcquisitionTime (0008,0022)/(0008,0032) on every "
-                       "slice")
+                         f"slice{_first_without(headers, 'AcquisitionTime')}")
     if durations is None:
-        raise InputError("DecayCorrection NONE needs ActualFrameDuration (0018,1242) on every slice")
+        raise InputError("DecayCorrection NONE needs a positive ActualFrameDuration (0018,1242) on every slice"
+                         f"{_first_without(headers, 'ActualFrameDuration')}")
     first = min(acq)
     t_adm = _administration_time(item, first, prov)
     prov.reference_time = _iso(first)
@@ -575,18 +702,19 @@ def _gatidis_factors(headers: list[pydicom.Dataset],
                          "midnight and for Philips CNTS. Use only for comparisons")
     item = _radiopharmaceutical(h)
     w = _weight(h, prov)
-    d = float(_float_value(_value(item, "RadionuclideTotalDose")) or 0.0)
+    d = _number(item, "RadionuclideTotalDose") or 0.0
     if d <= 0:
         raise InputError("RadionuclideTotalDose (0018,1074) is missing or not positive")
-    half = _float_value(_value(item, "RadionuclideHalfLife"))
+    half = _number(item, "RadionuclideHalfLife")
     if not half:
         raise InputError("RadionuclideHalfLife (0018,1075) is missing")
     acq, start = _value(h, "AcquisitionTime"), _value(item, "RadiopharmaceuticalStartTime")
-    if acq is None:
+    acq_s, start_s = _time(h, "AcquisitionTime"), _time(item, "RadiopharmaceuticalStartTime")
+    if acq_s is None:
         raise InputError("AcquisitionTime (0008,0032) is missing (required by the 'gatidis' mode)")
-    if start is None:
+    if start_s is None:
         raise InputError("RadiopharmaceuticalStartTime (0018,1072) is missing (required by the 'gatidis' mode)")
-    delta = parse_tm(acq) - parse_tm(start)
+    delta = acq_s - start_s
     decayed = d * 0.5 ** (delta / half)
     prov.dose_bq, prov.half_life_s, prov.decay_factor = d, half, 0.5 ** (delta / half)
     prov.tags.update({"AcquisitionTime": str(acq), "RadiopharmaceuticalStartTime": str(start),
@@ -597,11 +725,12 @@ def _gatidis_factors(headers: list[pydicom.Dataset],
 
 def compute_suv(series: DicomSeries, mode: str = "qiba") -> SuvResult:
     """SUVbw image of an assembled PET series (per-slice rescale, then per-slice factor), with provenance."""
+    first = None
     if mode == "gatidis":
-        first_by_name = min(range(len(series.files)), key=lambda i: str(series.files[i]))
-        factors, prov = _gatidis_factors(series.headers, series.headers[first_by_name])
-    else:
-        factors, prov = suv_factors(series.headers, mode)
+        first = series.headers[min(range(len(series.files)), key=lambda i: str(series.files[i]))]
+    factors, prov = suv_factors(series.headers, mode, first)
+    for note in series.warnings:
+        prov.warnings.append(note)
     activity = series.rescaled_array()
     suv = activity * factors[:, None, None]
     prov.tags["SeriesInstanceUID"] = series.info.series_uid

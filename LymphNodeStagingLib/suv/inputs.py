@@ -46,7 +46,7 @@ def load_pet(path: str | Path, *, pet_is_suv: bool = False, suv_mode: str = "qib
         ser = find_series(path, "PT", series)
         if pet_is_suv:
             prov = {"mode": "user", "decisions": ["pet_is_suv: rescaled stored values taken as SUV as declared"],
-                    "warnings": ["SUV not computed from the DICOM header (pet_is_suv)"]}
+                    "warnings": ["SUV not computed from the DICOM header (pet_is_suv)", *ser.warnings]}
             return ser.to_image(ser.rescaled_array()), prov, ser.info.series_uid, ser.frame_of_reference_uid
         res = compute_suv(ser, suv_mode)
         return res.image, res.provenance.to_dict(), ser.info.series_uid, ser.frame_of_reference_uid

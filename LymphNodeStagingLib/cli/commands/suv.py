@@ -26,13 +26,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _write(image, path: Path) -> None:
+    """Write the SUV image; a SimpleITK or file system failure becomes one sentence naming the file."""
+    from ...errors import InputError
+    from ...io.dicom_series import reason
+    from ...io.files import write_image
+
+    try:
+        write_image(image, path)
+    except (RuntimeError, OSError) as exc:
+        raise InputError(f"--out {path}: the SUV image cannot be written there ({reason(exc)})") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     args.output = options.out_file(args)
-    from ...io.files import write_image
-    from ...suv.conversion import suv_from_folder
+    from ...errors import UsageError
+    from ...io.files import check_output
+    from ...io.images import IMAGE_SUFFIXES
+    from ...suv.conversion import SUV_MODES, suv_from_folder
 
+    if args.mode not in SUV_MODES:
+        raise UsageError(f"--mode {args.mode}: unknown SUV conversion; expected one of {', '.join(SUV_MODES)}")
+    check_output(args.output, folder=False, parameter="--out")  # before any work: a file in the way, no permission
+    if not any(args.output.name.lower().endswith(s) for s in IMAGE_SUFFIXES):
+        raise UsageError(f"--out {args.output}: unknown image format; expected a file name ending in "
+                         f"{', '.join(IMAGE_SUFFIXES)}")
     result = suv_from_folder(args.dicom_dir, mode=args.mode, series=args.series)
-    write_image(result.image, args.output)
+    _write(result.image, args.output)
     prov = result.provenance.to_dict()
     out = {"output": str(args.output), "mode": args.mode, "factor": prov["factor"],
            "factors": [float(f) for f in result.factors], "provenance": prov,
