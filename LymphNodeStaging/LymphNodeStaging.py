@@ -140,8 +140,30 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.overrideComboBox.connect("currentIndexChanged(int)", self.onOverrideChanged)
         self.ui.resultSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onResultSelected)
         self.ui.exportDirectoryButton.directory = qt.QDir.homePath()
+        self._addResultBanners()
 
         self.initializeParameterNode()
+
+    def _addResultBanners(self) -> None:
+        """Two labels at the top of the Results section, shown with a result: a red banner when it was computed
+        with the synthetic demo atlases or the demo model, and an orange box with its warnings (implausible
+        station map, stations not found)."""
+        layout = self.ui.resultsCollapsibleButton.layout()
+        self.demoBannerLabel = qt.QLabel()
+        self.demoBannerLabel.objectName = "demoBannerLabel"
+        self.demoBannerLabel.wordWrap = True
+        self.demoBannerLabel.setStyleSheet(
+            "QLabel { background-color: #c62828; color: white; font-weight: bold; padding: 6px; }")
+        self.demoBannerLabel.toolTip = _("The result was computed with synthetic demo data. Give the atlas set and "
+                                         "the model of your site under Advanced.")
+        self.warningsLabel = qt.QLabel()
+        self.warningsLabel.objectName = "resultWarningsLabel"
+        self.warningsLabel.wordWrap = True
+        self.warningsLabel.setStyleSheet("QLabel { background-color: #ffb74d; color: black; padding: 4px; }")
+        layout.insertWidget(0, self.demoBannerLabel)
+        layout.insertWidget(1, self.warningsLabel)
+        self.demoBannerLabel.visible = False
+        self.warningsLabel.visible = False
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -349,6 +371,13 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._updatingResults = True
         try:
+            banner = result.demo_banner
+            self.demoBannerLabel.text = banner or ""
+            self.demoBannerLabel.visible = bool(banner)
+            statement = result.provenance.get("statement")
+            warnings = [w for w in result.warnings if w != statement]
+            self.warningsLabel.text = "\n".join(f"\u26a0 {w}" for w in warnings)
+            self.warningsLabel.visible = bool(warnings)
             self.ui.nStageLabel.text = result.n_stage
             self.ui.tnm9Label.text = result.tnm9
             self.ui.decidingLabel.text = _("{stations} ({rules} rules, tumour side {side})").format(
@@ -600,14 +629,20 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
         from LymphNodeStagingLib.assessment.process import AssessmentJob, AssessmentProcess
         from LymphNodeStagingLib.io.files import write_image
+        from LymphNodeStagingLib.preflight.case import check_images
         from LymphNodeStagingLib.runtime import parse_device
         from LymphNodeStagingLib.slicer import mrml
 
         dicomFiles = self.checkInputs(ctVolume, petVolume, petIsSuv, petDicomFolder, fileForInstance)
         dev = parse_device(device, name="device")
+        # the volumes' images are checked here (grid, CT in HU, PET in SUV) so that a bad volume is refused at once
+        ctImage = mrml.image_from_volume_node(ctVolume)
+        petImage = mrml.image_from_volume_node(petVolume) if not (dicomFiles or petDicomFolder) else None
+        check_images(ctImage, petImage, names={"CT": ctVolume.GetName(),
+                                               "PET": petVolume.GetName() if petVolume is not None else ""})
         workDir = Path(tempfile.mkdtemp(prefix="LymphNodeStaging-"))
         try:
-            ctFile = write_image(mrml.image_from_volume_node(ctVolume), workDir / "ct.nrrd", compress=False)
+            ctFile = write_image(ctImage, workDir / "ct.nrrd", compress=False)
             pet, petIsSuv = self._petSource(petVolume, petIsSuv, petDicomFolder, dicomFiles, workDir)
             if not isinstance(pet, str):
                 pet = str(write_image(pet, workDir / "pet.nrrd", compress=False))
@@ -662,6 +697,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
             petVolume = mrml.volume_node_from_image(slicer.mrmlScene, suvImage, _("PET (SUV)"))
         self.dicomSources = dict(dicomSources or {})
         self.showAssessment(result, stationMap, ctVolume, petVolume)
+        if result.demo_banner:
+            self.log(result.demo_banner)
         self.log(_("{stage} (TNM 9 {tnm9}) in {seconds:.1f} s").format(
             stage=result.n_stage, tnm9=result.tnm9, seconds=time.time() - start))
 

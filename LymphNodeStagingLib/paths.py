@@ -2,13 +2,15 @@
 
 Environment variables (all optional):
 
-==========================  ===========================================================================
-``LNSTAGING_CACHE``         cache folder (default ``$XDG_CACHE_HOME/lnstaging`` or ``~/.cache/lnstaging``)
-``LNSTAGING_ATLASES``       atlas set used when none is given (default: the synthetic demo set in the cache)
-``XDG_CACHE_HOME``          base of the default cache folder
-``TOTALSEG_HOME_DIR``       TotalSegmentator's home (default ``~/.totalsegmentator``)
-``TOTALSEG_WEIGHTS_PATH``   TotalSegmentator's weights folder (default ``<home>/nnunet/results``)
-==========================  ===========================================================================
+============================  ===========================================================================
+``LNSTAGING_CACHE``           cache folder (default ``$XDG_CACHE_HOME/lnstaging`` or ``~/.cache/lnstaging``)
+``LNSTAGING_ATLASES``         atlas set used when none is given (default: the synthetic demo set in the cache)
+``LNSTAGING_MAX_MEMORY_GB``   the most memory a case may need by the estimate made before any heavy step
+                              (default 16; see ``preflight.memory``)
+``XDG_CACHE_HOME``            base of the default cache folder
+``TOTALSEG_HOME_DIR``         TotalSegmentator's home (default ``~/.totalsegmentator``)
+``TOTALSEG_WEIGHTS_PATH``     TotalSegmentator's weights folder (default ``<home>/nnunet/results``)
+============================  ===========================================================================
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from pathlib import Path
 
 ENV_CACHE = "LNSTAGING_CACHE"
 ENV_ATLASES = "LNSTAGING_ATLASES"
+ENV_MAX_MEMORY = "LNSTAGING_MAX_MEMORY_GB"
 ENV_TOTALSEG_HOME = "TOTALSEG_HOME_DIR"
 ENV_TOTALSEG_WEIGHTS = "TOTALSEG_WEIGHTS_PATH"
+
+#: The memory limit of one case when LNSTAGING_MAX_MEMORY_GB is not set, in GB.
+DEFAULT_MAX_MEMORY_GB = 16.0
 
 #: Seed and size of the synthetic demo atlas set (patients drawn for tests and benchmarks use other seeds).
 DEMO_ATLAS_SEED = 1000
@@ -105,3 +111,19 @@ def totalseg_weights_dir(home_dir: str | Path | None = None) -> Path:
 def station_map_store_path() -> Path:
     """The station maps shared by every command (batch, train, evaluate): ``<cache>/station-maps``."""
     return cache_root() / "station-maps"
+
+
+def max_memory_gb() -> float:
+    """``$LNSTAGING_MAX_MEMORY_GB`` (a positive number of GB), else DEFAULT_MAX_MEMORY_GB."""
+    from .errors import UsageError
+
+    text = os.environ.get(ENV_MAX_MEMORY, "").strip()
+    if not text:
+        return DEFAULT_MAX_MEMORY_GB
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"${ENV_MAX_MEMORY} {text!r}: expected a positive number of GB, e.g. 16")
+    return value

@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("phantom",),
     ("mapping",),
     ("classifier",),
+    ("preflight",),
     ("training",),
     ("assessment",),
     ("batch",),

@@ -17,15 +17,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled
 from ..io.files import write_image
 from ..mapping.crop import check_pet_covers, mediastinal_crop
 from ..paths import demo_model_path
-from ..runtime import Device, ProgressCallback, parse_device, progress_part, reporter
+from ..preflight.case import check_case
+from ..preflight.memory import check_memory, estimate_memory
+from ..preflight.parameters import check_device, check_model, check_out, check_rules, check_threshold, check_tta
+from ..runtime import Device, ProgressCallback, progress_part, reporter
 from ..staging.result import CaseResult, make_case_result
 from ..staging.rules import DEFAULT_RULES, parse_side
 from ..staging.stations import STATIONS
-from ..suv.inputs import decide_pet_is_suv, load_case, load_pet, parse_pet_is_suv
 from ..suv.statistics import station_suv_stats
 
 log = logging.getLogger(__name__)
@@ -46,17 +48,6 @@ class Assessment:
     inputs_from_dicom: bool = False
     dicom_sources: dict[str, str] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
-
-
-def _image(value: str | Path | sitk.Image, what: str) -> sitk.Image:
-    if isinstance(value, sitk.Image):
-        return value
-    path = Path(value)
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
-    from ..io.images import read_image_file
-
-    return read_image_file(path)
 
 
 def assess_case(
@@ -87,8 +78,13 @@ def assess_case(
     (reused between cases, it keeps its prepared registration data; None: the bundled synthetic set). ``station_mapping``: a mapping computed before (skips registration). With ``out_dir`` the result JSON,
     CSV, station map, mapping files and the PNG overview are written there.
     """
+    # 0. options and the output folder, before any file is read
     side = parse_side(side, "side")
-    dev = parse_device(device)
+    dev = check_device(device, "device")
+    threshold = check_threshold(threshold, "threshold")
+    check_rules(rules, "rules")
+    tta = check_tta(tta, "tta")
+    check_out(out_dir, "out_dir")
     report = reporter(progress)
     timings: dict[str, float] = {}
 
@@ -96,35 +92,28 @@ def assess_case(
         if cancel is not None and cancel():
             raise Cancelled("assessment cancelled")
 
-    # 1. images
+    # 1. images: every input read to its end and checked (grid, values, memory estimate) before any heavy step
     t0 = time.perf_counter()
-    report(0.0, "loading images")
-    declared = isinstance(pet, sitk.Image) or decide_pet_is_suv(pet, flag=parse_pet_is_suv(pet_is_suv))
-    suv_info: dict = {}
-    from_dicom = False
-    sources: dict[str, str] = {}
-    if isinstance(ct, sitk.Image) or isinstance(pet, sitk.Image):
-        ct_img = _image(ct, "CT")
-        if isinstance(pet, sitk.Image):
-            pet_img = pet
-            suv_info = {"mode": "user", "decisions": ["PET image given as SUV"], "warnings": []}
-        else:
-            pet_img, suv_info, _, _ = load_pet(pet, pet_is_suv=declared, suv_mode=suv_mode)
-    else:
-        case = load_case(ct, pet, pet_is_suv=declared, suv_mode=suv_mode)
-        ct_img, pet_img, suv_info = case.ct, case.pet, case.suv
-        from_dicom = Path(ct).is_dir() or Path(pet).is_dir()
-        sources = {k: str(v) for k, v in (("ct", ct), ("pet", pet)) if Path(v).is_dir()}
-    ct_img = sitk.Cast(ct_img, sitk.sitkFloat32) if ct_img.GetPixelID() != sitk.sitkFloat32 else ct_img
-    pet_img = sitk.Cast(pet_img, sitk.sitkFloat32) if pet_img.GetPixelID() != sitk.sitkFloat32 else pet_img
+    report(0.0, "loading and checking images")
+    checked = check_case(ct, pet, anatomy=anatomy, pet_is_suv=pet_is_suv, suv_mode=suv_mode, atlases=atlases,
+                         mapping=station_mapping is None)
+    ct_img, pet_img, suv_info = checked.ct, checked.pet, checked.suv
+    from_dicom, sources = checked.from_dicom, checked.dicom_sources
     timings["load"] = time.perf_counter() - t0
     check_cancel()
 
-    # 2. anatomy and station mapping
+    # 2. the model, loaded and verified before the anatomy and the station mapping
+    t0 = time.perf_counter()
+    net, manifest, model_path = check_model(model, device=dev, parameter="model")
+    thr = float(threshold if threshold is not None else manifest.get("threshold", 0.5))
+    timings["model"] = time.perf_counter() - t0
+    check_cancel()
+
+    # 3. anatomy and station mapping
     if station_mapping is None:
         t0 = time.perf_counter()
         report(0.1, "anatomy")
-        anat_img = _anatomy(anatomy, ct, ct_img, dev)
+        anat_img = checked.anatomy if checked.anatomy is not None else _anatomy(anatomy, ct, ct_img, dev)
         timings["anatomy"] = time.perf_counter() - t0
         check_pet_covers(pet_img, mediastinal_crop(anat_img, clip_to=ct_img))
         check_cancel()
@@ -133,6 +122,9 @@ def assess_case(
 
         t0 = time.perf_counter()
         atlas_set = resolve_atlas_set(atlases)
+        if checked.anatomy is None:  # a TotalSegmentator label map: the estimate again with its registration box
+            check_memory(estimate_memory(ct_img, pet_img, anatomy=anat_img, atlases=atlas_set),
+                         f"CT {ct if not isinstance(ct, sitk.Image) else 'image'}")
         station_mapping = map_stations(ct_img, anat_img, atlas_set, device=dev.torch,
                                        progress=progress_part(progress, 0.2, 0.7))
         timings["mapping"] = time.perf_counter() - t0
@@ -144,26 +136,19 @@ def assess_case(
     if "mapping" not in timings:  # a mapping given by the caller: the PET must cover its stations
         check_pet_covers(pet_img, mediastinal_crop(stations=station_map, margin_mm=0.0))
 
-    # 3. classifier
+    # 4. classifier
     t0 = time.perf_counter()
     report(0.75, "classifying stations")
-    from ..classifier.checkpoint import file_sha256, load_model
-    from ..classifier.predict import predict_case
-
-    model_path = Path(model) if model else demo_model_path()
-    if not model_path.is_file():
-        raise InputError(f"model {model_path} does not exist; pass a checkpoint (--model) made by "
-                              "`lnstaging train`")
-    net, manifest = load_model(model_path, device=dev.torch)
-    thr = float(threshold if threshold is not None else manifest.get("threshold", 0.5))
+    from ..classifier.checkpoint import file_sha256
     from ..classifier.patches import StationSampler
+    from ..classifier.predict import predict_case
 
     sampler = StationSampler.from_sparse_maps(station_mapping.weight_maps)
     pred = predict_case(net, ct_img, pet_img, sampler, threshold=thr, tta=tta, seed=seed)
     timings["classification"] = time.perf_counter() - t0
     check_cancel()
 
-    # 4. SUV figures and the result
+    # 5. SUV figures and the result
     t0 = time.perf_counter()
     stats = station_suv_stats(pet_img, station_map)
     timings["suv_stats"] = time.perf_counter() - t0
@@ -180,15 +165,19 @@ def assess_case(
         agreement=agreement, centre_mm=centres,
     )
     for st in result.stations:
-        flag = station_mapping.flags.get(st.name)
-        if flag and flag != "ok":
-            st.flags.append(f"mapping:{flag}")
+        flag = station_mapping.flags.get(st.name) or "ok"
+        st.flags.extend(f"mapping:{f}" for f in flag.split(",") if f and f != "ok")
         if not st.present:
             result.warnings.append(f"station {st.name} was not found by the station mapping")
-    result.model = {"path": str(model_path), "sha256": file_sha256(model_path),
+    result.warnings.extend(getattr(station_mapping, "warnings", []))
+    model_sha = file_sha256(model_path)
+    demo_model = model_sha == file_sha256(demo_model_path()) if demo_model_path().is_file() else False
+    synthetic = getattr(station_mapping, "atlas_set", {}).get("synthetic", getattr(atlases, "synthetic", None))
+    result.set_provenance(synthetic, demo_model)
+    result.model = {"path": str(model_path), "sha256": model_sha,
                     "kind": manifest.get("kind"), "strategy": manifest.get("strategy"),
                     "threshold": thr, "tta": tta}
-    result.atlases = atlas_info
+    result.atlases = {**atlas_info, "synthetic": synthetic}
     result.inputs = {"ct": str(ct) if not isinstance(ct, sitk.Image) else "<image>",
                      "pet": str(pet) if not isinstance(pet, sitk.Image) else "<image>",
                      "anatomy": str(anatomy) if isinstance(anatomy, (str, Path)) else

@@ -41,11 +41,15 @@ def run_demo(out_dir: str | Path = "demo-out", *, seed: int = DEMO_SEED, size: s
     """Generate a phantom patient into OUT/patient and assess it into OUT/assessment."""
     import json
 
+    from ..io.files import check_output
     from ..phantom import build_demo_atlas_set, generate_patient, write_patient
+    from ..preflight.parameters import check_device, check_model
     from .assess import assess_case
 
     report = reporter(progress)
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, folder=True, parameter="out_dir")
+    device = check_device(device, "device")
+    check_model(model, parameter="model")  # before the phantom and the atlas set are made
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     report(0.0, f"generating phantom patient (seed {seed}, {size})")

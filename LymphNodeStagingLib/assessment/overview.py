@@ -1,5 +1,10 @@
 """PNG overview of an assessment: CT with PET and the stations coloured by malignancy probability, a legend, the
-station table and the N-stage. Axial views in radiological convention (patient right on the viewer's left)."""
+station table and the N-stage. Axial views in radiological convention (patient right on the viewer's left).
+
+A result computed with the synthetic demo atlases or the demo model gets a red banner across the top
+(``CaseResult.demo_banner``); stations the station mapping flagged are marked "!" in the table (orange) and the
+mapping warnings are listed under the pictures.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,30 @@ def _index_of(grid: sitk.Image, point_mm) -> tuple[int, int, int] | None:
         return None
     idx = grid.TransformPhysicalPointToIndex(tuple(float(v) for v in point_mm))
     return tuple(int(np.clip(i, 0, s - 1)) for i, s in zip(idx, grid.GetSize(), strict=True))
+
+
+#: Colours of the demo banner and of the mapping warnings.
+BANNER_FACE, BANNER_TEXT, FLAG_FACE = "#c62828", "white", "#ffb74d"
+
+
+def banner_text(result: CaseResult) -> str | None:
+    """The text of the demo banner (two lines), None for a result without demo provenance."""
+    if not result.demo_banner:
+        return None
+    statement = result.provenance.get("statement") or "computed with synthetic demo data: not valid for patients"
+    head, _, advice = statement.partition("; ")
+    return head.upper() + (f"\n{advice[:1].upper()}{advice[1:]}" if advice else "")
+
+
+def mapping_notes(result: CaseResult) -> list[str]:
+    """One line per station-mapping flag naming its stations, e.g. "low_agreement: 4R, 7" (the stations the table
+    marks with "!")."""
+    by_flag: dict[str, list[str]] = {}
+    for s in result.stations:
+        for f in s.flags:
+            if f.startswith("mapping:"):
+                by_flag.setdefault(f.split(":", 1)[1], []).append(s.name)
+    return [f"{flag}: {', '.join(names)}" for flag, names in by_flag.items()]
 
 
 def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, result: CaseResult,
@@ -127,8 +156,10 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
     ax = fig.add_subplot(gs[:, 3])
     ax.axis("off")
     rows = [["station", "p", "status", "SUVmax", "agree"]]
+    flagged = {s.name for s in result.stations if any(f.startswith("mapping:") for f in s.flags)}
     for s in result.stations:
-        rows.append([s.name, "-" if s.probability is None else f"{s.probability:.2f}", s.status + (" *" if s.override
+        rows.append([s.name + (" !" if s.name in flagged else ""),
+                     "-" if s.probability is None else f"{s.probability:.2f}", s.status + (" *" if s.override
                      else ""), "-" if s.suv_max is None else f"{s.suv_max:.1f}",
                      "-" if s.agreement is None else f"{s.agreement:.2f}"])
     table = ax.table(cellText=rows, loc="upper center", cellLoc="center", colWidths=[0.16, 0.14, 0.3, 0.18, 0.16])
@@ -140,13 +171,30 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
             table[i, 1].set_facecolor((*cmap(norm(s.probability))[:3], 0.6))
         if s.status == POSITIVE:
             table[i, 2].set_text_props(color="darkred", fontweight="bold")
+        if s.name in flagged:
+            for j in (0, 4):
+                table[i, j].set_facecolor(FLAG_FACE)
     sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
     cbar = fig.colorbar(sm, ax=ax, orientation="horizontal", fraction=0.04, pad=0.02, aspect=30)
     cbar.set_label(f"malignancy probability (threshold {result.threshold:.2f})\ngrey: station not found")
     deciding = ", ".join(result.deciding_stations) or "none"
+    banner = banner_text(result)
+    top = 0.95 if banner is None else 0.88
     fig.suptitle(f"{result.case_id}: {result.n_stage} (TNM9 {result.tnm9}) - {result.rules} rules, tumour side "
-                 f"{result.side}; deciding stations: {deciding}", fontsize=13, fontweight="bold")
-    fig.text(0.01, 0.005, "Red outline: positive station. PET (hot, SUV 1-8) over CT. Research software, not a "
-             "medical device.", fontsize=8)
-    fig.tight_layout(rect=(0, 0.02, 1, 0.95))
+                 f"{result.side}; deciding stations: {deciding}", fontsize=13, fontweight="bold",
+                 y=0.985 if banner is None else top + 0.03)
+    notes = mapping_notes(result)
+    footer = ["! station map implausible or repaired, check these stations:"] + [f"    {n}" for n in notes] if notes \
+        else []
+    footer.append("Red outline: positive station. PET (hot, SUV 1-8) over CT. Research software, not a medical "
+                  "device.")
+    fig.text(0.01, 0.005, "\n".join(footer), fontsize=8, color="black", linespacing=1.4)
+    bottom = 0.02 + 0.022 * (len(footer) - 1)
+    if banner is not None:
+        # full-width red band above everything else: the first thing a reader sees
+        fig.patches.append(plt.Rectangle((0, 0.93), 1, 0.07, transform=fig.transFigure, facecolor=BANNER_FACE,
+                                         edgecolor="none", zorder=10))
+        fig.text(0.5, 0.965, banner, ha="center", va="center", fontsize=12, fontweight="bold", color=BANNER_TEXT,
+                 zorder=11, linespacing=1.3)
+    fig.tight_layout(rect=(0, bottom, 1, top), h_pad=2.0)
     return write_figure(fig, path)

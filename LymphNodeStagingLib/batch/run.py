@@ -223,6 +223,7 @@ class _CaseRun:
         self.opt = task.options
         self.cache = CaseCache(task.case_dir)
         self.ct_is_dicom = bool(self.row["ct_path"]) and Path(self.row["ct_path"]).is_dir()
+        self.checked = None  # preflight.CheckedCase: the row's inputs, checked and loaded before the first step
 
     # ----- cached inputs of later steps
     def ct_file(self) -> Path:
@@ -251,8 +252,11 @@ class _CaseRun:
         from ..suv.inputs import load_case
 
         spec = self.task.spec("suv")
-        case = load_case(self.row["ct_path"], self.row["pet_path"], pet_is_suv=spec.params["pet_is_suv"],
-                         suv_mode=spec.params["suv_mode"])
+        if self.checked is not None:  # loaded by the preflight with the same declaration and SUV mode
+            case = self.checked.case
+        else:
+            case = load_case(self.row["ct_path"], self.row["pet_path"], pet_is_suv=spec.params["pet_is_suv"],
+                             suv_mode=spec.params["suv_mode"])
         write_image(case.pet, out / "pet_suv.nii.gz")
         if self.ct_is_dicom:
             write_image(case.ct, out / "ct.nii.gz")
@@ -308,6 +312,18 @@ class _CaseRun:
                         station_mapping=read_station_mapping(self.cache.step_dir("stations")))
         return {"n_stage": a.result.n_stage}
 
+    def preflight(self) -> None:
+        """Check the row's input files (complete, finite, CT in HU, PET in SUV, grids, memory) before its first step
+        reads them; the suv step uses the images loaded here. Steps that only read cached files need no check."""
+        from ..preflight.case import check_row
+
+        todo = [s for s in self.opt.steps if s != "assess" and self.cache.lookup(self.task.spec(s)) is None]
+        if not todo:
+            return
+        spec = self.task.spec("suv")
+        self.checked = check_row(self.row, pet_is_suv=spec.params["pet_is_suv"], suv_mode=spec.params["suv_mode"],
+                                 atlases=self.opt.atlases, mapping="stations" in todo)
+
     def run(self) -> dict:
         """Run or reuse every step; write and return the case manifest (status ok or failed)."""
         from ..io.files import peak_memory_mb
@@ -318,7 +334,16 @@ class _CaseRun:
         work = {"suv": self.suv, "anatomy": self.anatomy_step, "stations": self.stations, "assess": self.assess}
         steps: dict[str, dict] = {}
         error = None
-        for step in self.opt.steps:
+        t0 = time.perf_counter()
+        try:
+            self.preflight()
+        except LNSError as exc:  # a file that cannot be used: the case fails at its first step, naming the file
+            first = self.opt.steps[0]
+            error = {"step": first, "type": type(exc).__name__, "message": str(exc).strip(), "traceback": ""}
+            steps[first] = {"key": self.task.spec(first).key, "cached": False,
+                            "seconds": round(time.perf_counter() - t0, 3)}
+            log.warning("case %s: inputs refused: %s", self.task.scan_id, error["message"])
+        for step in self.opt.steps if error is None else ():
             spec = self.task.spec(step)
             t0 = time.perf_counter()
             try:
@@ -330,6 +355,8 @@ class _CaseRun:
                 log.warning("case %s: step %s failed: %s", self.task.scan_id, step, error["message"])
                 break
             steps[step] = {"key": rec.key, "cached": cached, "seconds": rec.seconds, "info": rec.info}
+            if step == "suv":
+                self.checked = None  # later steps read the cached files
         manifest = {
             "scan_id": self.task.scan_id, "row": self.row, "status": FAILED if error else OK,
             "steps_requested": self.opt.steps, "keys": self.task.keys, "steps": steps, "error": error,
@@ -485,13 +512,17 @@ def run_batch(
     and after every case.
     """
     from ..cohort.table import read_cohort
-    from ..staging.rules import load_rules
+    from ..io.files import check_output
+    from ..preflight.parameters import check_model, check_rules
 
     t_start = time.perf_counter()
     report = reporter(progress)
     step_list = parse_steps(steps)
     tdev = parse_device(device).torch
-    load_rules(rules)  # fails early for an unknown rule set
+    check_rules(rules, "rules")  # fails early for an unknown rule set
+    check_output(out_dir, folder=True, parameter="out_dir")
+    if not Path(cohort_csv).is_file():
+        raise InputError(f"cohort file {cohort_csv} does not exist")
     if workers < 0:
         raise UsageError(f"workers {workers}: expected 0 (in this process) or more")
     if threads_per_worker is None:
@@ -520,6 +551,7 @@ def run_batch(
         if not model_file.is_file():
             raise UsageError(f"model {model_file} does not exist; pass a checkpoint made by `lnstaging train` "
                              "(--model), or run only --steps suv,anatomy,stations")
+        check_model(model_file, parameter="model")  # loaded and verified before any case
         model_used = str(model_file.resolve())
         model_fp = fingerprint(model_file)  # the bundled model too: a new bundled model recomputes assess
     opts = BatchOptions(steps=step_list, device=tdev, model=model_used if model else None, atlases=atlas_path,

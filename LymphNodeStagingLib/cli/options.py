@@ -2,7 +2,8 @@
 
 ``--out``, ``--device``, ``--threads``, ``--rules``, ``--atlases``, ``--model``, ``--pet-is-suv`` and ``--json``
 are added by the helpers below; their values are checked while the command line is parsed (an invalid value is a
-usage error, exit 2, before any work starts). :func:`apply_runtime` applies ``--threads``.
+usage error, exit 2, before any work starts), as are options typed :func:`probability` or :func:`count`.
+:func:`check_out` checks the --out folder before any work; :func:`apply_runtime` applies ``--threads``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..io.files import check_output
+from ..preflight.parameters import check_threshold
 from ..runtime import DEVICE_CHOICES, Device, ProgressCallback, limit_threads, parse_device
 from ..staging.rules import DEFAULT_RULES, available_rule_sets
+from ..suv import SUV_MODES
 
 PET_IS_SUV_HELP = ("whether the PET holds SUV already: declared (default: a cohort's pet_is_suv column decides; a "
                    "DICOM PET is converted from its header, an undeclared PET image file is refused), yes (a bare "
@@ -38,6 +42,25 @@ def _threads(value: str) -> int:
     return n
 
 
+def probability(value: str) -> float:
+    """An argparse type: a probability in [0, 1] (e.g. --threshold)."""
+    try:
+        return check_threshold(value, "")
+    except UsageError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a probability between 0 and 1") from None
+
+
+def count(value: str) -> int:
+    """An argparse type: a whole number, 0 or more (e.g. --tta)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number, 0 or more")
+    return n
+
+
 def _rules(value: str) -> str:
     if value in available_rule_sets() or (value.endswith(".json") and Path(value).is_file()):
         return value
@@ -45,10 +68,29 @@ def _rules(value: str) -> str:
                                      "rule set .json file")
 
 
+def _side(value: str) -> str:
+    from ..staging.rules import parse_side
+
+    try:
+        return parse_side(value, "side")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("side ")) from None
+
+
+def add_side(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--side", required=True, type=_side, metavar="R|L",
+                   help="side of the primary tumour: R or L (right, left)")
+
+
 def add_out(p: argparse.ArgumentParser, *, required: bool = True, default: str | None = None,
             help: str = "output folder") -> None:
     p.add_argument("--out", required=required and default is None, default=default, metavar="DIR",
                    help=help if default is None else f"{help} (default {default})")
+
+
+def check_out(args: argparse.Namespace) -> Path:
+    """The --out folder of :func:`add_out`, checked writable before any work (InputError naming --out)."""
+    return check_output(args.out, folder=True, parameter="--out")
 
 
 def add_out_file(p: argparse.ArgumentParser, example: str) -> None:
@@ -92,6 +134,12 @@ def add_map_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="station-map store shared by batch, train and evaluate: a case mapped once with the same CT, "
                         "anatomy and atlas set is not registered again (default: $LNSTAGING_CACHE/station-maps)")
+
+
+def add_suv_mode(p: argparse.ArgumentParser, flag: str = "--suv-mode") -> None:
+    p.add_argument(flag, default="qiba", choices=SUV_MODES,
+                   help="SUV conversion of a DICOM PET: qiba (default, vendor-neutral QIBA/IBSI) or gatidis (the autoPET "
+                        "conversion, for comparisons)")
 
 
 def add_model(p: argparse.ArgumentParser, help: str = "classifier checkpoint (default: the bundled demo model)") -> None:

@@ -475,13 +475,14 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
                    progress: ProgressCallback | None = None) -> EvaluationRun:
     """Cross-validate the configured methods on a cohort and write the report (see the module docstring)."""
     from ..cohort.splits import load_or_make_split, patients_from_rows
+    from ..io.files import check_output
     from ..mapping.atlas import resolve_atlas_set
     from .metrics import evaluate_method
     from .stat_tests import compare_methods
 
     t_start = time.perf_counter()
     config = config or EvaluationConfig()
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, folder=True, parameter="out_dir")
     report = reporter(progress)
     rows = _staged_rows(cohort_csv, config.rules)
     specs = method_specs(config)
@@ -557,12 +558,15 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
                    config: EvaluationConfig | None = None, *, atlases=None, cache_dir: str | Path | None = None,
                    progress: ProgressCallback | None = None) -> EvaluationRun:
     """Test a trained model (e.g. the bundled one) on a whole cohort: every scan is a test scan (one 'fold')."""
+    from ..io.files import check_output
     from ..mapping.atlas import resolve_atlas_set
+    from ..preflight.parameters import check_model
     from .metrics import evaluate_method
 
     t_start = time.perf_counter()
     config = config or EvaluationConfig(folds=1)
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, folder=True, parameter="out_dir")
+    check_model(model, parameter="model")  # loaded and verified before any scan is prepared
     report = reporter(progress)
     rows = _staged_rows(cohort_csv, config.rules)
     atlas_set = resolve_atlas_set(atlases)

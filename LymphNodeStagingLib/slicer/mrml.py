@@ -9,6 +9,9 @@ What it builds for one case (``show_result``):
 * a table node (one row per station), a text node with the N-stage report, and the N-stage, TNM 9 category, rule
   set and deciding stations as attributes of the segmentation node (the full result JSON too, so that a saved scene
   can be re-staged after reloading);
+* for a result computed with the synthetic demo atlases or the demo model: the demo banner as the first line of the
+  report, as an attribute of the result nodes (``ATTR_PROVENANCE``) and in the colour legend's title, so that it
+  shows in every view;
 * all of it in one subject-hierarchy folder next to the CT volume.
 
 ``update_result`` re-stages in place (colours do not change: probabilities are fixed; statuses, tags, table, text
@@ -48,6 +51,7 @@ ATTR_SIDE = PREFIX + "TumourSide"
 ATTR_THRESHOLD = PREFIX + "Threshold"
 ATTR_CASE = PREFIX + "CaseId"
 ATTR_RESULT = PREFIX + "ResultJSON"
+ATTR_PROVENANCE = PREFIX + "Provenance"  # the demo statement; "" for a result without demo provenance
 TAG_STATION = PREFIX + "Station"
 TAG_PROBABILITY = PREFIX + "Probability"
 TAG_STATUS = PREFIX + "Status"
@@ -57,6 +61,10 @@ TAG_SUV_PEAK = PREFIX + "SUVpeak"
 TAG_AGREEMENT = PREFIX + "Agreement"
 
 COLOR_MAP_NAME = "LymphNodeStaging probability"
+LEGEND_TITLE = "Malignancy probability"
+#: Second line of the legend title for a result with demo provenance (the views show it next to the colour bar).
+LEGEND_DEMO_LINE = "DEMO - not for patients"
+LEGEND_DEMO_COLOR = (1.0, 0.3, 0.25)
 #: Column names of the station table (the names stay English: scripts read columns by name; the titles shown in
 #: the table view can be translated, see ``set_column_titles``).
 TABLE_COLUMNS = ("Station", "Probability", "Status", "Override", "SUVmax", "SUVpeak", "Agreement", "Group")
@@ -224,7 +232,7 @@ def _add_legend(scene, seg_node, color_node):
     display.SetScalarRange(0.0, 1.0)
     legend = scene.AddNewNodeByClass("vtkMRMLColorLegendDisplayNode", f"{seg_node.GetName()} legend")
     legend.SetAndObserveColorNodeID(color_node.GetID())
-    legend.SetTitleText("Malignancy probability")
+    legend.SetTitleText(LEGEND_TITLE)
     legend.SetLabelFormat("%.2f")  # 5 labels: 0, 0.25, 0.5, 0.75, 1
     legend.SetNumberOfLabels(5)
     legend.SetUseColorNamesForLabels(False)
@@ -361,6 +369,7 @@ def update_result(nodes: ResultNodes, result: CaseResult) -> None:
             ATTR_CASE: result.case_id, ATTR_N_STAGE: result.n_stage, ATTR_TNM9: result.tnm9,
             ATTR_DECIDING: ";".join(result.deciding_stations), ATTR_RULES: result.rules, ATTR_SIDE: result.side,
             ATTR_THRESHOLD: f"{result.threshold:.3f}", ATTR_RESULT: json.dumps(result.to_dict(), default=str),
+            ATTR_PROVENANCE: demo_statement(result),
         }
         for key, value in attrs.items():
             seg.SetAttribute(key, value)
@@ -374,6 +383,28 @@ def update_result(nodes: ResultNodes, result: CaseResult) -> None:
     for node in (nodes.table, nodes.text):
         node.SetAttribute(ATTR_N_STAGE, result.n_stage)
         node.SetAttribute(ATTR_TNM9, result.tnm9)
+        node.SetAttribute(ATTR_PROVENANCE, demo_statement(result))
+    if nodes.legend is not None:
+        _set_legend_title(nodes.legend, bool(result.demo_banner))
+
+
+def _set_legend_title(legend, demo: bool) -> None:
+    """The legend's title: with a second line in red for a demo result, which every view then shows."""
+    title = LEGEND_TITLE + (f"\n{LEGEND_DEMO_LINE}" if demo else "")
+    color = LEGEND_DEMO_COLOR if demo else (1.0, 1.0, 1.0)
+    prop = legend.GetTitleTextProperty()
+    if legend.GetTitleText() == title and tuple(prop.GetColor()) == color:
+        return
+    legend.SetTitleText(title)
+    prop.SetColor(*color)
+    prop.SetBold(demo)
+    legend.Modified()
+
+
+def demo_statement(result: CaseResult) -> str:
+    """The demo provenance statement of a result ("" when it was computed with neither the synthetic demo atlases
+    nor the demo model)."""
+    return str(result.provenance.get("statement") or "") if result.demo_banner else ""
 
 
 class _modify:
@@ -433,8 +464,10 @@ def set_column_titles(table_node, titles: dict[str, str]) -> None:
 
 
 def report_text(result: CaseResult) -> str:
-    """Plain-text report: N-stage, TNM 9, deciding stations, rule set, threshold, positive and overridden stations."""
-    lines = [
+    """Plain-text report: N-stage, TNM 9, deciding stations, rule set, threshold, positive and overridden stations,
+    the warnings; a result computed with the synthetic demo atlases or the demo model starts with the demo banner."""
+    lines = [result.demo_banner] if result.demo_banner else []
+    lines += [
         f"Case {result.case_id}: {result.n_stage} (TNM 9: {result.tnm9})",
         f"Deciding stations: {', '.join(result.deciding_stations) or 'none'}",
         f"Rule set: {result.rules}; tumour side: {result.side}; probability threshold: {result.threshold:.2f}",
@@ -445,6 +478,11 @@ def report_text(result: CaseResult) -> str:
         lines.append(f"Reader overrides: {', '.join(overridden)}")
     if result.explanation:
         lines.append(result.explanation)
+    demo = demo_statement(result)
+    warnings = [w for w in result.warnings if w != demo]
+    if warnings:
+        lines.append("Warnings:")
+        lines.extend(f"- {w}" for w in warnings)
     lines.append("Not a medical device; results must be reviewed by a qualified physician.")
     return "\n".join(lines)
 
@@ -563,6 +601,6 @@ def _safe(text: str) -> str:
 __all__ = [
     "InputError", "ResultNodes", "export_result", "find_result_nodes", "ijk_to_ras",
     "image_from_volume_node", "jump_to_station", "load_segmentation", "probability_color", "probability_color_node",
-    "report_text", "result_from_node", "save_segmentation", "set_column_titles", "show_pet_over_ct", "show_result",
+    "demo_statement", "report_text", "result_from_node", "save_segmentation", "set_column_titles", "show_pet_over_ct", "show_result",
     "station_center_ras", "station_terminology", "update_result", "volume_node_from_image",
 ]

@@ -23,6 +23,36 @@ POSITIVE, NEGATIVE, ABSENT = "positive", "negative", "absent"
 RESULT_FORMAT = "lnstaging-case-result"
 RESULT_FORMAT_VERSION = 1
 
+#: Provenance values: the atlas set (``AtlasSet.synthetic`` of its manifest) and the classifier.
+SYNTHETIC_ATLASES, USER_ATLASES, UNKNOWN_ATLASES = "synthetic-demo", "user", "unknown"
+DEMO_MODEL, USER_MODEL = "demo", "user"
+_ATLAS_ADVICE = "an atlas set such as the Lynch et al. atlases"
+_MODEL_ADVICE = "a model trained on clinical data"
+
+
+def make_provenance(synthetic_atlases: bool | None, demo_model: bool) -> dict[str, Any]:
+    """What the result was computed with, and whether that makes it invalid for patients.
+
+    ``synthetic_atlases``: the atlas set's manifest says "synthetic" (None: not known, e.g. a station map read from
+    files of an older version); ``demo_model``: the bundled demo classifier (trained on phantoms only) was used.
+    """
+    atlases = {True: SYNTHETIC_ATLASES, False: USER_ATLASES, None: UNKNOWN_ATLASES}[synthetic_atlases]
+    model = DEMO_MODEL if demo_model else USER_MODEL
+    demo = bool(synthetic_atlases) or demo_model
+    out: dict[str, Any] = {"atlases": atlases, "model": model, "demo": demo}
+    if not demo:
+        return out
+    if synthetic_atlases and demo_model:
+        statement = ("synthetic demo atlases and model: station positions and probabilities are not valid for "
+                     f"patients; supply {_ATLAS_ADVICE} and {_MODEL_ADVICE}")
+    elif synthetic_atlases:
+        statement = ("synthetic demo atlases: station positions, and so the probabilities, are not valid for "
+                     f"patients; supply {_ATLAS_ADVICE}")
+    else:
+        statement = ("demo model (trained on synthetic phantoms only): probabilities are not valid for patients; "
+                     f"supply {_MODEL_ADVICE}")
+    return {**out, "valid_for_patients": False, "statement": statement}
+
 
 @dataclass
 class StationResult:
@@ -70,9 +100,26 @@ class CaseResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     version: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)  # make_provenance: synthetic atlases, demo model
 
     def __post_init__(self) -> None:
         self.side = parse_side(self.side)
+
+    @property
+    def demo_banner(self) -> str | None:
+        """One line in capitals when the result was computed with the synthetic demo atlases and/or the demo model
+        (None otherwise): what the table, the overview and the Slicer module show first."""
+        if not self.provenance.get("demo"):
+            return None
+        statement = self.provenance.get("statement") or "computed with synthetic demo data: not valid for patients"
+        return f"*** {statement.upper()} ***"
+
+    def set_provenance(self, synthetic_atlases: bool | None, demo_model: bool) -> None:
+        """Record the provenance (make_provenance); a demo one also puts its statement first in ``warnings``."""
+        self.provenance = make_provenance(synthetic_atlases, demo_model)
+        statement = self.provenance.get("statement")
+        if statement and statement not in self.warnings:
+            self.warnings.insert(0, statement)
 
     # ----- staging -------------------------------------------------------------------------------------------
     def station(self, name: str) -> StationResult:
@@ -180,19 +227,32 @@ class CaseResult:
         return buf.getvalue()
 
     def text_table(self, truth: list[str] | None = None) -> str:
-        """The station table as aligned text (present stations; with ``truth``, a column marking true positives)."""
+        """The station table as aligned text (every station; with ``truth``, a column marking true positives).
+
+        A result computed with the synthetic demo atlases or the demo model starts with ``demo_banner``; stations
+        with station-mapping flags get a "mapping" column.
+        """
         def f(v: float | None, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
 
+        mapping = {st.name: ",".join(fl.split(":", 1)[1] for fl in st.flags if fl.startswith("mapping:"))
+                   for st in self.stations}
         head = f"{'station':8s} {'p':>6s} {'status':9s} {'SUVmax':>7s} {'SUVpeak':>7s} {'agree':>6s}"
-        lines = [head + ("  truth" if truth is not None else "")]
+        if truth is not None:
+            head += f"  {'truth':9s}"
+        if any(mapping.values()):
+            head += "  mapping"
+        lines = [self.demo_banner] if self.demo_banner else []
+        lines.append(head.rstrip())
         true_set = set(truth or [])
         for st in self.stations:
             line = (f"{st.name:8s} {f(st.probability, '6.3f')} {st.status:9s} {f(st.suv_max, '7.2f')} "
                     f"{f(st.suv_peak, '7.2f')} {f(st.agreement, '6.2f')}")
             if truth is not None:
-                line += "  malignant" if st.name in true_set else ""
-            lines.append(line)
+                line += f"  {'malignant' if st.name in true_set else '':9s}"
+            if mapping[st.name]:
+                line += f"  {mapping[st.name]}"
+            lines.append(line.rstrip())
         return "\n".join(lines)
 
     def write_csv(self, path: str | Path) -> Path:

@@ -32,10 +32,10 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..io.dicom_series import DicomSeries, find_series, reason
+from . import SUV_MODES
 
 log = logging.getLogger(__name__)
 
-SUV_MODES = ("qiba", "gatidis")
 F18_HALF_LIFE_S = 6586.2
 #: RadionuclideCodeSequence code values (SRT) -> half-life in s, used only when RadionuclideHalfLife is absent.
 HALF_LIFE_BY_CODE = {"C-111A1": 6586.2, "C-131A1": 4057.7}

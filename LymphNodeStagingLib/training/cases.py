@@ -33,42 +33,30 @@ class PreparedCase:
     from_cache: bool
 
 
-def load_images(row: CohortRow, pet_is_suv: bool | str | None = None) -> tuple[sitk.Image, sitk.Image]:
-    """CT and SUV PET of a cohort row; ``pet_is_suv`` is the command's --pet-is-suv (see
-    :func:`~LymphNodeStagingLib.suv.inputs.decide_pet_is_suv`: the row's column decides first)."""
-    from ..suv.inputs import decide_pet_is_suv, load_case, parse_pet_is_suv
-
-    if row.ct_path is None or row.pet_path is None:
-        raise InputError(f"line {row.line}: ct_path and pet_path are required")
-    declared = decide_pet_is_suv(row.pet_path, column=row.pet_is_suv, flag=parse_pet_is_suv(pet_is_suv),
-                                 where=f"line {row.line} ({row.scan_id})")
-    case = load_case(row.ct_path, row.pet_path, pet_is_suv=declared)
-    return case.ct, case.pet
-
-
 def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path | None = None, *, device: str = "cpu",
                  pet_is_suv: bool | str | None = None) -> PreparedCase:
-    """Images, station map and sampler of one cohort row. The station map comes from the shared station-map store
-    (``cache_dir``, default the user cache's, the one ``lnstaging batch`` fills) when this CT, anatomy and atlas set
-    were mapped before; otherwise it is registered and filed there."""
+    """Images, station map and sampler of one cohort row. The inputs are checked first (files complete, values,
+    grids, and the memory estimate when the row must be mapped). The station map comes from the shared station-map
+    store (``cache_dir``, default the user cache's, the one ``lnstaging batch`` fills) when this CT, anatomy and
+    atlas set were mapped before; otherwise it is registered and filed there."""
     from ..classifier.patches import StationSampler
     from ..mapping.station_mapping import map_stations
     from ..mapping.store import StationMapStore, atlas_set_identity, station_map_key
+    from ..preflight.case import check_row, row_where
 
-    ct, pet = load_images(row, pet_is_suv)
     if row.anatomy_path is None:
-        raise InputError(f"line {row.line} ({row.scan_id}): anatomy_path is needed for training and evaluation "
+        raise InputError(f"{row_where(row)}: anatomy_path is needed for training and evaluation "
                          "(run `lnstaging anatomy` or `lnstaging batch --steps anatomy` first)")
     store = StationMapStore(cache_dir)
     key = station_map_key(row.ct_path, row.anatomy_path,
                           atlas_set_identity(atlas_set.root, [a.id for a in atlas_set.atlases]))
     mapping = store.get(key)
     from_cache = mapping is not None
+    checked = check_row(row, pet_is_suv=pet_is_suv, atlases=atlas_set, read_anatomy=not from_cache,
+                        mapping=not from_cache)
+    ct, pet = checked.ct, checked.pet
     if mapping is None:
-        from ..anatomy.vocabulary import load_anatomy
-
-        anatomy = load_anatomy(row.anatomy_path, reference=ct)
-        mapping = map_stations(ct, anatomy, atlas_set, device=device)
+        mapping = map_stations(ct, checked.anatomy, atlas_set, device=device)
         store.put(key, mapping)
     return PreparedCase(row, ct, pet, mapping.label_image(), mapping.votes.astype(np.float32) / mapping.n_atlases,
                         StationSampler.from_sparse_maps(mapping.weight_maps), from_cache)

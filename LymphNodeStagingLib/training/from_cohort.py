@@ -37,11 +37,17 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
                       cache_dir: str | Path | None = None, progress: ProgressCallback | None = None):
     """Train one strategy on a cohort CSV; returns training.TrainingResult."""
     from ..classifier.model import ModelConfig
+    from ..io.files import check_output
     from ..mapping.atlas import resolve_atlas_set
+    from ..preflight.parameters import check_model, check_rules
     from .loops import TrainConfig, train
     from .losses import LossWeights
 
     device = parse_device(device).torch
+    check_rules(rules, "rules")
+    check_output(out_dir, folder=True, parameter="out_dir")
+    if init is not None:
+        check_model(init, parameter="init")  # loaded and verified before any case is prepared
     cohort = read_cohort(cohort_csv).require_valid()
     rows = cohort.usable_rows()
     train_rows, val_rows = split_rows(rows, val_fraction, seed)

@@ -99,6 +99,8 @@ def test_reference_labels_from_truth_columns(tiny_cohort):
 def tiny_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort")
     assert main(["phantom", "--out", str(out), "--patients", "8", "--seed", "3"]) == 0
+    assert main(["phantom", "--out", str(out / "atlases"), "--atlas", "--patients", "3", "--seed", "8",
+                 "--size", "small"]) == 0
     return out / "cohort.csv"
 
 
@@ -106,7 +108,7 @@ def test_two_fold_evaluation_end_to_end(tiny_cohort, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["evaluate", str(tiny_cohort), "--out", str(out), "--folds", "2", "--strategy", "ts1,ts2,threshold,lesion",
             "--ablation", "rules", "--small", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8",
-            "--bootstrap", "20", "--permutations", "100", "--json"]
+            "--bootstrap", "20", "--permutations", "100", "--atlases", str(tiny_cohort.parent / "atlases"), "--json"]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["methods"] == ["ts1", "ts2", "threshold", "lesion", "ts1-engelson2026"]
@@ -147,7 +149,7 @@ def test_two_fold_evaluation_end_to_end(tiny_cohort, tmp_path, capsys):
     # testing a trained model on the whole cohort
     model_out = tmp_path / "model-eval"
     assert main(["evaluate", str(tiny_cohort), "--out", str(model_out), "--model",
-                 str(out / "folds" / "fold0" / "ts1" / "best.pt"), "--cache", str(out / "cases"),
+                 str(out / "folds" / "fold0" / "ts1" / "best.pt"), "--atlases", str(tiny_cohort.parent / "atlases"),
                  "--bootstrap", "20", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["methods"] == ["best.pt"] and (model_out / "report.md").is_file()

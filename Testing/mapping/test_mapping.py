@@ -57,6 +57,7 @@ def test_map_stations_on_toy_patient(toy_atlases, toy_patient):
         assert dice(m.labels == lab, truth == lab) > 0.75, name
         assert m.flags[name] == "ok" and 0.5 < m.agreement[name] <= 1.0
     assert m.flags["10R"] == "absent" and np.isnan(m.agreement["10R"])
+    assert m.warnings == [] and m.atlas_set == {"name": "toy", "synthetic": True}  # plausible; provenance kept
     assert m.anatomy_dice["mean"]["mean"] > 0.8
     # node-to-station assignment at the true station centroids
     pts, names = [], []

@@ -25,7 +25,7 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "LymphNodeStaging.ui"
 ANY = None  # any widget class
 #: what a use of ``self.ui.<name>.<member>`` requires of the widget class
 MEMBER_CLASSES: dict[str, set[str] | None] = {
-    "enabled": ANY, "toolTip": ANY, "visible": ANY,
+    "enabled": ANY, "toolTip": ANY, "visible": ANY, "layout": ANY,
     "appendPlainText": {"QPlainTextEdit"},
     "value": {"QProgressBar", "ctkSliderWidget", "QSlider", "QSpinBox", "QDoubleSpinBox"},
     "setFormat": {"QProgressBar"},
@@ -284,6 +284,7 @@ def _widget(module):
              "tnm9Label", "decidingLabel", "thresholdSliderWidget", "stationTableView", "ruleSetComboBox",
              "overrideComboBox")
     widget.ui = SimpleNamespace(**{n: StandinWidget() for n in names})
+    widget.demoBannerLabel, widget.warningsLabel = StandinWidget(), StandinWidget()  # made by setup, not the .ui
     widget.logic = module.LymphNodeStagingLogic()
     widget.logic.logCallback = widget.addLog
     widget._parameterNode = widget.logic.getParameterNode()
@@ -354,6 +355,8 @@ def test_apply_runs_in_a_child_process_polled_by_the_widget_timer(module, phanto
         [titles[c] for c in mrml_columns()]
     assert not widget.ui.cancelButton.enabled and not widget.ui.progressBar.visible
     assert any("TNM 9" in line for line in widget.ui.logTextEdit.lines)
+    # a user model and a station map of unknown atlases: no demo banner
+    assert widget.logic.result.provenance["model"] == "user" and not widget.demoBannerLabel.visible
     # the temporary inputs are removed
     assert not process.slicerContext["workDir"].exists()
 
@@ -385,6 +388,28 @@ def test_a_pet_volume_from_a_file_must_be_declared_suv(module, phantom_files):
     assert logic.checkInputs(ct, pet, petIsSuv=True) == []
     with pytest.raises(ValueError, match="Select a PET volume"):
         logic.checkInputs(ct, None)
+
+
+def test_a_bad_volume_is_refused_before_the_child_starts(module, phantom_files, monkeypatch):
+    """The volumes' images are checked (grid, CT in HU, PET in SUV) before the background assessment starts."""
+    import SimpleITK as sitk
+
+    from LymphNodeStagingLib.assessment import process as process_module
+    from LymphNodeStagingLib.slicer import mrml
+
+    started = []
+    monkeypatch.setattr(process_module.AssessmentProcess, "start", lambda self: started.append(self))
+    logic = module.LymphNodeStagingLogic()
+    ct, pet, _anatomy = _volumes(phantom_files)
+    negative = mrml.volume_node_from_image(headless_slicer.slicer.mrmlScene,
+                                           sitk.ReadImage(phantom_files["pet"]) - 20.0, "negative PET")
+    with pytest.raises(ValueError, match="^PET 'negative PET': .* below -0.5 SUV"):
+        logic.startBackgroundProcess(ct, negative, "R", petIsSuv=True, device="cpu")
+    stored = mrml.volume_node_from_image(headless_slicer.slicer.mrmlScene,
+                                         sitk.ReadImage(phantom_files["ct"]) + 1024, "stored CT")
+    with pytest.raises(ValueError, match="^CT 'stored CT': .*without the rescale to HU"):
+        logic.startBackgroundProcess(stored, pet, "R", petIsSuv=True, device="cpu")
+    assert not started
 
 
 def test_a_pet_volume_from_dicom_gets_suv_from_its_header(module, tmp_path):
@@ -450,6 +475,21 @@ def _shown(module):
     widget.logic.showAssessment(result, stations, ctNode, mrml.volume_node_from_image(scene, pet, "PET"))
     widget.updateResults()
     return widget
+
+
+def test_demo_result_shows_a_banner_and_the_warnings(module):
+    widget = _shown(module)
+    assert not widget.demoBannerLabel.visible and not widget.warningsLabel.visible
+    result = widget.logic.result
+    result.set_provenance(True, True)
+    result.warnings.append("implausible station map: low atlas agreement (below 0.33) at 7 (0.12)")
+    widget.logic.restage(threshold=0.4)  # the re-staged result keeps provenance and warnings
+    widget.updateResults()
+    assert widget.demoBannerLabel.visible and widget.demoBannerLabel.text == result.demo_banner
+    assert widget.demoBannerLabel.text.startswith("*** SYNTHETIC DEMO ATLASES AND MODEL")
+    assert widget.warningsLabel.visible and "at 7 (0.12)" in widget.warningsLabel.text
+    assert result.provenance["statement"] not in widget.warningsLabel.text  # the banner says it already
+    assert widget.logic.nodes.text.GetText().startswith(result.demo_banner)
 
 
 def test_rule_set_combo_restages_the_shown_result(module):

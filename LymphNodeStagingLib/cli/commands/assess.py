@@ -17,15 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ct", required=True, help="CT: NIfTI/NRRD/MHA file or DICOM folder")
     p.add_argument("--pet", required=True, help="PET: DICOM folder (SUV computed from the header) or an SUV image "
                    "file with --pet-is-suv")
-    p.add_argument("--side", required=True, help="side of the primary tumour: R or L")
+    options.add_side(p)
     p.add_argument("--anatomy", help="precomputed anatomy labels (file or folder); default: run TotalSegmentator")
     options.add_model(p)
     options.add_atlases(p)
     options.add_rules(p)
-    p.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
-    p.add_argument("--tta", type=int, default=0, help="extra weight-map-sampled patches per station (default 0)")
+    p.add_argument("--threshold", type=options.probability, help="probability threshold, 0..1 (default: the model's)")
+    p.add_argument("--tta", type=options.count, default=0,
+                   help="extra weight-map-sampled patches per station (default 0)")
     options.add_pet_is_suv(p)
-    p.add_argument("--suv-mode", default="qiba", help="SUV conversion for DICOM PET: qiba (default) or gatidis")
+    options.add_suv_mode(p)
     p.add_argument("--case-id", help="identifier written into the result (default: from the CT file name)")
     options.add_out(p)
     options.add_compute_options(p)
@@ -34,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ...assessment.assess import assess_case
+
+    options.check_out(args)
     options.apply_runtime(args)
     show = options.progress_printer(args)
     res = assess_case(args.ct, args.pet, args.side, anatomy=args.anatomy, model=args.model, atlases=args.atlases,
@@ -41,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
                       threshold=args.threshold, tta=args.tta, case_id=args.case_id, out_dir=args.out, progress=show)
     r = res.result
     out = {**r.to_dict(), "files": {k: str(v) for k, v in res.files.items()}}
-    lines = [r.text_table()]
-    lines.append(r.explanation)
+    lines = [r.text_table(), r.explanation]
+    statement = (r.provenance or {}).get("statement")
+    lines += [f"warning: {w}" for w in r.warnings if w != statement]
     lines.append(f"files in {args.out}: {', '.join(p.name for p in res.files.values())}")
     options.emit(out, args.json, "\n".join(lines))
     return 0

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-failed", action="store_true", help="run failed cases again")
     options.add_rules(p)
     options.add_pet_is_suv(p)
-    p.add_argument("--suv-mode", default="qiba", help="SUV computation for DICOM PET (default qiba)")
+    options.add_suv_mode(p)
     p.add_argument("--iterations", default=None,
                    help="deformable registration iterations per level, e.g. 60,40 (default: the library's)")
     p.add_argument("--affine-iterations", type=int, default=None, help="affine registration iterations")
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from ...batch.run import run_batch
     from ...errors import UsageError
 
+    options.check_out(args)
     registration: dict = {}
     if args.iterations:
         try:

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ...assessment.demo import run_demo
 
+    options.check_out(args)
     options.apply_runtime(args)
     res = run_demo(args.out, seed=args.seed, size=args.size, model=args.model, atlases=args.atlases,
                    device=args.device, progress=options.progress_printer(args))

@@ -62,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ...evaluation.crossval import BASE_METHODS, EvaluationConfig, evaluate_model, run_evaluation
 
+    options.check_out(args)
     options.apply_runtime(args)
     methods = list(BASE_METHODS) if args.strategy.strip().lower() == "all" else _list(args.strategy)
     ablations = [a for text in args.ablation for a in _list(text)]

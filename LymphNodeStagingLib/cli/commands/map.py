@@ -26,26 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _read(path: str, what: str):
-    import SimpleITK as sitk
-
-    from ...errors import InputError
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"--{what} {p}: file does not exist")
-    if p.is_dir():
-        if what != "anatomy":
-            raise InputError(f"--{what} {p}: expected an image file, got a folder")
-        from ...anatomy.vocabulary import load_anatomy
-
-        return load_anatomy(p)
-    try:
-        return sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        raise InputError(f"--{what} {p}: cannot read the image ({str(exc).strip().splitlines()[-1]})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -53,11 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from ...mapping.atlas import resolve_atlas_set
     from ...mapping.registration import RegistrationConfig
     from ...mapping.station_mapping import map_stations
+    from ...preflight.case import check_mapping_inputs
 
-    options.apply_runtime(args)
-    ct = _read(args.ct, "ct")
-    anatomy = _read(args.anatomy, "anatomy")
-    atlas_set = resolve_atlas_set(args.atlases, allow_missing_stations=True)
     cfg = RegistrationConfig(threads=args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                       else os.cpu_count()))
     if args.iterations:
@@ -69,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--iterations {args.iterations!r}: expected {len(cfg.levels_mm)} values, one per level "
                            f"({', '.join(f'{s:g} mm' for s in cfg.levels_mm)})")
         cfg = RegistrationConfig(threads=cfg.threads, iterations=its)
+    options.check_out(args)
+    options.apply_runtime(args)
+    ct, anatomy = check_mapping_inputs(args.ct, args.anatomy, atlases=args.atlases)
+    atlas_set = resolve_atlas_set(args.atlases, allow_missing_stations=True)
     mapping = map_stations(ct, anatomy, atlas_set, device=args.device.torch, config=cfg)
     paths = mapping.write(args.out, None if args.no_overlay else ct)
     out = {"out": str(Path(args.out)), "files": {k: str(v) for k, v in paths.items()}, **mapping.to_dict()}

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "lymph node stations and the side of the primary tumour, with the stations that decided it.",
     )
     p.add_argument("stations", nargs="*", metavar="STATION", help="positive stations, e.g. 4R 7 10L (none: N0)")
-    p.add_argument("--side", required=True, help="side of the primary tumour: R or L")
+    options.add_side(p)
     options.add_rules(p)
     options.add_json(p)
     p.set_defaults(func=run)

@@ -18,8 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR", help="folder with the PET DICOM files")
     options.add_out_file(p, "suv.nii.gz")
-    # the modes are checked by the library (suv.SUV_MODES), which is not imported until the command runs
-    p.add_argument("--mode", default="qiba", help="conversion: qiba (default) or gatidis")
+    options.add_suv_mode(p, "--mode")
     p.add_argument("--series", default=None,
                    help="SeriesInstanceUID, SeriesNumber or SeriesDescription when the folder holds several PET series")
     options.add_json(p)
@@ -43,10 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from ...errors import UsageError
     from ...io.files import check_output
     from ...io.images import IMAGE_SUFFIXES
-    from ...suv.conversion import SUV_MODES, suv_from_folder
+    from ...suv.conversion import suv_from_folder
 
-    if args.mode not in SUV_MODES:
-        raise UsageError(f"--mode {args.mode}: unknown SUV conversion; expected one of {', '.join(SUV_MODES)}")
     check_output(args.output, folder=False, parameter="--out")  # before any work: a file in the way, no permission
     if not any(args.output.name.lower().endswith(s) for s in IMAGE_SUFFIXES):
         raise UsageError(f"--out {args.output}: unknown image format; expected a file name ending in "

@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ...training.from_cohort import train_from_cohort
 
+    options.check_out(args)
     options.apply_runtime(args)
     res = train_from_cohort(
         args.cohort, args.out, strategy=args.strategy, init=args.init, epochs=args.epochs,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from ...cohort.table import read_cohort
+from ...errors import InputError
 from .. import options
 
 
@@ -25,7 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    cohort = read_cohort(args.cohort, check_files=not args.no_file_check, rules=args.rules)
+    if not Path(args.cohort).is_file():
+        raise InputError(f"cohort file {args.cohort} does not exist")
+    try:
+        cohort = read_cohort(args.cohort, check_files=not args.no_file_check, rules=args.rules)
+    except InputError as exc:  # a table that cannot be read at all is a validation that found a problem
+        print(f"lnstaging validate-cohort: NOT VALID: {exc}", file=sys.stderr)
+        return 2
     summary = cohort.summary()
     lines = [
         f"{cohort.path}: {summary['rows']} rows, {summary['patients']} patients, "

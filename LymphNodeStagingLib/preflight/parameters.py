@@ -1,0 +1,75 @@
+"""Options and parameters checked before any work: threshold, rule set, device, test-time augmentation, the model
+checkpoint and the output folder. The command line checks its options while parsing; these checks are what the
+library's entry points do for Python callers (and again for the command line, at no cost)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+
+from ..errors import UsageError
+from ..io.files import check_output
+from ..runtime import Device, parse_device
+
+
+def check_threshold(threshold: float | None, parameter: str = "--threshold") -> float | None:
+    """A probability threshold in [0, 1] (None: the model's)."""
+    if threshold is None:
+        return None
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise UsageError(f"{parameter} {threshold!r}: expected a probability between 0 and 1") from None
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise UsageError(f"{parameter} {threshold!r}: expected a probability between 0 and 1")
+    return value
+
+
+def check_rules(rules: str | None, parameter: str = "--rules") -> str | None:
+    """A bundled rule set name or a rule-set .json file, read and validated (None: the caller's default)."""
+    if rules is None:
+        return None
+    from ..staging.rules import load_rules
+
+    try:
+        load_rules(rules)
+    except UsageError as exc:
+        message = str(exc)
+        raise UsageError(message if message.startswith(parameter) else f"{parameter}: {message}") from None
+    return str(rules)
+
+
+def check_tta(tta: int, parameter: str = "--tta") -> int:
+    """Extra test-time patches per station: a whole number >= 0."""
+    if isinstance(tta, bool) or not isinstance(tta, numbers.Real) or int(tta) != tta or tta < 0:
+        raise UsageError(f"{parameter} {tta!r}: expected a whole number of extra patches, 0 or more")
+    return int(tta)
+
+
+def check_device(device: str | Device | None, parameter: str = "--device") -> Device:
+    """The device (see :func:`~LymphNodeStagingLib.runtime.parse_device`), refused when torch does not see it."""
+    return parse_device(device, name=parameter)
+
+
+def check_model(model: str | Path | None, device: str | Device = "cpu", parameter: str = "--model"):
+    """Load and verify the classifier checkpoint (None: the bundled demo model); returns (network, manifest, path).
+
+    Loading is the check: a missing, truncated, tampered or other-architecture checkpoint is a ModelError naming
+    the file, before any heavy step."""
+    from ..classifier.checkpoint import load_model
+    from ..errors import ModelError
+    from ..paths import demo_model_path
+
+    path = Path(model) if model else demo_model_path()
+    if not path.is_file():
+        raise ModelError(f"{parameter} {path}: the checkpoint does not exist; pass a checkpoint made by "
+                         "`lnstaging train`")
+    dev = device.torch if isinstance(device, Device) else str(device)
+    net, manifest = load_model(path, device=dev)
+    return net, manifest, path
+
+
+def check_out(out: str | Path | None, parameter: str = "--out") -> Path | None:
+    """An output folder that can be created and written (None: nothing is written)."""
+    return None if out is None else check_output(out, folder=True, parameter=parameter)
