@@ -128,7 +128,8 @@ def check_case(ct: ImageInput, pet: ImageInput, *, anatomy: ImageInput | None = 
     if mapping and (ct_header is not None or isinstance(ct, sitk.Image)):
         grid = ct_header if ct_header is not None else ct
         check_memory(estimate_memory(grid, pet_header if pet_header is not None else
-                                     (pet if isinstance(pet, sitk.Image) else None), atlas_count_voxels=counted),
+                                     (pet if isinstance(pet, sitk.Image) else None), atlases=atlases,
+                                     atlas_count_voxels=counted),
                      ct_what, [_grid_text(grid)])
 
     # 2. the voxels
