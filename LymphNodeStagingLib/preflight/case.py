@@ -149,7 +149,8 @@ def check_case(ct: ImageInput, pet: ImageInput, *, anatomy: ImageInput | None = 
         anatomy_img = _read_anatomy(anatomy, case.ct)
     estimate = None
     if mapping:
-        estimate = check_memory(estimate_memory(case.ct, case.pet, anatomy=anatomy_img, atlas_count_voxels=counted),
+        estimate = check_memory(estimate_memory(case.ct, case.pet, anatomy=anatomy_img, atlases=atlases,
+                                                atlas_count_voxels=counted),
                                 ct_what, [_grid_text(case.ct)])
     return CheckedCase(case, anatomy_img, from_dicom, sources, estimate)
 
