@@ -211,31 +211,28 @@ def _number(ds: pydicom.Dataset, key) -> float | None:
     return f
 
 
-def _time(ds: pydicom.Dataset, key) -> float | None:
-    """A TM element in seconds after midnight; None when absent or empty."""
+def _parsed(ds: pydicom.Dataset, key, parse, expected: str):
+    """An element read with ``parse``; None when absent or empty; a value it cannot read names file and tag."""
     v = _value(ds, key)
     try:
-        return parse_tm(v) if v is not None else None
+        return parse(v) if v is not None else None
     except (TypeError, ValueError) as exc:
-        raise _unreadable(ds, key, v, "a DICOM time HHMMSS.FFFFFF", exc) from exc
+        raise _unreadable(ds, key, v, expected, exc) from exc
+
+
+def _time(ds: pydicom.Dataset, key) -> float | None:
+    """A TM element in seconds after midnight; None when absent or empty."""
+    return _parsed(ds, key, parse_tm, "a DICOM time HHMMSS.FFFFFF")
 
 
 def _date(ds: pydicom.Dataset, key) -> dt.date | None:
     """A DA element; None when absent or empty."""
-    v = _value(ds, key)
-    try:
-        return parse_da(v) if v is not None else None
-    except (TypeError, ValueError) as exc:
-        raise _unreadable(ds, key, v, "a DICOM date YYYYMMDD", exc) from exc
+    return _parsed(ds, key, parse_da, "a DICOM date YYYYMMDD")
 
 
 def _datetime(ds: pydicom.Dataset, key) -> dt.datetime | None:
     """A DT element with a full date and time of day; None when absent, empty or shorter."""
-    v = _value(ds, key)
-    try:
-        return parse_dt(v) if v is not None else None
-    except (TypeError, ValueError) as exc:
-        raise _unreadable(ds, key, v, "a DICOM date-time YYYYMMDDHHMMSS.FFFFFF", exc) from exc
+    return _parsed(ds, key, parse_dt, "a DICOM date-time YYYYMMDDHHMMSS.FFFFFF")
 
 
 def _first_without(headers: list[pydicom.Dataset], key) -> str:
