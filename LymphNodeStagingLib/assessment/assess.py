@@ -139,12 +139,14 @@ def assess_case(
     # 4. classifier
     t0 = time.perf_counter()
     report(0.75, "classifying stations")
+    from ..classifier.calibration import calibration_of
     from ..classifier.checkpoint import file_sha256
     from ..classifier.patches import StationSampler
     from ..classifier.predict import predict_case
 
     sampler = StationSampler.from_sparse_maps(station_mapping.weight_maps)
-    pred = predict_case(net, ct_img, pet_img, sampler, threshold=thr, tta=tta, seed=seed)
+    calibration = calibration_of(manifest, f"model {model_path}")
+    pred = predict_case(net, ct_img, pet_img, sampler, threshold=thr, tta=tta, seed=seed, calibration=calibration)
     timings["classification"] = time.perf_counter() - t0
     check_cancel()
 
@@ -176,7 +178,8 @@ def assess_case(
     result.set_provenance(synthetic, demo_model)
     result.model = {"path": str(model_path), "sha256": model_sha,
                     "kind": manifest.get("kind"), "strategy": manifest.get("strategy"),
-                    "threshold": thr, "tta": tta}
+                    "threshold": thr, "tta": tta, "calibration": calibration.method,
+                    "calibrated": calibration.method != "identity"}
     result.atlases = {**atlas_info, "synthetic": synthetic}
     result.inputs = {"ct": str(ct) if not isinstance(ct, sitk.Image) else "<image>",
                      "pet": str(pet) if not isinstance(pet, sitk.Image) else "<image>",

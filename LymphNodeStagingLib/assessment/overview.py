@@ -176,7 +176,11 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
                 table[i, j].set_facecolor(FLAG_FACE)
     sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
     cbar = fig.colorbar(sm, ax=ax, orientation="horizontal", fraction=0.04, pad=0.02, aspect=30)
-    cbar.set_label(f"malignancy probability (threshold {result.threshold:.2f})\ngrey: station not found")
+    cbar.ax.axvline(result.threshold, color="black", lw=2)  # the operating threshold, on the probability scale shown
+    cal = (result.model or {}).get("calibrated")
+    scale = "calibrated " if cal else ("uncalibrated " if cal is False else "")
+    cbar.set_label(f"{scale}malignancy probability (black line: threshold {result.threshold:.2f})\n"
+                   "grey: station not found")
     deciding = ", ".join(result.deciding_stations) or "none"
     banner = banner_text(result)
     top = 0.95 if banner is None else 0.88

@@ -269,6 +269,9 @@ def _verify_manifest(path: Path, manifest: dict, state: dict[str, torch.Tensor])
     thr = manifest.get("threshold")
     if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0):
         raise ModelError(f"checkpoint {path}: manifest 'threshold' must be a number in 0..1, got {thr!r}")
+    from .calibration import calibration_of
+
+    calibration_of(manifest, f"checkpoint {path}")
 
 
 def _verify_sidecar(path: Path, manifest: dict) -> None:

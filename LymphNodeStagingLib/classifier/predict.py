@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from torch import nn
 
 from ..staging.stations import NUM_STATIONS
+from .calibration import Calibration
 from .model import predict_stations, station_classifier_of
 from .patches import StationSampler, extract_patches
 
@@ -33,11 +34,13 @@ class StationPrediction:
 
 def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image, sampler: StationSampler, *,
                  threshold: float = 0.5, tta: int = 0, seed: int = 0, spacing: float | None = None,
-                 batch_size: int = 17) -> StationPrediction:
+                 batch_size: int = 17, calibration: Calibration | None = None) -> StationPrediction:
     """Probabilities of the present stations of one case from their centroid patches (deterministic).
 
     ``spacing`` (mm) defaults to the model's patch spacing. With ``tta`` > 0, ``tta`` further centres per station are
-    drawn from the station's weight map (seeded) and the probabilities of all patches are averaged.
+    drawn from the station's weight map (seeded) and the probabilities of all patches are averaged. ``calibration``
+    (the checkpoint's, see :func:`~LymphNodeStagingLib.classifier.calibration.calibration_of`) maps the averaged
+    probabilities to calibrated ones; ``threshold`` is on that scale.
     """
     clf = station_classifier_of(model)
     present = sampler.present
@@ -58,4 +61,6 @@ def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image, sampler: Sta
             allp = np.concatenate([p0[:, None], extra.reshape(len(idx), tta)], axis=1)
             probs[idx] = allp.mean(axis=1)
             spread[idx] = allp.std(axis=1)
+    if calibration is not None:
+        probs = calibration.apply(probs)
     return StationPrediction(probs, present, centres, float(threshold), int(tta), spread)

@@ -102,6 +102,10 @@ def _atlas_count(ablation: str) -> int | None:
     return None
 
 
+#: Methods whose station score is not a probability (SUVmax, lesion overlap): no calibration metrics.
+SCORE_KINDS = ("threshold", "lesion")
+
+
 @dataclass
 class MethodSpec:
     """One row of the report: how its predictions are made."""
@@ -339,6 +343,7 @@ def predict_model(checkpoint: Path, test: Sequence[EvalCase], rules_name: str | 
     test cases from a TS1 (N from the rules) or TS2/TS3 checkpoint (N from the head), centroid patches."""
     import torch
 
+    from ..classifier.calibration import calibration_of
     from ..classifier.checkpoint import load_model
     from ..classifier.model import StagingModel, predict_stations, station_classifier_of
     from ..training.loops import SIDE_INDEX, case_patches
@@ -367,13 +372,15 @@ def predict_model(checkpoint: Path, test: Sequence[EvalCase], rules_name: str | 
                             torch.from_numpy(present)[None].to(dev))
             probs[i, idx] = out.station_probs[0].cpu().numpy()[idx]
             n_prob[i] = torch.softmax(out.n_logits[0], 0).cpu().numpy()
+    calibration = calibration_of(manifest, f"checkpoint {checkpoint}")
+    probs = calibration.apply(probs)
     pred = probs >= thr
     if n_prob is None:
         n_pred = _stage(rules_name or manifest.get("rules") or DEFAULT_RULES, pred, [c.sample.side for c in test])
     else:
         n_pred = n_prob.argmax(axis=1)
     return probs, pred, n_pred, n_prob, {"threshold": thr, "epoch": manifest.get("epoch"),
-                                         "validation": manifest.get("metrics", {})}
+                                         "validation": manifest.get("metrics", {}), "calibration": calibration.method}
 
 
 def _digest(obj) -> str:
@@ -430,6 +437,7 @@ class EvaluationRun:
     seconds: float
     n_patients: int
     n_scans: int
+    calibration: dict = field(default_factory=dict)  # method -> metrics.calibration_summary (probability methods)
 
     def to_frame(self, level: str = "patient"):
         """Methods x metrics (mean and sd over the folds) at ``level`` ("patient" or "scan") as a pandas DataFrame:
@@ -451,6 +459,7 @@ class EvaluationRun:
                 "summary": {m: {k: v.to_dict() for k, v in r.summary["patient"].items()}
                             for m, r in self.results.items()},
                 "comparisons": [c.to_dict() for c in self.comparisons],
+                "calibration": {m: {k: v for k, v in c.items() if k != "curve"} for m, c in self.calibration.items()},
                 "files": {k: str(v) for k, v in self.files.items()}}
 
 
@@ -477,7 +486,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     from ..cohort.splits import load_or_make_split, patients_from_rows
     from ..io.files import check_output
     from ..mapping.atlas import resolve_atlas_set
-    from .metrics import evaluate_method
+    from .metrics import calibration_summary, evaluate_method
     from .stat_tests import compare_methods
 
     t_start = time.perf_counter()
@@ -545,8 +554,9 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
             continue
         comparisons.append(compare_methods(scans_of[base], scans_of[spec.name], base, spec.name, level="patient",
                                            n_permutations=config.n_permutations, seed=config.seed))
+    calibration = {s.name: calibration_summary(scans_of[s.name]) for s in specs if s.kind not in SCORE_KINDS}
     run = EvaluationRun(out_dir, [s.name for s in specs], results, comparisons, predictions, {},
-                        time.perf_counter() - t_start, len({r.patient_id for r in rows}), len(rows))
+                        time.perf_counter() - t_start, len({r.patient_id for r in rows}), len(rows), calibration)
     from .report import write_report
 
     run.files = write_report(run, config, split, cohort_csv)
@@ -561,7 +571,7 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
     from ..io.files import check_output
     from ..mapping.atlas import resolve_atlas_set
     from ..preflight.parameters import check_model
-    from .metrics import evaluate_method
+    from .metrics import calibration_summary, evaluate_method
 
     t_start = time.perf_counter()
     config = config or EvaluationConfig(folds=1)
@@ -581,7 +591,7 @@ def evaluate_model(cohort_csv: str | Path, model: str | Path, out_dir: str | Pat
     stage_fn = None if n_prob is not None else _rule_stage_fn(config.rules, sides)
     results = {name: evaluate_method(name, scans, stage_fn=stage_fn, n_boot=config.n_boot, seed=config.seed)}
     run = EvaluationRun(out_dir, [name], results, [], {name: [fp]}, {}, time.perf_counter() - t_start,
-                        len({r.patient_id for r in rows}), len(rows))
+                        len({r.patient_id for r in rows}), len(rows), {name: calibration_summary(scans)})
     from .report import write_report
 
     run.files = write_report(run, config, None, cohort_csv, model=Path(model))

@@ -529,3 +529,17 @@ def markdown_table(results: Sequence[MethodEvaluation], level: str = "patient", 
         cells = [r.summary[level][k].format(digits) if k in r.summary[level] else "n/a" for k, _ in columns]
         lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def calibration_summary(scans: Sequence[ScanPrediction]) -> dict[str, Any]:
+    """Calibration of a method's station probabilities over all its test scans (known labels, present stations):
+    expected calibration error (10 bins), Brier score and the reliability curve."""
+    from ..classifier.calibration import brier_score, expected_calibration_error, reliability_curve
+
+    if not scans:
+        return {"n": 0, "ece": float("nan"), "brier": float("nan")}
+    y = np.concatenate([s.station_true for s in scans])
+    p = np.concatenate([s.station_prob for s in scans]).astype(float)
+    curve = reliability_curve(p, y)
+    return {"n": int(np.sum((y != UNKNOWN) & ~np.isnan(p))), "ece": expected_calibration_error(p, y),
+            "brier": brier_score(p, y), "curve": {k: v.tolist() for k, v in curve.items()}}

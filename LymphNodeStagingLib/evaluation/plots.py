@@ -83,3 +83,36 @@ def write_evaluation_pngs(result: MethodEvaluation, out_dir: str | Path) -> dict
             ev, out_dir / f"{safe}_{level}_station_confusion.png",
             title=f"{result.method}: stations, {what}, folds pooled")
     return written
+
+
+def reliability_png(summaries: dict[str, dict], path: str | Path) -> Path:
+    """Reliability diagram: observed frequency of malignancy against the mean predicted probability per bin (one
+    line per method, the diagonal is perfect calibration), with the ECE and Brier score in the legend and the
+    number of stations per bin below."""
+    plt = _pyplot()
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.2, 6.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
+    edges = None
+    for k, (name, s) in enumerate(summaries.items()):
+        curve = s.get("curve")
+        if not curve:
+            continue
+        edges = np.asarray(curve["edges"])
+        count = np.asarray(curve["count"], float)
+        ok = count > 0
+        mp, ob = np.asarray(curve["mean_predicted"], float)[ok], np.asarray(curve["observed"], float)[ok]
+        ax.plot(mp, ob, marker="o", lw=1.5, label=f"{name}: ECE {s['ece']:.3f}, Brier {s['brier']:.3f}")
+        width = (edges[1] - edges[0]) / (len(summaries) + 1)
+        hist.bar(edges[:-1] + (k + 0.5) * width, count, width=width, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("observed frequency of malignancy")
+    ax.set_title("Station probabilities: reliability (all test folds)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    hist.set_xlabel("predicted probability")
+    hist.set_ylabel("stations")
+    if edges is not None:
+        hist.set_xticks(edges[::2])
+    fig.tight_layout()
+    return write_figure(fig, path, dpi=110)

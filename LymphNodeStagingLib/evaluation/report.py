@@ -109,6 +109,11 @@ def write_report(run, config, split, cohort_csv, model: Path | None = None) -> d
         for key, p in write_evaluation_pngs(res, figs).items():
             files[f"{name}.{key}"] = p
     files["summary_png"] = summary_png(run, figs / "summary.png")
+    calibration = getattr(run, "calibration", {}) or {}
+    if calibration:
+        from .plots import reliability_png
+
+        files["reliability_png"] = reliability_png(calibration, figs / "reliability.png")
 
     level_note = ("per patient (the scans of a patient combined first)" if run.n_scans != run.n_patients
                   else "per patient (one scan each)")
@@ -143,6 +148,15 @@ def write_report(run, config, split, cohort_csv, model: Path | None = None) -> d
                "Stations: McNemar on the station decisions (exact binomial when the discordant pairs are few). "
                "N-stage: paired permutation test of the accuracy difference (the two methods' predictions of a "
                "patient swapped at random).", "", _tests_table(run)]
+    if calibration:
+        md += ["## Calibration of the station probabilities (all test folds pooled)", "",
+               "| method | stations | ECE | Brier |", "|---|---|---|---|"]
+        md += [f"| {m} | {c['n']} | {_fmt(c['ece'], 3)} | {_fmt(c['brier'], 3)} |" for m, c in calibration.items()]
+        md += ["", "ECE: expected calibration error over 10 equal-width bins of predicted probability, weighted by "
+               "the share of stations in a bin; Brier: mean squared error of the probability. Probabilities are the "
+               "calibrated ones of each checkpoint (fitted on its validation patients). The SUVmax and lesion "
+               "baselines give scores, not probabilities, and have no row. "
+               "![Reliability](figures/reliability.png)", ""]
     cut = _cutoffs(run)
     if cut:
         md += ["## Cut-offs chosen on the training patients of each fold", "", cut]

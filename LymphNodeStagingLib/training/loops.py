@@ -630,7 +630,7 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
             save_checkpoint(best_path, model, {**manifest_base, "epoch": state["epoch"], "metrics": {},
                                                "threshold": state["threshold"], "complete": True})
         else:
-            _mark_complete(best_path, state)
+            _mark_complete(best_path, state, strategy, tconfig, val_cases, size, spacing, rules, device)
 
     from ..io.files import write_json
 
@@ -663,16 +663,30 @@ def _json_clean(obj):
     return obj
 
 
-def _mark_complete(best_path: Path, state: dict) -> None:
+def _mark_complete(best_path: Path, state: dict, strategy: str, tconfig: TrainConfig, val_cases: Sequence[CaseSample],
+                   size: int, spacing: float, rules: str, device: torch.device) -> None:
+    """Finish the best checkpoint: calibrate its station probabilities on the validation cases (classifier/
+    calibration.py), state the operating threshold on the calibrated scale, and mark it complete."""
     ckpt = load_checkpoint(best_path)
     if ckpt.manifest.get("complete"):
+        state["threshold"] = float(ckpt.manifest.get("threshold", state["threshold"]))
         return
+    from ..classifier.calibration import fit_calibration
     from ..classifier.checkpoint import model_from_checkpoint
 
-    model = model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt).to(device)
     man = {k: v for k, v in ckpt.manifest.items() if k not in ("format", "format_version", "weights_sha256")}
+    if val_cases:
+        metrics = _evaluate(strategy, model, val_cases, size, spacing, rules, device)
+        probs = metrics["_probs"]
+        labels = np.stack([c.station_labels for c in val_cases])
+        cal = fit_calibration(probs, labels)
+        calibrated = _station_and_stage_metrics(val_cases, cal.apply(probs), rules, 0.5)
+        man.update(calibration=cal.to_dict(), calibrated=True, threshold_uncalibrated=man.get("threshold"),
+                   threshold=_operating_threshold(strategy, tconfig, calibrated))
+        state["threshold"] = man["threshold"]
     man.update(complete=True, epochs_run=state["epoch"] + 1, stopped_early=state["stopped"])
-    save_checkpoint(best_path, model, man)
+    save_checkpoint(best_path, model.cpu(), man)
 
 
 def _evaluate(strategy: str, model: nn.Module, cases: Sequence[CaseSample], size: int, spacing: float, rules: str,

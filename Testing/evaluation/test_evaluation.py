@@ -118,6 +118,10 @@ def test_two_fold_evaluation_end_to_end(tiny_cohort, tmp_path, capsys):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| ts1 |" in report and "| lesion |" in report and "ts1 vs threshold" in report
+    # calibration of the probability methods (not of the SUVmax / lesion scores), with the reliability diagram
+    assert "## Calibration of the station probabilities" in report and (out / "figures" / "reliability.png").is_file()
+    assert set(res["calibration"]) == {"ts1", "ts2", "ts1-engelson2026"}
+    assert 0.0 <= res["calibration"]["ts1"]["ece"] <= 1.0 and 0.0 <= res["calibration"]["ts1"]["brier"] <= 1.0
     split = json.loads((out / "split.json").read_text())
     # every patient is a test patient exactly once, and never trained on in its test fold
     seen = []

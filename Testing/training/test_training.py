@@ -58,6 +58,10 @@ def test_ts1_loss_falls_and_classes_separate(ts1, cases):
     assert len(manifest["data"]["train_fingerprint"]) == 64 and manifest["complete"]
     assert 0.0 < manifest["threshold"] < 1.0
     assert ts1.best_epoch >= 0 and ts1.epochs_run == 6
+    # calibrated on the validation cases; the operating threshold is stated on the calibrated scale
+    assert manifest["calibrated"] and manifest["calibration"]["n"] == int(known.sum())
+    assert manifest["calibration"]["method"] in ("temperature", "platt", "isotonic")
+    assert ts1.threshold == manifest["threshold"] and "threshold_uncalibrated" in manifest
 
 
 def test_same_seed_same_weights_and_resume_after_interruption(cases, tmp_path):
