@@ -22,7 +22,7 @@ from . import commands as commands_pkg
 #: Order of the subcommands in --help; every module in ``commands/`` with a ``register`` function is a subcommand.
 COMMAND_ORDER: tuple[str, ...] = (
     "demo", "stage", "validate_cohort", "phantom", "suv", "anatomy", "map", "assess",
-    "train", "evaluate", "batch", "bench",
+    "train", "calibrate", "evaluate", "batch", "bench",
 )
 
 

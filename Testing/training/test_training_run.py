@@ -85,3 +85,21 @@ def test_train_command_writes_a_loadable_checkpoint(cohort_and_atlases, capsys):
     from LymphNodeStagingLib.paths import station_map_store_path
 
     assert len([d for d in station_map_store_path().iterdir() if not d.name.startswith(".")]) >= 5
+
+
+@pytest.mark.slow
+def test_calibrate_command_writes_a_calibrated_checkpoint(cohort_and_atlases, tmp_path, capsys):
+    """A trained model is calibrated on held-out scans; the new checkpoint carries the calibration and loads."""
+    csv, atlases, root = cohort_and_atlases
+    train_out = tmp_path / "ts1"
+    assert main(["train", str(csv), "--strategy", "ts1", "--out", str(train_out), "--small", "--epochs", "1",
+                 "--max-steps-per-epoch", "2", "--batch-size", "8", "--atlases", str(atlases), "--json"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "calibrated.pt"
+    assert main(["calibrate", str(csv), "--model", str(train_out / "best.pt"), "--out", str(out), "--atlases",
+                 str(atlases), "--method", "temperature", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["calibration"]["method"] == "temperature" and data["scans"] == 5 and 0 <= data["threshold"] <= 1
+    _, manifest = load_model(out)
+    assert manifest["calibrated"] and manifest["calibration_data"]["scans"] == 5
+    assert main(["calibrate", str(csv), "--out", str(tmp_path / "x.txt"), "--atlases", str(atlases)]) == 2
