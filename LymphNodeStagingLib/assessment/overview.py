@@ -18,6 +18,9 @@ from ..staging.result import ABSENT, POSITIVE, CaseResult
 from ..staging.stations import STATION_NAMES
 
 DISPLAY_SPACING_MM = 1.5
+#: PET display: uptake below SUV 2.5 (blood pool, liver, most benign nodes) is not painted; hot colours up to SUV 10.
+PET_SHOWN_FROM_SUV = 2.5
+PET_SATURATED_SUV = 10.0
 MARGIN_MM = 40.0
 #: Axial levels shown: the station whose centre sets the slice, with a readable caption.
 LEVELS = (("2R", "upper paratracheal (2R/2L)"), ("4R", "lower paratracheal (4R/4L)"), ("7", "subcarinal (7)"),
@@ -109,8 +112,8 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
 
     def draw(ax, ct_sl, pet_sl, st_sl, origin: str, title: str) -> None:
         ax.imshow(np.clip(ct_sl, -160, 240), cmap="gray", origin=origin, interpolation="bilinear")
-        ax.imshow(np.ma.masked_less(pet_sl, 1.0), cmap="hot", vmin=0, vmax=8, alpha=0.45, origin=origin,
-                  interpolation="bilinear")
+        ax.imshow(np.ma.masked_less(pet_sl, PET_SHOWN_FROM_SUV), cmap="hot", vmin=PET_SHOWN_FROM_SUV,
+                  vmax=PET_SATURATED_SUV, alpha=0.6, origin=origin, interpolation="bilinear")
         ax.imshow(lut[st_sl], origin=origin, interpolation="nearest")
         for v in np.unique(st_sl):
             if v == 0:
@@ -190,8 +193,8 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
     notes = mapping_notes(result)
     footer = ["! station map implausible or repaired, check these stations:"] + [f"    {n}" for n in notes] if notes \
         else []
-    footer.append("Red outline: positive station. PET (hot, SUV 1-8) over CT. Research software, not a medical "
-                  "device.")
+    footer.append(f"Red outline: positive station. PET over CT from SUV {PET_SHOWN_FROM_SUV:g} (hot, saturated at SUV "
+                  f"{PET_SATURATED_SUV:g}; blood pool and liver lie below it). Research software, not a medical device.")
     fig.text(0.01, 0.005, "\n".join(footer), fontsize=8, color="black", linespacing=1.4)
     bottom = 0.02 + 0.022 * (len(footer) - 1)
     if banner is not None:
