@@ -182,8 +182,7 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
     cbar.ax.axvline(result.threshold, color="black", lw=2)  # the operating threshold, on the probability scale shown
     cal = (result.model or {}).get("calibrated")
     scale = "calibrated " if cal else ("uncalibrated " if cal is False else "")
-    cbar.set_label(f"{scale}malignancy probability (black line: threshold {result.threshold:.2f})\n"
-                   "grey: station not found")
+    cbar.set_label(f"{scale}malignancy probability\nblack line: threshold {result.threshold:.2f}; grey: not found")
     deciding = ", ".join(result.deciding_stations) or "none"
     banner = banner_text(result)
     top = 0.95 if banner is None else 0.88
