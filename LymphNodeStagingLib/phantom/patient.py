@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -50,6 +51,10 @@ class PhantomConfig:
     ct_noise_hu: float | None = None  # None: random 10-20 HU per patient; 0: noise-free
     pet_noise: bool = True
     psf_fwhm_mm: float = 6.0
+    #: 0: the standard ranges. > 0: a shifted cohort (see :class:`Shift`) that moves and widens what a real scanner
+    #: and population vary; 1 is the reference strength. Drawn from a stream of its own, so shift 0 gives the same
+    #: bytes as before.
+    shift: float = 0.0
 
     def validate(self) -> None:
         mix = np.asarray(self.n_stage_mix, float)
@@ -57,6 +62,8 @@ class PhantomConfig:
             raise UsageError(f"n_stage_mix must be 4 non-negative weights for N0..N3, got {self.n_stage_mix!r}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise UsageError(f"label_noise must be a fraction in 0..1, got {self.label_noise!r}")
+        if not 0.0 <= self.shift <= 2.0:
+            raise UsageError(f"shift must be in 0..2 (0: standard, 1: the reference shifted cohort), got {self.shift!r}")
         if not 0.0 <= self.tumour_side_right <= 1.0:
             raise UsageError(f"tumour_side_right must be in 0..1, got {self.tumour_side_right!r}")
         load_rules(self.rules)
@@ -87,11 +94,37 @@ def patient_seed(cohort_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(cohort_seed), int(index)]).generate_state(1)[0])
 
 
-def build_grid(size: str, offset: np.ndarray) -> Grid:
+@dataclass
+class Shift:
+    """What a shifted cohort changes, per patient, at strength ``k`` (``PhantomConfig.shift``): CT and PET voxel
+    spacing x U(1 - 0.2k, 1 + 0.5k); CT noise + U(0, 20k) HU; PSF FWHM x U(1, 1 + 0.5k); benign and inflammatory
+    node uptake x U(1, 1 + 0.6k); blood pool and liver x U(1 - 0.1k, 1 + 0.4k); body size x U(1 - 0.1k, 1 + 0.15k);
+    position in scanner coordinates + U(-150k, 150k) mm per axis."""
+
+    spacing: float = 1.0
+    ct_noise_hu: float = 0.0
+    psf: float = 1.0
+    benign_uptake: float = 1.0
+    background_uptake: float = 1.0
+    body: float = 1.0
+    position_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @staticmethod
+    def sample(rng: np.random.Generator, k: float) -> Shift:
+        if k <= 0:
+            return Shift()
+        u = rng.uniform
+        return Shift(round(float(u(1 - 0.2 * k, 1 + 0.5 * k)), 4), round(float(u(0, 20 * k)), 2),
+                     round(float(u(1, 1 + 0.5 * k)), 4), round(float(u(1, 1 + 0.6 * k)), 4),
+                     round(float(u(1 - 0.1 * k, 1 + 0.4 * k)), 4), round(float(u(1 - 0.1 * k, 1 + 0.15 * k)), 4),
+                     tuple(round(float(v), 2) for v in u(-150 * k, 150 * k, 3)))
+
+
+def build_grid(size: str, offset: np.ndarray, spacing_scale: float = 1.0) -> Grid:
     if size not in SIZES:
         raise UsageError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     p = SIZES[size]
-    sp = np.asarray(p["ct_spacing"], float)
+    sp = np.asarray(p["ct_spacing"], float) * float(spacing_scale)
     lo = np.array([b[0] for b in p["box"]], float)
     hi = np.array([b[1] for b in p["box"]], float)
     n = np.round((hi - lo) / sp).astype(int)
@@ -110,15 +143,17 @@ def generate_patient(seed: int, size: str = "small", config: PhantomConfig | Non
     if seed < 0:
         raise UsageError(f"seed must be a non-negative integer, got {seed}")
     rules = load_rules(config.rules)
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
-    rng_anat, rng_dis, rng_geo, rng_ct, rng_pet = streams
+    children = np.random.SeedSequence(seed).spawn(6)  # the first five are the streams of the standard cohort
+    rng_anat, rng_dis, rng_geo, rng_ct, rng_pet = (np.random.default_rng(s) for s in children[:5])
+    shift = Shift.sample(np.random.default_rng(children[5]), config.shift)
 
     model = anat.sample_anatomy(rng_anat)
     s = float(np.clip(rng_anat.normal(1.0, 0.06), 0.85, 1.15))
-    scale = s * np.clip(rng_anat.normal(1.0, [0.05, 0.06, 0.05]), 0.88, 1.12)
+    scale = s * np.clip(rng_anat.normal(1.0, [0.05, 0.06, 0.05]), 0.88, 1.12) * shift.body
     offset = np.array([rng_anat.normal(0, 12), rng_anat.normal(0, 12), rng_anat.uniform(-400, -150)]).round(2)
+    offset = offset + np.asarray(shift.position_mm)
     frame = Frame.random(rng_anat, offset, scale, config.deformation_mm)
-    grid = build_grid(size, offset)
+    grid = build_grid(size, offset, shift.spacing)
     canvas = Canvas(grid, frame)
     env = anat.paint_anatomy(canvas, model)
     lung_space = anat.cavity_mask(canvas, model) & ~env
@@ -135,20 +170,30 @@ def generate_patient(seed: int, size: str = "small", config: PhantomConfig | Non
     else:
         plan.nodes = []
     physiology = Physiology.sample(rng_pet, config.physiological_uptake)
+    if shift.background_uptake != 1.0:
+        physiology = dataclasses.replace(physiology, blood_pool=round(physiology.blood_pool * shift.background_uptake, 3),
+                                         liver=round(physiology.liver * shift.background_uptake, 3))
     noise_hu = float(rng_ct.uniform(10, 20)) if config.ct_noise_hu is None else float(config.ct_noise_hu)
+    noise_hu += shift.ct_noise_hu
     ct = make_ct(canvas, rng_ct, noise_hu)
+    for n in plan.nodes:
+        if not n.malignant and shift.benign_uptake != 1.0:
+            n.true_suvmax = round(n.true_suvmax * shift.benign_uptake, 3)
     node_suv = {n.id: n.true_suvmax for n in plan.nodes if n.voxels > 0}
     t = plan.tumour
     act = activity_map(canvas, physiology, nodes_map, node_suv, t.box if config.disease else None,
                        t.uptake if config.disease else None)
-    pet_grid = pet_grid_for(grid, SIZES[size]["pet_spacing"], rng_pet)
-    pet = make_pet(act, grid, pet_grid, rng_pet, config.psf_fwhm_mm, config.pet_noise)
+    pet_spacing = tuple(v * shift.spacing for v in SIZES[size]["pet_spacing"])
+    pet_grid = pet_grid_for(grid, pet_spacing, rng_pet)
+    pet = make_pet(act, grid, pet_grid, rng_pet, config.psf_fwhm_mm * shift.psf, config.pet_noise)
     del act
 
     pid = patient_id or f"PH{seed:010d}"
     truth = _truth(pid, seed, size, config, rules, plan, physiology, canvas, stations, nodes_map, pet, noise_hu)
+    if config.shift > 0:
+        truth["shift"] = dataclasses.asdict(shift)
     manifest = {"generator": GENERATOR, "generator_version": GENERATOR_VERSION, "library_version": __version__,
-                "seed": seed, "size": size, "config": config.to_dict(),
+                "seed": seed, "size": size, "config": config.to_dict(), "shift": dataclasses.asdict(shift),
                 "ct_grid": asdict(grid), "pet_grid": asdict(pet_grid)}
     return PhantomPatient(
         patient_id=pid, seed=seed, size=size, ct=ct, pet=pet,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import SimpleITK as sitk
 from LymphNodeStagingLib.anatomy import labels as L
 from LymphNodeStagingLib.anatomy.labels import TOTAL_CLASSES
 from LymphNodeStagingLib.cohort.table import read_cohort
-from LymphNodeStagingLib.errors import LNSError
+from LymphNodeStagingLib.errors import LNSError, UsageError
 from LymphNodeStagingLib.phantom import (
     PhantomConfig,
     generate_atlas_set,
@@ -196,3 +197,20 @@ def test_suv_ranges(patients):
                     if n["kind"] == k] for k in ("malignant", "benign")}
     if measured["malignant"]:
         assert np.median(measured["malignant"]) > np.median(measured["benign"])
+
+
+def test_shifted_cohort_moves_what_a_scanner_varies_and_leaves_the_standard_one_alone():
+    from LymphNodeStagingLib.phantom.patient import Shift
+
+    a = generate_patient(7, "small")
+    b = generate_patient(7, "small", PhantomConfig(shift=0.0))
+    assert sitk.GetArrayViewFromImage(a.ct).tobytes() == sitk.GetArrayViewFromImage(b.ct).tobytes()
+    assert a.manifest["shift"] == asdict(Shift())
+    s = generate_patient(7, "small", PhantomConfig(shift=1.0))
+    sh = s.manifest["shift"]
+    assert s.ct.GetSpacing() == pytest.approx(tuple(v * sh["spacing"] for v in a.ct.GetSpacing()))
+    assert 0.8 <= sh["spacing"] <= 1.5 and 1.0 <= sh["benign_uptake"] <= 1.6
+    assert max(abs(v) for v in sh["position_mm"]) <= 150 and sh["position_mm"] != (0.0, 0.0, 0.0)
+    assert s.truth["n_stage"] == a.truth["n_stage"]  # the same disease, seen by another scanner
+    with pytest.raises(UsageError, match="shift"):
+        generate_patient(7, "small", PhantomConfig(shift=3.0))

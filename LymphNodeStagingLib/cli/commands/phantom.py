@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview", action="store_true", help="write preview.png per patient")
     p.add_argument("--label-noise", type=float, default=None, help="fraction of reports with one station flipped")
     p.add_argument("--n-stage-mix", default=None, help="N0,N1,N2,N3 weights, e.g. 0.55,0.12,0.23,0.10")
+    p.add_argument("--shift", type=float, default=0.0, metavar="K",
+                   help="a shifted cohort: voxel spacing, noise, PSF, benign and background uptake, body size and "
+                        "position in scanner coordinates moved and widened (1: the reference shift; default 0)")
     p.add_argument("--no-confounders", action="store_true",
                    help="switch off partial volume, inflammatory nodes, spill-over, physiological uptake, label noise")
     options.add_json(p)
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_confounders:
         cfg = PhantomConfig(partial_volume=False, inflammatory_nodes=False, spill_over=False,
                             physiological_uptake=False, label_noise=0.0)
+    cfg.shift = args.shift
     if args.label_noise is not None:
         cfg.label_noise = args.label_noise
     if args.n_stage_mix:
