@@ -318,3 +318,16 @@ def synthetic_case(size: tuple[int, int, int] = (64, 56, 40), spacing: float = 3
                               suv_peak={k: 0.8 * v for k, v in suv_max.items()},
                               agreement={k: 0.8 for k in centres}, centre_mm=centres)
     return SyntheticCase(image(ct), image(pet), image(labels), result, centres)
+
+
+def read_png(path: str | Path):
+    """A PNG as an (height, width, 3) int array, row 0 at the top of the picture."""
+    from vtk.util import numpy_support
+
+    reader = vtk.vtkPNGReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    img = reader.GetOutput()
+    w, h, _ = img.GetDimensions()
+    arr = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)
+    return arr[::-1, :, :3].astype(int)

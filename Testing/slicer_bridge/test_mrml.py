@@ -11,24 +11,12 @@ import SimpleITK as sitk
 
 pytest.importorskip("slicer")
 
-import headless_slicer  # noqa: E402
+import headless_slicer  # noqa: E402, F401 - sets up the offscreen rendering before slicer is imported
 import slicer  # noqa: E402
 
 from LymphNodeStagingLib.slicer import mrml
 from LymphNodeStagingLib.staging.colors import probability_color
 from LymphNodeStagingLib.staging.stations import STATIONS
-
-
-@pytest.fixture(scope="module")
-def case():
-    return headless_slicer.synthetic_case()
-
-
-@pytest.fixture
-def app(tmp_path):
-    app = headless_slicer.HeadlessSlicer(tmp_path / "home")
-    yield app
-    app.close()
 
 
 @pytest.fixture

@@ -5,28 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 
 pytest.importorskip("slicer")
 
 import headless_slicer  # noqa: E402
-import vtk  # noqa: E402
-from vtk.util import numpy_support  # noqa: E402
 
 from LymphNodeStagingLib.slicer import mrml
-
-
-@pytest.fixture(scope="module")
-def case():
-    return headless_slicer.synthetic_case()
-
-
-@pytest.fixture
-def app(tmp_path):
-    app = headless_slicer.HeadlessSlicer(tmp_path / "home")
-    yield app
-    app.close()
 
 
 def _result(case, demo: bool):
@@ -76,19 +61,9 @@ def test_user_result_has_no_mark(app, case):
     assert nodes.legend.GetTitleText() == mrml.LEGEND_TITLE
 
 
-def _read_png(path) -> np.ndarray:
-    reader = vtk.vtkPNGReader()
-    reader.SetFileName(str(path))
-    reader.Update()
-    img = reader.GetOutput()
-    w, h, _ = img.GetDimensions()
-    arr = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)
-    return arr[::-1, :, :3].astype(int)
-
-
 def _title_red_pixels(path) -> int:
     """Red pixels in the band above the colour bar (where the legend's title is drawn)."""
-    img = _read_png(path)
+    img = headless_slicer.read_png(path)
     size = img.shape[0]
     band = img[: int(0.3 * size), size // 2:]
     r, g, b = band[..., 0], band[..., 1], band[..., 2]

@@ -16,19 +16,8 @@ pytest.importorskip("slicer")
 
 import headless_slicer  # noqa: E402
 import vtk  # noqa: E402
-from vtk.util import numpy_support  # noqa: E402
 
 from LymphNodeStagingLib.slicer import mrml
-
-
-def read_png(path: Path) -> np.ndarray:
-    reader = vtk.vtkPNGReader()
-    reader.SetFileName(str(path))
-    reader.Update()
-    img = reader.GetOutput()
-    w, h, _ = img.GetDimensions()
-    arr = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)
-    return arr[::-1, :, :3].astype(int)  # row 0 = top of the picture
 
 
 def legend_box(legend, size: int) -> tuple[int, int, int, int]:
@@ -93,7 +82,7 @@ def _patch(img: np.ndarray, x: int, y: int, r: int = 1) -> np.ndarray:
 
 
 def test_axial_slice_shows_stations_where_they_are(rendered):
-    img = read_png(rendered["axial"])
+    img = headless_slicer.read_png(rendered["axial"])
     assert img.shape == (rendered["size"], rendered["size"], 3)
     p4r, p4l = rendered["pixels"]["4R"], rendered["pixels"]["4L"]
     # radiological convention: the patient's right (4R) is on the left of the picture
@@ -110,7 +99,7 @@ def test_axial_slice_shows_stations_where_they_are(rendered):
 def test_pet_is_fused_as_a_reader_windows_it(rendered):
     """Above SUV 2.5 the PET shows in hot-iron colours; the soft tissue (SUV 1.2, like the blood pool) leaves the
     CT grey: the PET does not paint the whole body."""
-    img = read_png(rendered["axial_pet"])
+    img = headless_slicer.read_png(rendered["axial_pet"])
     hot, tissue = rendered["pixels"]["4R"], rendered["pixels"]["tissue"]
     r, g, b = _patch(img, hot.x, hot.y)
     assert r > 180 and g > 150 and r > b + 40, (r, g, b)  # SUV 9: yellow-white over the CT
@@ -130,7 +119,7 @@ def _saturated(img: np.ndarray, colour: str) -> np.ndarray:
 def test_probability_legend_is_drawn_at_its_place(rendered):
     """The colour bar: red (p = 1) at the top, yellow in the middle, green (p = 0) at the bottom, inside the box
     given by the legend node; the same view with the legend hidden has none of these colours there."""
-    img = read_png(rendered["axial"])
+    img = headless_slicer.read_png(rendered["axial"])
     x0, y0, x1, y1 = rendered["legend"]
     assert 0 <= x0 < x1 <= rendered["size"] and 0 <= y0 < y1 <= rendered["size"], rendered["legend"]
     box = img[y0:y1, x0:x1]
@@ -146,13 +135,13 @@ def test_probability_legend_is_drawn_at_its_place(rendered):
     assert columns[0] & columns[1] & columns[2]
     # labels: light text left of the bar
     assert (box.min(axis=2) > 200).sum() >= 30
-    control = read_png(rendered["axial_no_legend"])[y0:y1, x0:x1]
+    control = headless_slicer.read_png(rendered["axial_no_legend"])[y0:y1, x0:x1]
     for colour in ("red", "yellow", "green"):
         assert _saturated(control, colour).sum() == 0, colour
 
 
 def test_threed_view_shows_station_surfaces(rendered):
-    img = read_png(rendered["threed"])
+    img = headless_slicer.read_png(rendered["threed"])
     x, y = (int(round(v)) for v in rendered["pixel_3d"])
     assert 0 <= x < rendered["size"] and 0 <= y < rendered["size"]
     r, g, b = _patch(img, x, y, 2)
@@ -188,5 +177,5 @@ def test_screenshot_script_renders_a_phantom_case(tmp_path, monkeypatch):
                           width=480, height=270, colors=64)
     assert set(shots.files) == {"axial", "coronal", "threed"} and shots.station in positive
     for path in shots.files.values():
-        img = read_png(path)
+        img = headless_slicer.read_png(path)
         assert img.shape == (270, 480, 3) and img.std() > 20, path
