@@ -20,7 +20,7 @@ from .. import __version__
 from ..errors import Cancelled
 from ..io.files import write_image
 from ..mapping.crop import check_pet_covers, mediastinal_crop
-from ..paths import demo_model_path
+from ..paths import BUNDLED_MODELS, DEMO_MODEL
 from ..preflight.case import check_case
 from ..preflight.memory import check_memory, estimate_memory
 from ..preflight.parameters import check_device, check_model, check_out, check_rules, check_threshold, check_tta
@@ -75,8 +75,10 @@ def assess_case(
 
     ``anatomy``: precomputed label map (file, folder of masks or image); None runs TotalSegmentator.
     ``model``: checkpoint (None: the bundled demo model). ``atlases``: atlas set folder or a loaded ``AtlasSet``
-    (reused between cases, it keeps its prepared registration data; None: the bundled synthetic set). ``station_mapping``: a mapping computed before (skips registration). With ``out_dir`` the result JSON,
-    CSV, station map, mapping files and the PNG overview are written there.
+    (reused between cases, it keeps its prepared registration data; None: ``$LNSTAGING_ATLASES`` or the synthetic
+    demo set, see ``mapping.atlas.resolve_atlas_set``). ``station_mapping``: a mapping computed before (skips
+    registration). With ``out_dir`` the result JSON, CSV, station map, mapping files and the PNG overview are written
+    there.
     """
     # 0. options and the output folder, before any file is read
     side = parse_side(side, "side")
@@ -173,7 +175,7 @@ def assess_case(
             result.warnings.append(f"station {st.name} was not found by the station mapping")
     result.warnings.extend(getattr(station_mapping, "warnings", []))
     model_sha = file_sha256(model_path)
-    demo_model = model_sha == file_sha256(demo_model_path()) if demo_model_path().is_file() else False
+    demo_model = model_sha == BUNDLED_MODELS[DEMO_MODEL.name]  # a copy or a renamed demo model too
     synthetic = getattr(station_mapping, "atlas_set", {}).get("synthetic", getattr(atlases, "synthetic", None))
     result.set_provenance(synthetic, demo_model)
     result.model = {"path": str(model_path), "sha256": model_sha,

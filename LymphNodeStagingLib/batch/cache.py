@@ -15,7 +15,7 @@ under its final name is always whole) and every output file it lists exists with
 reused when it is complete and its key equals the current key; a changed parameter changes the key of that step
 and of every step downstream of it, so exactly those are computed again.
 
-Leftovers of a killed run (``.NAME.XXXX.part`` temporary files and folders, ``.NAME.old``) are removed by
+Leftovers of a killed run (``.NAME.<random>.part`` temporary files and folders, ``.NAME.old``) are removed by
 ``clean_partial`` before a case is worked on; they never look complete.
 """
 
