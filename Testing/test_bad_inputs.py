@@ -147,27 +147,27 @@ def other_architecture(w: Path, g: dict) -> Path:
     return p
 
 
-def tampered(w: Path, g: dict) -> Path:
-    import torch
+def edited_checkpoint(name: str, edit: Callable[[dict], None]) -> Callable[[Path, dict], Path]:
+    """A copy of the good model with ``edit`` applied to its payload (the embedded hashes left as they were)."""
+    def make(w: Path, g: dict) -> Path:
+        import torch
 
-    payload = torch.load(g["model"], weights_only=True)
+        payload = torch.load(g["model"], weights_only=True)
+        edit(payload)
+        p = w / "bad" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, p)
+        return p
+    return make
+
+
+def _change_a_weight(payload: dict) -> None:
     name = sorted(payload["state_dict"])[0]
     payload["state_dict"][name] = payload["state_dict"][name] + 0.5
-    p = w / "bad" / "tampered.pt"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, p)
-    return p
 
 
-def wrong_kind(w: Path, g: dict) -> Path:
-    import torch
-
-    payload = torch.load(g["model"], weights_only=True)
-    payload["manifest"]["kind"] = "segmenter"
-    p = w / "bad" / "kind.pt"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, p)
-    return p
+tampered = edited_checkpoint("tampered.pt", _change_a_weight)
+wrong_kind = edited_checkpoint("kind.pt", lambda payload: payload["manifest"].update(kind="segmenter"))
 
 
 def bytes_file(name: str, data: bytes) -> Callable[[Path, dict], Path]:

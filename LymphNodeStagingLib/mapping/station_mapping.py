@@ -409,7 +409,7 @@ def write_overlay(ct: sitk.Image, mapping: StationMapping, path: str | Path) -> 
     return write_figure(fig, path, dpi=90)
 
 
-__all__ = ["InputError", "StationMapping", "atlas_station_volumes", "check_plausibility", "map_stations", "write_overlay"]
+__all__ = ["StationMapping", "atlas_station_volumes", "check_plausibility", "map_stations", "write_overlay"]
 
 
 def write_station_mapping(mapping, folder: str | Path) -> None:
