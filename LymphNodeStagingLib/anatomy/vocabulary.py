@@ -127,7 +127,7 @@ def _relabel(arr: np.ndarray, id_to_name: dict[int, str], source: str) -> tuple[
     for v in present:
         if v not in id_to_name:
             raise InputError(f"{source}: label value {v} has no name in the label table; expected ids of the "
-                               "table (v1, v2 or a label file)")
+                             "table (v1, v2 or a label file)")
         target = id_of(id_to_name[v])
         if target is None:
             dropped.append(id_to_name[v])
@@ -250,12 +250,12 @@ def _load_folder(folder: Path) -> sitk.Image:
             out = np.zeros(sitk.GetArrayViewFromImage(m).shape, dtype=np.uint16)
         elif m.GetSize() != ref.GetSize():
             raise InputError(f"{p}: size {m.GetSize()} differs from {files[0].name} {ref.GetSize()}; expected masks "
-                               "on one grid")
+                             "on one grid")
         sel = sitk.GetArrayViewFromImage(m) > 0
         out[sel & (out == 0)] = target
     if ref is None:
         raise InputError(f"{folder}: none of the {len(files)} mask names is a TotalSegmentator v1/v2 structure "
-                           f"(e.g. {', '.join(unknown[:5])})")
+                         f"(e.g. {', '.join(unknown[:5])})")
     if unknown:
         log.warning("%s: masks not in the anatomy vocabulary, ignored: %s", folder, ", ".join(unknown))
     img = sitk.GetImageFromArray(out)

@@ -102,7 +102,7 @@ def write_dicom_seg(station_map: sitk.Image, result: CaseResult, ct_dicom_dir: s
     present = [st for st in STATIONS if np.any(array == st.label)]
     if not present:
         raise InputError(f"station map has no station voxels inside CT series {series.info.label()}; "
-                            "expected label values 1..17 overlapping the CT")
+                         "expected label values 1..17 overlapping the CT")
     descriptions = []
     masks = np.zeros(array.shape + (len(present),), dtype=bool)
     for number, st in enumerate(present, start=1):

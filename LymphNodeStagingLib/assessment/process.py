@@ -73,7 +73,7 @@ class AssessmentJob:
         missing = sorted(k for k in ("ct", "pet", "side", "out_dir") if not data.get(k))
         if unknown or missing:
             raise ProcessingError(f"{source}: unknown keys {unknown}, missing keys {missing}; expected "
-                                         f"keys among {sorted(known)}")
+                                  f"keys among {sorted(known)}")
         return cls(**data)
 
     def write(self, path: str | Path) -> Path:
@@ -314,7 +314,7 @@ def child_main(argv: list[str] | None = None) -> int:
     try:
         if len(argv) != 1:
             raise ProcessingError(f"usage: python -m LymphNodeStagingLib.assessment.process JOB.json "
-                                         f"(got {len(argv)} arguments)")
+                                  f"(got {len(argv)} arguments)")
         job = AssessmentJob.read(argv[0])
         return _run_job(job)
     except LNSError as exc:

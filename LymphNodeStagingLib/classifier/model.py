@@ -47,10 +47,10 @@ class ModelConfig:
             raise UsageError(f"patch_spacing must be > 0 mm, got {self.patch_spacing}")
         if not self.channels or len(self.channels) != len(self.dropout):
             raise UsageError(f"model channels {self.channels} and dropout {self.dropout} must be non-empty "
-                                   "and of the same length (one entry per block)")
+                             "and of the same length (one entry per block)")
         if self.patch_size < 2 ** len(self.channels):
             raise UsageError(f"patch_size {self.patch_size} is too small for {len(self.channels)} blocks "
-                                   f"(each halves the size; need >= {2 ** len(self.channels)})")
+                             f"(each halves the size; need >= {2 ** len(self.channels)})")
         if self.in_channels < 1 or self.station_embedding_dim < 0 or self.head_hidden < 1:
             raise UsageError(f"invalid model configuration {self}")
 
@@ -235,7 +235,7 @@ def predict_stations(model: nn.Module, patches: np.ndarray | torch.Tensor, stati
     st = torch.as_tensor(np.asarray(stations), dtype=torch.long)
     if x.ndim != 5 or len(st) != len(x):
         raise UsageError(f"patches must be (S, C, D, H, W) with one station index each, got {tuple(x.shape)} "
-                               f"and {len(st)} indices")
+                         f"and {len(st)} indices")
     out = []
     try:
         for i in range(0, len(x), batch_size):

@@ -188,7 +188,7 @@ def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
     n_text = row.extra.get("true_n_stage", "").strip()
     if not n_text:
         raise UsageError(f"line {row.line} ({row.scan_id}): --reference truth needs the columns true_n_stage "
-                              "and true_positive_stations (written by `lnstaging phantom`)")
+                         "and true_positive_stations (written by `lnstaging phantom`)")
     from ..staging.stations import parse_station_list
 
     labels = np.zeros(NUM_STATIONS, dtype=np.int64)

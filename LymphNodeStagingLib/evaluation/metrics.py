@@ -223,7 +223,7 @@ class ScanPrediction:
         if self.station_true.shape != self.station_prob.shape or (
                 self.station_pred is not None and self.station_pred.shape != self.station_true.shape):
             raise UsageError(f"scan {self.scan_id!r}: station_true, station_prob and station_pred must have the "
-                               f"same shape, got {self.station_true.shape}, {self.station_prob.shape}")
+                             f"same shape, got {self.station_true.shape}, {self.station_prob.shape}")
         for name in ("n_true", "n_pred"):
             v = getattr(self, name)
             if v is None or int(v) not in range(N_CLASSES):
@@ -261,7 +261,7 @@ def aggregate_per_patient(scans: Sequence[ScanPrediction], threshold: float = 0.
         neg = np.any(known & (truth == 0), axis=0)
         if np.any(pos & neg):
             raise UsageError(f"patient {pid!r}: scans disagree on the label of station index "
-                               f"{np.flatnonzero(pos & neg).tolist()}")
+                             f"{np.flatnonzero(pos & neg).tolist()}")
         st_true = np.where(pos, 1, np.where(neg, 0, UNKNOWN))
         n_true = {s.n_true for s in items}
         if len(n_true) != 1:

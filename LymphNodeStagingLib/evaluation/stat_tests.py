@@ -122,7 +122,7 @@ def paired_permutation_test(
     t, a, b = (np.asarray(v).ravel() for v in (y_true, pred_a, pred_b))
     if not (t.shape == a.shape == b.shape) or t.size == 0:
         raise UsageError(f"y_true, pred_a and pred_b must be non-empty with equal lengths, "
-                            f"got {t.size}, {a.size}, {b.size}")
+                         f"got {t.size}, {a.size}, {b.size}")
     for name, v in (("y_true", t), ("pred_a", a), ("pred_b", b)):
         if np.any((v < 0) | (v >= N_CLASSES)) or np.any(v != np.round(v)):
             raise UsageError(f"{name} must hold N-stages 0..3")
@@ -209,7 +209,7 @@ def compare_methods(
         only_a = sorted(set(keyed_a) - set(keyed_b), key=str)[:3]
         only_b = sorted(set(keyed_b) - set(keyed_a), key=str)[:3]
         raise UsageError(f"{method_a} and {method_b} were not evaluated on the same test scans and folds "
-                            f"(only {method_a}: {only_a}; only {method_b}: {only_b})")
+                         f"(only {method_a}: {only_a}; only {method_b}: {only_b})")
     keys = sorted(keyed_a, key=str)
     sa = [keyed_a[k] for k in keys]
     sb = [keyed_b[k] for k in keys]

@@ -160,7 +160,7 @@ class DicomSeries:
                                  "an uncompressed or decodable single-frame image") from exc
             if arr.ndim != 2:
                 raise InputError(f"{path}: expected a single-frame image, got PixelData of shape {arr.shape}; "
-                                       "multi-frame (enhanced) images are not supported")
+                                 "multi-frame (enhanced) images are not supported")
             out.append(arr)
         return out
 

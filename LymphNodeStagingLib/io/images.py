@@ -40,7 +40,7 @@ def read_image_file(path: str | Path, pixel_type=sitk.sitkFloat32) -> sitk.Image
         raise InputError(f"{path}: cannot be read as an image: {exc}") from exc
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: expected a 3D scalar image, got dimension {img.GetDimension()} with "
-                           f"{img.GetNumberOfComponentsPerPixel()} components")
+                         f"{img.GetNumberOfComponentsPerPixel()} components")
     return sitk.Cast(img, pixel_type) if pixel_type is not None else img
 
 
@@ -82,14 +82,14 @@ def check_same_space(ct: sitk.Image, pet: sitk.Image, ct_for: str | None = None,
     """Refuse PET/CT pairs from different frames of reference or without physical overlap; returns the overlap."""
     if ct_for and pet_for and ct_for != pet_for:
         raise InputError(f"FrameOfReferenceUID (0020,0052) differs: {names[0]} has {ct_for}, {names[1]} has "
-                           f"{pet_for}; expected PET and CT of one acquisition in one patient space")
+                         f"{pet_for}; expected PET and CT of one acquisition in one patient space")
     frac = overlap_fraction(ct, pet)
     if frac <= 0.0:
         lo1, hi1 = physical_bounds(ct)
         lo2, hi2 = physical_bounds(pet)
         raise InputError(f"PET and CT do not overlap in patient space: {names[0]} spans {np.round(lo1, 1)}.."
-                           f"{np.round(hi1, 1)} mm, {names[1]} spans {np.round(lo2, 1)}..{np.round(hi2, 1)} mm")
+                         f"{np.round(hi1, 1)} mm, {names[1]} spans {np.round(lo2, 1)}..{np.round(hi2, 1)} mm")
     if frac < min_overlap:
         raise InputError(f"PET and CT overlap in only {frac:.1%} of the smaller volume ({names[0]}, {names[1]}); "
-                           "expected the same body region")
+                         "expected the same body region")
     return frac

@@ -64,7 +64,7 @@ def mediastinal_crop(anatomy: sitk.Image | None = None, *, stations: sitk.Image 
         trachea = np.isin(arr, ids_for("trachea"))
         if not lungs.any() or not trachea.any():
             raise InputError("CT is not a thorax (no lungs/trachea found in the anatomy label map): "
-                               f"lung voxels {int(lungs.sum())}, trachea voxels {int(trachea.sum())}")
+                             f"lung voxels {int(lungs.sum())}, trachea voxels {int(trachea.sum())}")
         sel = lungs | trachea | np.isin(arr, ids_for("heart"))
         mask = sitk.GetImageFromArray(sel.astype(np.uint8))
         mask.CopyInformation(anatomy)

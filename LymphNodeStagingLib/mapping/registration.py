@@ -97,13 +97,13 @@ class RegistrationConfig:
                 f"levels_mm {self.levels_mm} and iterations {self.iterations}: expected the same non-zero length")
         if any(s <= 0 for s in (*self.levels_mm, self.affine_mm)):
             raise InputError(f"levels_mm {self.levels_mm}, affine_mm {self.affine_mm}: expected positive "
-                                    "spacings in mm")
+                             "spacings in mm")
         if any(int(n) < 0 for n in self.iterations) or self.affine_iterations < 0:
             raise InputError(f"iterations {self.iterations}, affine_iterations {self.affine_iterations}: "
-                                    "expected non-negative counts")
+                             "expected non-negative counts")
         if self.step <= 0 or int(self.field_factor) < 1 or self.squarings < 0:
             raise InputError(f"step {self.step}, field_factor {self.field_factor}, squarings {self.squarings}: "
-                                    "expected step > 0, field_factor >= 1, squarings >= 0")
+                             "expected step > 0, field_factor >= 1, squarings >= 0")
         if min(self.channel_sigma, self.fluid_sigma, self.smooth_sigma, self.channel_margin_mm) < 0:
             raise InputError("channel_sigma, fluid_sigma, smooth_sigma and channel_margin_mm must be >= 0")
 
@@ -339,7 +339,7 @@ def initial_transform(patient: dict[int, np.ndarray], atlas: dict[int, np.ndarra
     common = [i for i in patient if i in atlas]
     if not common:
         raise InputError("patient and atlas anatomy share no landmark structure "
-                                f"(expected some of the ids {list(LANDMARK_IDS)})")
+                         f"(expected some of the ids {list(LANDMARK_IDS)})")
     src = np.array([patient[i] for i in common])
     dst = np.array([atlas[i] for i in common])
     m = np.eye(4)

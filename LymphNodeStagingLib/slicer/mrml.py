@@ -140,7 +140,7 @@ def image_from_volume_node(node) -> sitk.Image:
     scalars = data.GetPointData().GetScalars()
     if scalars.GetNumberOfComponents() != 1:
         raise InputError(f"volume {node.GetName()!r}: expected one scalar component, got "
-                              f"{scalars.GetNumberOfComponents()}")
+                         f"{scalars.GetNumberOfComponents()}")
     array = numpy_support.vtk_to_numpy(scalars).reshape(nz, ny, nx)
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
@@ -492,7 +492,7 @@ def result_from_node(seg_node) -> CaseResult:
     text = seg_node.GetAttribute(ATTR_RESULT) if seg_node is not None else None
     if not text:
         raise InputError(f"node {seg_node.GetName() if seg_node else None!r} holds no LymphNodeStaging result "
-                              f"(attribute {ATTR_RESULT} missing)")
+                         f"(attribute {ATTR_RESULT} missing)")
     return CaseResult.from_dict(json.loads(text))
 
 

@@ -327,10 +327,10 @@ def _radiopharmaceutical(ds: pydicom.Dataset) -> pydicom.Dataset:
     seq = _value(ds, "RadiopharmaceuticalInformationSequence")
     if not seq:
         raise InputError("RadiopharmaceuticalInformationSequence (0054,0016) is missing or empty; it holds the "
-                       "injected dose, half-life and injection time")
+                         "injected dose, half-life and injection time")
     if len(seq) > 1:
         raise InputError(f"RadiopharmaceuticalInformationSequence (0054,0016) has {len(seq)} items; expected one "
-                       "(several radiopharmaceuticals are ambiguous)")
+                         "(several radiopharmaceuticals are ambiguous)")
     return seq[0]
 
 
@@ -338,7 +338,7 @@ def _weight(ds: pydicom.Dataset, prov: SuvProvenance) -> float:
     w = _number(ds, "PatientWeight")
     if w is None or w <= 0:
         raise InputError(f"PatientWeight (0010,1030) is missing, empty or not positive ({w!r}); SUVbw needs the "
-                       "patient's weight in kg and a weight is never assumed")
+                         "patient's weight in kg and a weight is never assumed")
     prov.tags["PatientWeight"] = w
     if w >= WEIGHT_GRAM_LIMIT:
         prov.warnings.append(f"PatientWeight (0010,1030) = {w} >= {WEIGHT_GRAM_LIMIT:g}: taken as grams")
@@ -351,7 +351,7 @@ def _dose(item: pydicom.Dataset, prov: SuvProvenance) -> float:
     d = _number(item, "RadionuclideTotalDose")
     if d is None or d <= 0:
         raise InputError(f"RadionuclideTotalDose (0018,1074) is missing or not positive ({d!r}); expected the "
-                       "injected activity in Bq")
+                         "injected activity in Bq")
     prov.tags["RadionuclideTotalDose"] = d
     if d < DOSE_MBQ_LIMIT:
         prov.warnings.append(f"RadionuclideTotalDose (0018,1074) = {d} < {DOSE_MBQ_LIMIT:g}: taken as MBq")
@@ -376,7 +376,7 @@ def _half_life(item: pydicom.Dataset, prov: SuvProvenance) -> float:
             prov.half_life_s = t
             return t
     raise InputError("RadionuclideHalfLife (0018,1075) is missing and RadionuclideCodeSequence (0054,0300) names "
-                   "no known radionuclide; expected the half-life in s")
+                     "no known radionuclide; expected the half-life in s")
 
 
 def _acquisition_datetimes(headers: list[pydicom.Dataset]) -> list[dt.datetime] | None:
@@ -466,7 +466,7 @@ def _reference_time(headers: list[pydicom.Dataset], half_life: float, prov: SuvP
     spread = float(np.max(np.abs(offsets - med)))
     if spread > BACKCOMPUTE_TOL_S:
         raise InputError(f"FrameReferenceTime (0054,1300): back-computed reference times of the slices disagree by "
-                       f"up to {spread:.1f} s (tolerance {BACKCOMPUTE_TOL_S:g} s); expected one series reference")
+                         f"up to {spread:.1f} s (tolerance {BACKCOMPUTE_TOL_S:g} s); expected one series reference")
     if spread > 1.0:
         prov.warnings.append(f"back-computed reference times differ by up to {spread:.1f} s; median used")
     prov.reference_source = ("back-computed: AcquisitionDate/Time + decay-weighted mid-frame of ActualFrameDuration"
@@ -501,7 +501,7 @@ def _administration_time(item: pydicom.Dataset, ref: dt.datetime, prov: SuvProve
                                   "day (scan across midnight)")
     else:
         raise InputError("RadiopharmaceuticalStartDateTime (0018,1078) and RadiopharmaceuticalStartTime (0018,1072) "
-                       "are both missing; the injection time is required for decay correction")
+                         "are both missing; the injection time is required for decay correction")
     delta = (ref - t_adm).total_seconds()
     if not 0.0 <= delta < 86400.0:
         raise InputError(
@@ -515,17 +515,17 @@ def _corrected_image(ds: pydicom.Dataset, decay: str) -> None:
     ci = _value(ds, "CorrectedImage")
     if ci is None:
         raise InputError("CorrectedImage (0028,0051) is missing; expected ATTN (attenuation corrected) and, for "
-                       f"DecayCorrection {decay}, DECY")
+                         f"DecayCorrection {decay}, DECY")
     values = {str(v).upper() for v in (ci if isinstance(ci, list | tuple | pydicom.multival.MultiValue) else [ci])}
     if "ATTN" not in values:
         raise InputError(f"CorrectedImage (0028,0051) = {sorted(values)} lacks ATTN; SUV needs attenuation-corrected PET")
     decayed = bool(values & {"DECY", "DECAY"})
     if decay in ("START", "ADMIN") and not decayed:
         raise InputError(f"CorrectedImage (0028,0051) = {sorted(values)} lacks DECY but DecayCorrection (0054,1102) "
-                       f"is {decay}; the two tags contradict each other")
+                         f"is {decay}; the two tags contradict each other")
     if decay == "NONE" and decayed:
         raise InputError(f"CorrectedImage (0028,0051) = {sorted(values)} contains DECY but DecayCorrection (0054,1102) "
-                       "is NONE; the two tags contradict each other")
+                         "is NONE; the two tags contradict each other")
 
 
 def _philips_factor(ds: pydicom.Dataset, tag) -> float | None:
@@ -600,7 +600,7 @@ def _qiba_factors(headers: list[pydicom.Dataset], mode: str) -> tuple[np.ndarray
                 ref_mass = ideal_body_weight(height, _sex(h0, why))
             else:
                 raise InputError(f"SUVType (0054,1006) = {suv_type} is not supported; expected BW, LBM, LBMJAMES128, "
-                               "LBMJANMA or IBW")
+                                 "LBMJANMA or IBW")
             factor = w / ref_mass
             prov.decisions.append(f"Units GML with SUVType {suv_type}: SUVbw = SUV * W / {ref_mass:.3f} kg")
         return _finish(np.full(n, factor), prov)
@@ -636,7 +636,7 @@ def _qiba_factors(headers: list[pydicom.Dataset], mode: str) -> tuple[np.ndarray
                              f"non-zero on every slice (e.g. not in {missing}); counts cannot be converted to SUV")
     elif units != "BQML":
         raise InputError(f"Units (0054,1001) = {units} cannot be converted to SUVbw; expected BQML, CNTS (Philips), "
-                       "GML or CM2ML")
+                         "GML or CM2ML")
 
     item = _radiopharmaceutical(h0)
     w = _weight(h0, prov)

@@ -76,7 +76,7 @@ class CaseSample:
         labels = np.asarray(self.station_labels, dtype=np.int64).reshape(-1)
         if labels.shape != (NUM_STATIONS,) or not np.isin(labels, (0, 1, UNKNOWN)).all():
             raise UsageError(f"station_labels of {self.patient_id} must be {NUM_STATIONS} values in 1/0/-1, "
-                                f"got {labels.tolist()}")
+                             f"got {labels.tolist()}")
         self.station_labels = labels
 
     @property
@@ -489,7 +489,7 @@ def _init_model(strategy: str, mconfig: ModelConfig, seed: int, init: str | Path
         for k in clf_keys:
             if init_config.get(k) != mconfig.to_dict().get(k):
                 raise UsageError(f"--init checkpoint {init}: model_config.{k} = {init_config.get(k)!r} differs "
-                                    f"from the requested {mconfig.to_dict().get(k)!r}")
+                                 f"from the requested {mconfig.to_dict().get(k)!r}")
         if ckpt.manifest["kind"] == "station":
             target = station_classifier_of(model)
             target.load_state_dict(ckpt.state_dict, strict=True)

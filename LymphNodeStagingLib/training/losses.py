@@ -67,7 +67,7 @@ def pseudo_label_loss(group_probs: torch.Tensor, targets: torch.Tensor) -> torch
     """
     if group_probs.shape != targets.shape:
         raise UsageError(f"group_probs {tuple(group_probs.shape)} and pseudo-label targets "
-                              f"{tuple(targets.shape)} must have the same shape")
+                         f"{tuple(targets.shape)} must have the same shape")
     targets = targets.to(group_probs.device)
     weights = inverse_frequency_weights(targets)
     total = group_probs.sum() * 0.0 + 0.0

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--iterations {args.iterations!r}: expected integers separated by commas") from None
         if len(its) != len(cfg.levels_mm):
             raise UsageError(f"--iterations {args.iterations!r}: expected {len(cfg.levels_mm)} values, one per level "
-                           f"({', '.join(f'{s:g} mm' for s in cfg.levels_mm)})")
+                             f"({', '.join(f'{s:g} mm' for s in cfg.levels_mm)})")
         cfg = RegistrationConfig(threads=cfg.threads, iterations=its)
     options.check_out(args)
     options.apply_runtime(args)
