@@ -74,9 +74,6 @@ class Calibration:
             out = q
         return np.where(nan, np.nan, out)
 
-    def apply_one(self, p: float | None) -> float | None:
-        return None if p is None else float(self.apply(np.array([p]))[0])
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("ece_before", "ece_after"):
