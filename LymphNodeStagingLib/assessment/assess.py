@@ -28,7 +28,7 @@ from ..runtime import Device, ProgressCallback, progress_part, reporter
 from ..staging.result import CaseResult, make_case_result
 from ..staging.rules import DEFAULT_RULES, parse_side
 from ..staging.stations import STATIONS
-from ..suv.statistics import station_suv_stats
+from ..suv.statistics import station_feature_array, station_suv_stats
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +146,17 @@ def assess_case(
     from ..classifier.patches import StationSampler
     from ..classifier.predict import predict_case
 
+    t1 = time.perf_counter()
+    stats = station_suv_stats(pet_img, station_map)  # reported, and the inputs of a hybrid classifier
+    timings["suv_stats"] = time.perf_counter() - t1
     sampler = StationSampler.from_sparse_maps(station_mapping.weight_maps)
     calibration = calibration_of(manifest, f"model {model_path}")
-    pred = predict_case(net, ct_img, pet_img, sampler, threshold=thr, tta=tta, seed=seed, calibration=calibration)
-    timings["classification"] = time.perf_counter() - t0
+    pred = predict_case(net, ct_img, pet_img, sampler, threshold=thr, tta=tta, seed=seed, calibration=calibration,
+                        features=station_feature_array(stats))
+    timings["classification"] = time.perf_counter() - t0 - timings["suv_stats"]
     check_cancel()
 
-    # 5. SUV figures and the result
-    t0 = time.perf_counter()
-    stats = station_suv_stats(pet_img, station_map)
-    timings["suv_stats"] = time.perf_counter() - t0
+    # 5. the result
     probs = {st.name: (float(pred.probabilities[st.index]) if pred.present[st.index] else None) for st in STATIONS}
     agreement = {k: (None if v is None or not np.isfinite(v) else float(v))
                  for k, v in station_mapping.agreement.items()}

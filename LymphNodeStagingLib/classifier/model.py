@@ -23,6 +23,13 @@ from ..staging.stations import NUM_STATIONS
 
 #: Number of N-stages (N0..N3) and of ordinal thresholds (N>=1, N>=2, N>=3).
 NUM_N_STAGES = 4
+#: Pooling of the K instance patches of a station, and normalisation layers of the encoder.
+POOLINGS = ("max", "noisy_or", "attention")
+NORMS = ("instance", "batch")
+#: Station features of the hybrid head, in this order (raw values; the network reads log(1 + x / reference)):
+#: SUV 2.5 (the classic visual cut-off) and 10 ml map to log 2.
+HYBRID_FEATURES = ("suv_max", "suv_peak", "volume_ml")
+HYBRID_REFERENCE = (2.5, 2.5, 10.0)
 
 
 @dataclass
@@ -38,6 +45,11 @@ class ModelConfig:
     head_hidden: int = 32
     side_embedding_dim: int = 4
     rules: str = DEFAULT_RULES  # rule set of the ordinal (group-maximum) layer
+    # multiple-instance learning: K patches per station (1: one patch, the paper's), pooled to one station logit
+    instances: int = 1
+    pooling: str = "max"  # "max", "noisy_or" or "attention" (used when instances > 1)
+    hybrid: bool = False  # the final layer also receives the station's SUVmax, SUVpeak and volume
+    norm: str = "instance"  # "instance" (paper) or "batch": batch statistics keep absolute SUV levels
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -53,6 +65,14 @@ class ModelConfig:
                              f"(each halves the size; need >= {2 ** len(self.channels)})")
         if self.in_channels < 1 or self.station_embedding_dim < 0 or self.head_hidden < 1:
             raise UsageError(f"invalid model configuration {self}")
+        self.instances = int(self.instances)
+        self.hybrid = bool(self.hybrid)
+        if not 1 <= self.instances <= 64:
+            raise UsageError(f"instances (patches per station) must be 1..64, got {self.instances}")
+        if self.pooling not in POOLINGS:
+            raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.norm not in NORMS:
+            raise UsageError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,39 +100,99 @@ class ModelConfig:
 
 
 class ConvBlock(nn.Sequential):
-    """Conv3d 3^3 (no bias) -> InstanceNorm3d -> Dropout3d -> MaxPool3d(2) -> ReLU, in the paper's order."""
+    """Conv3d 3^3 (no bias) -> InstanceNorm3d -> Dropout3d -> MaxPool3d(2) -> ReLU, in the paper's order.
 
-    def __init__(self, cin: int, cout: int, dropout: float):
+    With ``norm="batch"`` a BatchNorm3d takes the InstanceNorm's place: instance normalisation rescales every patch's
+    feature maps to zero mean and unit variance, so a uniformly hotter patch looks like a colder one; batch
+    normalisation (running statistics at inference) keeps the absolute SUV level that the PET channel carries.
+    """
+
+    def __init__(self, cin: int, cout: int, dropout: float, norm: str = "instance"):
         super().__init__(
             nn.Conv3d(cin, cout, kernel_size=3, padding=1, bias=False),
-            nn.InstanceNorm3d(cout, affine=False),
+            nn.InstanceNorm3d(cout, affine=False) if norm == "instance" else nn.BatchNorm3d(cout),
             nn.Dropout3d(dropout),
             nn.MaxPool3d(2),
             nn.ReLU(),
         )
 
 
+def hybrid_inputs(features: torch.Tensor) -> torch.Tensor:
+    """Raw station features (..., 3) = SUVmax, SUVpeak, volume in ml -> network inputs log(1 + x / reference)
+    (``HYBRID_REFERENCE``), a scale on which SUV levels and volumes of nodes differ by units; NaN -> 0."""
+    ref = torch.tensor(HYBRID_REFERENCE, dtype=torch.float32, device=features.device)
+    return torch.log1p(torch.nan_to_num(features.float(), nan=0.0).clamp_min(0.0) / ref)
+
+
+def noisy_or_logit(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """logit of 1 - prod(1 - sigmoid(z_k)) over ``dim``, computed in log space (stable for large |z|)."""
+    log_none = -nn.functional.softplus(logits).sum(dim=dim)  # log prod(1 - p_k) = log P(no instance positive)
+    log_none = log_none.clamp(max=-1e-7)
+    return torch.log(-torch.expm1(log_none)) - log_none
+
+
 class StationClassifier(nn.Module):
-    """Patch (B, C, S, S, S) + station index (B,) -> malignancy logit (B,)."""
+    """Patches + station index (B,) [+ station features (B, 3)] -> malignancy logit (B,).
+
+    Patches are (B, C, S, S, S) for one patch per station or (B, K, C, S, S, S) for a bag of K patches
+    (multiple-instance learning). A bag is pooled to one station logit: ``max`` (the largest instance logit),
+    ``noisy_or`` (P = 1 - prod(1 - p_k)) or ``attention`` (attention-weighted mean of the instance features, then
+    the final layer). With ``hybrid`` the final layer also receives log(1 + SUVmax, SUVpeak, volume ml).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         blocks, cin = [], config.in_channels
         for cout, p in zip(config.channels, config.dropout, strict=True):
-            blocks.append(ConvBlock(cin, cout, p))
+            blocks.append(ConvBlock(cin, cout, p, config.norm))
             cin = cout
         self.encoder = nn.Sequential(*blocks, nn.AdaptiveAvgPool3d(1), nn.Flatten())
         self.feature_dim = cin
         emb = config.station_embedding_dim
         self.station_embedding = nn.Embedding(NUM_STATIONS, emb) if emb else None
-        self.fc = nn.Linear(cin + emb, 1)
+        n_hybrid = len(HYBRID_FEATURES) if config.hybrid else 0
+        self.fc = nn.Linear(cin + emb + n_hybrid, 1)
+        self.attention = (nn.Sequential(nn.Linear(cin, config.head_hidden), nn.Tanh(),
+                                        nn.Linear(config.head_hidden, 1))
+                          if config.instances > 1 and config.pooling == "attention" else None)
 
-    def forward(self, patches: torch.Tensor, station: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(patches)
+    def _extra(self, station: torch.Tensor, features: torch.Tensor | None, n: int) -> list[torch.Tensor]:
+        extra = []
         if self.station_embedding is not None:
-            feats = torch.cat([feats, self.station_embedding(station.long())], dim=1)
-        return self.fc(feats).squeeze(1)
+            extra.append(self.station_embedding(station.long()))
+        if self.config.hybrid:
+            if features is None:
+                raise UsageError("this station classifier is hybrid: it needs the station features "
+                                 f"{', '.join(HYBRID_FEATURES)} for every patch")
+            extra.append(hybrid_inputs(features).reshape(n, len(HYBRID_FEATURES)))
+        return extra
+
+    def instance_logits(self, patches: torch.Tensor, station: torch.Tensor,
+                        features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit of every instance patch (B, K) of bags (B, K, C, S, S, S) (max and noisy-OR pooling)."""
+        b, k = patches.shape[:2]
+        feats = self.encoder(patches.flatten(0, 1)).reshape(b, k, -1)
+        extra = self._extra(station, features, b)
+        if extra:
+            feats = torch.cat([feats, torch.cat(extra, dim=1).unsqueeze(1).expand(b, k, -1)], dim=2)
+        return self.fc(feats).squeeze(2)
+
+    def forward(self, patches: torch.Tensor, station: torch.Tensor,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        if patches.ndim == 5:
+            feats = self.encoder(patches)
+            return self.fc(torch.cat([feats, *self._extra(station, features, len(feats))], dim=1)).squeeze(1)
+        if patches.ndim != 6:
+            raise UsageError(f"patches must be (B, C, S, S, S) or bags (B, K, C, S, S, S), got {tuple(patches.shape)}")
+        if self.attention is None:
+            z = self.instance_logits(patches, station, features)
+            return z.amax(dim=1) if self.config.pooling == "max" or z.shape[1] == 1 else noisy_or_logit(z, dim=1)
+        b, k = patches.shape[:2]
+        h = self.encoder(patches.flatten(0, 1)).reshape(b, k, -1)
+        a = torch.softmax(self.attention(h).squeeze(2), dim=1)
+        pooled = (a.unsqueeze(2) * h).sum(dim=1)
+        return self.fc(torch.cat([pooled, *self._extra(station, features, b)], dim=1)).squeeze(1)
 
 
 @dataclass
@@ -183,8 +263,10 @@ class StagingModel(nn.Module):
         for p in self.classifier.parameters():
             p.requires_grad_(False)
 
-    def forward(self, patches: torch.Tensor, side: torch.Tensor, present: torch.Tensor) -> StagingOutput:
-        """patches (B, 17, C, S, S, S), side (B,) 0 = R / 1 = L, present (B, 17) bool."""
+    def forward(self, patches: torch.Tensor, side: torch.Tensor, present: torch.Tensor,
+                features: torch.Tensor | None = None) -> StagingOutput:
+        """patches (B, 17, C, S, S, S) or bags (B, 17, K, C, S, S, S), side (B,) 0 = R / 1 = L, present (B, 17)
+        bool, features (B, 17, 3) for a hybrid station classifier."""
         b, s = patches.shape[:2]
         if s != NUM_STATIONS:
             raise UsageError(f"staging model expects {NUM_STATIONS} station patches per patient, got {s}")
@@ -192,7 +274,8 @@ class StagingModel(nn.Module):
         station = torch.arange(NUM_STATIONS, device=patches.device).expand(b, -1)
         logits = self.absent_logit.expand(b, s).clone()
         if present.any():
-            logits[present] = self.classifier(patches[present], station[present]).to(logits.dtype)
+            feats = features[present] if features is not None else None
+            logits[present] = self.classifier(patches[present], station[present], feats).to(logits.dtype)
         side = side.long()
         head_in = torch.cat([logits, self.side_embedding(side)], dim=1)
         n_logits = self.head(head_in)
@@ -225,23 +308,25 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict_stations(model: nn.Module, patches: np.ndarray | torch.Tensor, stations: Sequence[int] | np.ndarray,
-                     batch_size: int = 17) -> np.ndarray:
-    """Malignancy probabilities (S,) for patches (S, C, D, H, W) of station indices (S,), in eval mode."""
+                     batch_size: int = 17, features: np.ndarray | None = None) -> np.ndarray:
+    """Malignancy probabilities (S,) for patches (S, C, D, H, W) or bags (S, K, C, D, H, W) of station indices (S,),
+    in eval mode; ``features`` (S, 3) raw SUVmax, SUVpeak, volume for a hybrid classifier."""
     clf = station_classifier_of(model)
     was_training = clf.training
     clf.eval()
     device = model_device(clf)
     x = torch.as_tensor(np.asarray(patches) if not isinstance(patches, torch.Tensor) else patches)
     st = torch.as_tensor(np.asarray(stations), dtype=torch.long)
-    if x.ndim != 5 or len(st) != len(x):
-        raise UsageError(f"patches must be (S, C, D, H, W) with one station index each, got {tuple(x.shape)} "
-                         f"and {len(st)} indices")
+    f = None if features is None else torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(len(st), -1)
+    if x.ndim not in (5, 6) or len(st) != len(x):
+        raise UsageError(f"patches must be (S, C, D, H, W) or (S, K, C, D, H, W) with one station index each, got "
+                         f"{tuple(x.shape)} and {len(st)} indices")
     out = []
     try:
         for i in range(0, len(x), batch_size):
-            logits = clf(x[i:i + batch_size].to(device, torch.float32), st[i:i + batch_size].to(device))
+            fi = None if f is None else f[i:i + batch_size].to(device)
+            logits = clf(x[i:i + batch_size].to(device, torch.float32), st[i:i + batch_size].to(device), fi)
             out.append(torch.sigmoid(logits).float().cpu())
     finally:
         clf.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
-

@@ -275,6 +275,27 @@ class StationSampler:
             pts = pts + rng.uniform(-0.5, 0.5, size=(k, 3)) @ st.voxel_axes_mm.T
         return pts
 
+    def bag(self, index: int, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """k patch centres (k, 3) in mm for one station: weighted random draws in training (``rng``), or at inference
+        (``rng`` None) deterministic ones spread over the station: the centroid, then farthest-point sampling over
+        the in-map points whose weight is at least the station's median weight (its inner half), so that a node
+        at the edge of a large station is covered. ``k`` = 1 at inference: the centroid alone."""
+        if rng is not None:
+            return self.sample(index, k, rng)
+        st = self._stations.get(int(index))
+        if st is None:
+            raise InputError(f"station index {index} is absent from the station map; it cannot be sampled")
+        out = [st.centroid_mm.astype(np.float64)]
+        if k > 1:
+            w = np.diff(st.cdf, prepend=0.0)
+            cand = st.points_mm[w >= np.median(w)].astype(np.float64)
+            dist = np.linalg.norm(cand - out[0], axis=1)
+            for _ in range(k - 1):
+                j = int(np.argmax(dist))
+                out.append(cand[j])
+                dist = np.minimum(dist, np.linalg.norm(cand - cand[j], axis=1))
+        return np.asarray(out)
+
     def bounding_box_mm(self, margin_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray] | None:
         """(low, high) corners of all in-map points plus a margin; None when no station is present."""
         if not self._stations:

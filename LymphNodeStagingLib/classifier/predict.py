@@ -34,11 +34,15 @@ class StationPrediction:
 
 def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image, sampler: StationSampler, *,
                  threshold: float = 0.5, tta: int = 0, seed: int = 0, spacing: float | None = None,
-                 batch_size: int = 17, calibration: Calibration | None = None) -> StationPrediction:
-    """Probabilities of the present stations of one case from their centroid patches (deterministic).
+                 batch_size: int = 17, calibration: Calibration | None = None,
+                 features: np.ndarray | None = None) -> StationPrediction:
+    """Probabilities of the present stations of one case from their centroid patches (deterministic); a
+    multiple-instance model sees the deterministic bag of ``StationSampler.bag`` per station, a hybrid one also
+    ``features`` (17, 3): SUVmax, SUVpeak and volume of each station (``suv.statistics.station_feature_array``).
 
     ``spacing`` (mm) defaults to the model's patch spacing. With ``tta`` > 0, ``tta`` further centres per station are
-    drawn from the station's weight map (seeded) and the probabilities of all patches are averaged. ``calibration``
+    drawn from the station's weight map (seeded; for a multiple-instance model ``tta`` further bags) and the
+    probabilities are averaged. ``calibration``
     (the checkpoint's, see :func:`~LymphNodeStagingLib.classifier.calibration.calibration_of`) maps the averaged
     probabilities to calibrated ones; ``threshold`` is on that scale.
     """
@@ -50,15 +54,21 @@ def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image, sampler: Sta
     spread = np.zeros(NUM_STATIONS)
     size = clf.config.patch_size
     spacing = clf.config.patch_spacing if spacing is None else float(spacing)
+    k = clf.config.instances
+    feats = None if features is None else np.asarray(features, dtype=np.float32)[idx]
+
+    def bags(points: np.ndarray) -> np.ndarray:
+        patches = extract_patches(ct, pet, points, size, spacing)
+        return patches if k == 1 else patches.reshape(len(idx), k, *patches.shape[1:])
+
     if idx.size:
-        p0 = predict_stations(clf, extract_patches(ct, pet, centres[idx], size, spacing), idx, batch_size)
+        p0 = predict_stations(clf, bags(np.concatenate([sampler.bag(i, k) for i in idx])), idx, batch_size, feats)
         probs[idx] = p0
         if tta > 0:
             rng = np.random.default_rng(seed)
-            pts = np.concatenate([sampler.sample(i, tta, rng) for i in idx])
-            st = np.repeat(idx, tta)
-            extra = predict_stations(clf, extract_patches(ct, pet, pts, size, spacing), st, batch_size)
-            allp = np.concatenate([p0[:, None], extra.reshape(len(idx), tta)], axis=1)
+            draws = [np.concatenate([sampler.bag(i, k, rng) for i in idx]) for _ in range(tta)]
+            extra = np.stack([predict_stations(clf, bags(d), idx, batch_size, feats) for d in draws], axis=1)
+            allp = np.concatenate([p0[:, None], extra], axis=1)
             probs[idx] = allp.mean(axis=1)
             spread[idx] = allp.std(axis=1)
     if calibration is not None:

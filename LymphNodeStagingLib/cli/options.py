@@ -151,6 +151,24 @@ def add_pet_is_suv(p: argparse.ArgumentParser) -> None:
                    help=PET_IS_SUV_HELP)
 
 
+def add_classifier_options(p: argparse.ArgumentParser) -> None:
+    """Station-classifier variants: multiple-instance bags, pooling, the hybrid head, the normalisation."""
+    g = p.add_argument_group("station classifier")
+    g.add_argument("--instances", type=int, default=1, metavar="K",
+                   help="patches per station (multiple-instance learning; 1: one centred patch, default)")
+    g.add_argument("--pooling", choices=["max", "noisy_or", "attention"], default="max",
+                   help="pooling of the K patches of a station (default max)")
+    g.add_argument("--hybrid", action="store_true",
+                   help="the final layer also receives the station's SUVmax, SUVpeak and volume")
+    g.add_argument("--norm", choices=["instance", "batch"], default="instance",
+                   help="normalisation layers: instance (the paper's) or batch (keeps absolute SUV levels)")
+
+
+def classifier_options(args: argparse.Namespace) -> dict:
+    """ModelConfig options from :func:`add_classifier_options`."""
+    return {"instances": args.instances, "pooling": args.pooling, "hybrid": args.hybrid, "norm": args.norm}
+
+
 def add_compute_options(p: argparse.ArgumentParser) -> None:
     """--device, --threads and --json: what every command that computes takes."""
     add_device(p)

@@ -5,7 +5,12 @@ the TS1 model of the same fold, TS3 with the station classifier frozen), ``thres
 map, t chosen on the fold's training and validation patients) and ``lesion`` (lesion-mask overlap, the cohort's
 lesion_path). Ablations, each a method of its own: ``centroid`` (TS1 trained on fixed centroid patches instead of
 centres drawn from the weight map), ``no-pseudo`` (TS2 without the pseudo-label loss), ``rules`` (TS1's station
-decisions staged with the other rule set) and ``atlases=K`` (TS1 on station maps from the first K atlases).
+decisions staged with the other rule set), ``atlases=K`` (TS1 on station maps from the first K atlases) and the
+station-classifier variants ``mil-max``, ``mil-noisy-or``, ``mil-attention`` (multiple-instance learning over K
+patches per station, K = ``mil_instances``), ``hybrid`` (SUVmax, SUVpeak and volume enter the final layer) and
+``batchnorm`` (batch instead of instance normalisation, so that the network keeps absolute SUV levels); variants
+combine with ``+``, e.g. ``mil-attention+hybrid``. ``model`` options (the same keys) apply to every learned
+method, the variants on top.
 
 Layout of the output folder::
 
@@ -41,7 +46,12 @@ from ..staging.stations import NUM_STATIONS
 log = logging.getLogger(__name__)
 
 BASE_METHODS: tuple[str, ...] = ("ts1", "ts2", "ts3", "threshold", "lesion")
-ABLATIONS: tuple[str, ...] = ("centroid", "no-pseudo", "rules", "atlases=K")
+ABLATIONS: tuple[str, ...] = ("centroid", "no-pseudo", "rules", "atlases=K", "mil-max", "mil-noisy-or",
+                              "mil-attention", "hybrid", "batchnorm")
+#: Station-classifier variants (ModelConfig options), combinable with "+".
+VARIANTS: dict[str, dict] = {"mil-max": {"pooling": "max"}, "mil-noisy-or": {"pooling": "noisy_or"},
+                             "mil-attention": {"pooling": "attention"}, "hybrid": {"hybrid": True},
+                             "batchnorm": {"norm": "batch"}}
 PREDICTIONS_VERSION = 1
 
 
@@ -72,6 +82,8 @@ class EvaluationConfig:
     n_permutations: int = 10000
     suv_thresholds: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5)
     overlap_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
+    model: dict = field(default_factory=dict)  # ModelConfig options of every learned method (instances, ...)
+    mil_instances: int = 4  # K of the mil-* variants
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -83,13 +95,29 @@ class EvaluationConfig:
                 raise UsageError(f"--strategy {m!r} is not one of {', '.join(BASE_METHODS)}")
         for a in self.ablations:
             if a not in ("centroid", "no-pseudo", "rules") and not _atlas_count(a):
-                raise UsageError(f"--ablation {a!r} is not one of {', '.join(ABLATIONS)} (K a number >= 1)")
+                variant_options(a, self.mil_instances)
+        from ..classifier.model import ModelConfig
+
+        ModelConfig(**self.model)  # unknown keys or values: a usage error now, not after the first fold
         self.device = parse_device(self.device).torch
 
     def training_dict(self) -> dict:
         keys = ("epochs", "ts23_epochs", "batch_size", "max_steps_per_epoch", "ts23_batch_size", "ts23_max_steps",
-                "augment", "lr", "small", "patch_spacing", "seed")
+                "augment", "lr", "small", "patch_spacing", "seed", "model")
         return {k: getattr(self, k) for k in keys}
+
+
+def variant_options(ablation: str, instances: int = 4) -> dict:
+    """ModelConfig options of a station-classifier variant such as ``mil-attention+hybrid``."""
+    options: dict = {}
+    for part in ablation.split("+"):
+        if part not in VARIANTS:
+            raise UsageError(f"--ablation {ablation!r}: {part!r} is not one of {', '.join(ABLATIONS)} "
+                             "(K a number >= 1; variants combine with '+')")
+        options.update(VARIANTS[part])
+        if part.startswith("mil-"):
+            options["instances"] = int(instances)
+    return options
 
 
 def _atlas_count(ablation: str) -> int | None:
@@ -117,6 +145,7 @@ class MethodSpec:
     rules: str = DEFAULT_RULES
     atlases: int | None = None  # first K atlases of the set (None: all)
     depends_on: str | None = None  # the method whose model (init) or predictions (restage) it uses
+    model: dict = field(default_factory=dict)  # ModelConfig options on top of the run's
 
     def key(self, config: EvaluationConfig) -> dict:
         d = asdict(self)
@@ -151,6 +180,9 @@ def method_specs(config: EvaluationConfig) -> list[MethodSpec]:
         elif a == "rules":
             other = next(r for r in available_rule_sets() if r != rules)
             specs[f"ts1-{other}"] = MethodSpec(f"ts1-{other}", "restage", rules=other, depends_on="ts1")
+        elif not _atlas_count(a):
+            specs[f"ts1-{a}"] = MethodSpec(f"ts1-{a}", "ts1", rules=rules,
+                                           model=variant_options(a, config.mil_instances))
         else:
             k = _atlas_count(a)
             specs[f"ts1-atlases{k}"] = MethodSpec(f"ts1-atlases{k}", "ts1", rules=rules, atlases=k)
@@ -169,7 +201,7 @@ class EvalCase:
     sample: object  # training.CaseSample (cohort labels, used for training)
     ref_labels: np.ndarray  # (17,) reference station labels (1/0/-1)
     ref_n: int  # reference N-stage (0..3, -1 unknown)
-    suv_max: np.ndarray  # (17,) SUVmax per station, NaN where absent
+    suv_max: np.ndarray  # (17,) SUVmax per station, NaN where absent (also column 0 of sample.features)
     lesions: object | None  # baselines.LesionOverlap, None without a lesion mask
 
     @property
@@ -200,7 +232,6 @@ def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
 def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path | None, config: EvaluationConfig, need_lesions: bool,
                   progress: ProgressCallback | None = None) -> list[EvalCase]:
     """Images, cached station maps, samplers and baseline features of every row."""
-    from ..suv.statistics import station_suv_max
     from ..training.cases import prepare_case
     from ..training.loops import CaseSample
     from .baselines import lesion_overlap
@@ -211,9 +242,10 @@ def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path | None, config: Eva
             progress(Progress(i, max(len(rows), 1), f"preparing {row.scan_id} ({i + 1}/{len(rows)})"))
         prep = prepare_case(row, atlas_set, cache_dir, device=config.device, pet_is_suv=config.pet_is_suv)
         labels = row.station_labels()
+        features = prep.station_features()
         sample = CaseSample(patient_id=row.patient_id, ct=prep.ct, pet=prep.pet, sampler=prep.sampler,
                             side=row.tumour_side, n_stage=row.n_stage if row.n_stage is not None else UNKNOWN,
-                            station_labels=labels, study=row.study)
+                            station_labels=labels, study=row.study, features=features)
         lesions = None
         if need_lesions:
             if row.lesion_path is None:
@@ -224,8 +256,7 @@ def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path | None, config: Eva
 
             lesions = lesion_overlap(read_image_file(row.lesion_path, sitk.sitkUInt8), prep.station_map)
         ref_labels, ref_n = reference_labels(row, config.reference)
-        out.append(EvalCase(row, sample.cropped(), ref_labels, ref_n, station_suv_max(prep.pet, prep.station_map),
-                            lesions))
+        out.append(EvalCase(row, sample.cropped(), ref_labels, ref_n, features[:, 0].astype(float), lesions))
     return out
 
 
@@ -321,7 +352,8 @@ def _train_method(spec: MethodSpec, fold_dir: Path, train: Sequence[EvalCase], v
     from ..training.loops import train as train_model
     from ..training.losses import LossWeights
 
-    mconfig = ModelConfig.small(32, rules=spec.rules) if config.small else ModelConfig(rules=spec.rules)
+    options = {**config.model, **spec.model, "rules": spec.rules}
+    mconfig = ModelConfig.small(32, **options) if config.small else ModelConfig(**options)
     from ..training.loops import AugmentConfig
 
     ts23 = spec.kind in ("ts2", "ts3")
@@ -340,7 +372,8 @@ def _train_method(spec: MethodSpec, fold_dir: Path, train: Sequence[EvalCase], v
 def predict_model(checkpoint: Path, test: Sequence[EvalCase], rules_name: str | None = None,
                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict]:
     """Station probabilities, decisions (at the checkpoint's threshold), N-stage and stage probabilities of the
-    test cases from a TS1 (N from the rules) or TS2/TS3 checkpoint (N from the head), centroid patches."""
+    test cases from a TS1 (N from the rules) or TS2/TS3 checkpoint (N from the head, or from the rules when the
+    checkpoint's ``n_stage_from`` says so), with the deterministic patches (bags) of inference."""
     import torch
 
     from ..classifier.calibration import calibration_of
@@ -359,27 +392,30 @@ def predict_model(checkpoint: Path, test: Sequence[EvalCase], rules_name: str | 
         idx = np.flatnonzero(present)
         if not idx.size:
             continue
-        patches = case_patches(c.sample, idx.tolist(), None, size, spacing)
+        patches = case_patches(c.sample, idx.tolist(), None, size, spacing, instances=clf.config.instances)
         if n_prob is None:
-            probs[i, idx] = predict_stations(model, patches, idx)
+            probs[i, idx] = predict_stations(model, patches, idx, features=c.sample.station_features(idx))
         else:
             full = np.zeros((NUM_STATIONS, *patches.shape[1:]), dtype=np.float32)
             full[idx] = patches
             dev = next(model.parameters()).device
+            feats = torch.from_numpy(c.sample.station_features(range(NUM_STATIONS)))[None].to(dev)
             with torch.no_grad():
                 out = model(torch.from_numpy(full)[None].to(dev),
                             torch.tensor([SIDE_INDEX[c.sample.side]], device=dev),
-                            torch.from_numpy(present)[None].to(dev))
+                            torch.from_numpy(present)[None].to(dev), feats)
             probs[i, idx] = out.station_probs[0].cpu().numpy()[idx]
             n_prob[i] = torch.softmax(out.n_logits[0], 0).cpu().numpy()
     calibration = calibration_of(manifest, f"checkpoint {checkpoint}")
     probs = calibration.apply(probs)
     pred = probs >= thr
-    if n_prob is None:
+    n_from = "rules" if n_prob is None else manifest.get("n_stage_from", "head")
+    if n_from == "rules":
         n_pred = _stage(rules_name or manifest.get("rules") or DEFAULT_RULES, pred, [c.sample.side for c in test])
+        n_prob = None
     else:
         n_pred = n_prob.argmax(axis=1)
-    return probs, pred, n_pred, n_prob, {"threshold": thr, "epoch": manifest.get("epoch"),
+    return probs, pred, n_pred, n_prob, {"threshold": thr, "epoch": manifest.get("epoch"), "n_stage_from": n_from,
                                          "validation": manifest.get("metrics", {}), "calibration": calibration.method}
 
 
@@ -543,8 +579,9 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     for spec in specs:
         scans = scan_predictions(predictions[spec.name], cases_by_scan)
         scans_of[spec.name] = scans
-        stage_fn = _rule_stage_fn(spec.rules, sides) if spec.kind in ("ts1", "threshold", "lesion", "restage") \
-            else None
+        by_rules = spec.kind in ("ts1", "threshold", "lesion", "restage") or all(
+            fp.params.get("n_stage_from") == "rules" for fp in predictions[spec.name])
+        stage_fn = _rule_stage_fn(spec.rules, sides) if by_rules else None
         results[spec.name] = evaluate_method(spec.name, scans, stage_fn=stage_fn, n_boot=config.n_boot,
                                              seed=config.seed)
     comparisons = []

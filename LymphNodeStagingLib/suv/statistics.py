@@ -55,6 +55,18 @@ def station_suv_stats(pet: sitk.Image, station_map: sitk.Image, *, peak: bool = 
     return out
 
 
+#: Columns of :func:`station_feature_array` (the inputs of the hybrid station classifier).
+FEATURE_COLUMNS = ("suv_max", "suv_peak", "volume_ml")
+
+
+def station_feature_array(stats: dict[str, dict[str, float]]) -> np.ndarray:
+    """(17, 3) SUVmax, SUVpeak, volume in ml in station order from :func:`station_suv_stats`; NaN where absent."""
+    out = np.full((NUM_STATIONS, len(FEATURE_COLUMNS)), np.nan, dtype=np.float32)
+    for name, v in stats.items():
+        out[STATION_NAMES.index(name)] = [v.get(c, np.nan) for c in FEATURE_COLUMNS]
+    return out
+
+
 def station_suv_max(pet: sitk.Image, station_map: sitk.Image) -> np.ndarray:
     """SUVmax per station as an array (17,) in station order; NaN where the station is absent."""
     out = np.full(NUM_STATIONS, np.nan)

@@ -32,6 +32,12 @@ class PreparedCase:
     sampler: object  # patches.StationSampler
     from_cache: bool
 
+    def station_features(self) -> np.ndarray:
+        """(17, 3) SUVmax, SUVpeak, volume ml of every station in the fused map (NaN absent): the hybrid inputs."""
+        from ..suv.statistics import station_feature_array, station_suv_stats
+
+        return station_feature_array(station_suv_stats(self.pet, self.station_map))
+
 
 def prepare_case(row: CohortRow, atlas_set, cache_dir: str | Path | None = None, *, device: str = "cpu",
                  pet_is_suv: bool | str | None = None) -> PreparedCase:
@@ -76,7 +82,7 @@ def case_samples(rows: Sequence[CohortRow], atlas_set, cache_dir: str | Path | N
         labels = row.station_labels() if row.has_station_labels else np.full(NUM_STATIONS, -1, dtype=np.int64)
         sample = CaseSample(patient_id=row.patient_id, ct=prep.ct, pet=prep.pet, sampler=prep.sampler,
                             side=row.tumour_side, n_stage=row.n_stage if row.n_stage is not None else -1,
-                            station_labels=labels, study=row.study)
+                            station_labels=labels, study=row.study, features=prep.station_features())
         out.append(sample.cropped(crop_margin_mm))
     if progress:
         progress(Progress(len(rows), len(rows), "cases prepared"))

@@ -34,8 +34,10 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
                       sampling: str = "weight_map", pseudo_loss: bool = True, max_steps_per_epoch: int | None = None,
                       small: bool = False, atlases=None, rules: str | None = None, pet_is_suv: bool | str | None = None,
                       val_fraction: float = 0.2, device: str | Device = "cpu", patch_spacing: float | None = None,
-                      cache_dir: str | Path | None = None, progress: ProgressCallback | None = None):
-    """Train one strategy on a cohort CSV; returns training.TrainingResult."""
+                      cache_dir: str | Path | None = None, progress: ProgressCallback | None = None,
+                      model_options: dict | None = None, amp: bool = True, workers: int = 0):
+    """Train one strategy on a cohort CSV; returns training.TrainingResult. ``model_options``: ModelConfig options
+    (instances, pooling, hybrid, norm); ``amp`` and ``workers``: mixed precision and data-loading processes."""
     from ..classifier.model import ModelConfig
     from ..io.files import check_output
     from ..mapping.atlas import resolve_atlas_set
@@ -45,6 +47,12 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
 
     device = parse_device(device).torch
     check_rules(rules, "rules")
+    options = dict(model_options or {})
+    mconfig = ModelConfig.small(32, **options) if small else ModelConfig(**options)
+    loss = LossWeights() if pseudo_loss else LossWeights(pseudo=0.0)
+    tconfig = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, sampling=sampling, loss=loss,
+                          patch_spacing=patch_spacing, rules=rules, device=device,
+                          max_steps_per_epoch=max_steps_per_epoch, amp=amp, num_workers=workers)
     check_output(out_dir, folder=True, parameter="out_dir")
     if init is not None:
         check_model(init, parameter="init")  # loaded and verified before any case is prepared
@@ -58,9 +66,4 @@ def train_from_cohort(cohort_csv: str | Path, out_dir: str | Path, *, strategy: 
     cache = Path(cache_dir) if cache_dir else None
     train_cases = case_samples(train_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=progress)
     val_cases = case_samples(val_rows, atlas_set, cache, device=device, pet_is_suv=pet_is_suv, progress=progress)
-    mconfig = ModelConfig.small(32) if small else ModelConfig()
-    loss = LossWeights() if pseudo_loss else LossWeights(pseudo=0.0)
-    tconfig = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, sampling=sampling, loss=loss,
-                          patch_spacing=patch_spacing,
-                          rules=rules, device=device, max_steps_per_epoch=max_steps_per_epoch)
     return train(strategy, train_cases, val_cases, out_dir, mconfig, tconfig, init=init, progress=progress)

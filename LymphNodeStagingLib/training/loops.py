@@ -39,7 +39,7 @@ from ..errors import InputError, UsageError
 from ..runtime import Progress, ProgressCallback
 from ..staging.rules import UNKNOWN, load_rules, parse_n_stage, parse_side, pseudo_labels
 from ..staging.stations import NUM_STATIONS, STATION_NAMES
-from .losses import LossWeights, masked_bce, staging_loss
+from .losses import LossWeights, masked_bce, stage_class_weights, staging_loss
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class CaseSample:
     n_stage: int = UNKNOWN
     station_labels: np.ndarray | None = None
     study: str = ""
+    features: np.ndarray | None = None  # (17, 3) SUVmax, SUVpeak, volume ml per station (hybrid head); NaN absent
 
     def __post_init__(self) -> None:
         self.side = parse_side(self.side, f"tumour side of {self.patient_id}")
@@ -78,6 +79,18 @@ class CaseSample:
             raise UsageError(f"station_labels of {self.patient_id} must be {NUM_STATIONS} values in 1/0/-1, "
                              f"got {labels.tolist()}")
         self.station_labels = labels
+        if self.features is not None:
+            feats = np.asarray(self.features, dtype=np.float32)
+            if feats.shape != (NUM_STATIONS, 3):
+                raise UsageError(f"station features of {self.patient_id} must be (17, 3) (SUVmax, SUVpeak, volume), "
+                                 f"got {feats.shape}")
+            self.features = feats
+
+    def station_features(self, stations: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n, 3) raw features of the given station indices; NaN (read as 0) when the case has none."""
+        if self.features is None:
+            return np.full((len(stations), 3), np.nan, dtype=np.float32)
+        return self.features[np.asarray(stations, dtype=int)]
 
     @property
     def present(self) -> np.ndarray:
@@ -175,27 +188,34 @@ def random_transform(centre_mm: np.ndarray, rng: np.random.Generator, cfg: Augme
 
 
 def case_patches(case: CaseSample, stations: Sequence[int], rng: np.random.Generator | None, patch_size: int,
-                 spacing: float, sampling: str = "weight_map", augment: AugmentConfig | None = None) -> np.ndarray:
-    """Patches (len(stations), 2, s, s, s) of present stations: weighted random centres (training) or centroids.
+                 spacing: float, sampling: str = "weight_map", augment: AugmentConfig | None = None,
+                 instances: int = 1) -> np.ndarray:
+    """Patches (len(stations), 2, s, s, s) of present stations, or bags (len(stations), K, 2, s, s, s) with
+    ``instances`` K > 1: weighted random centres (training) or the deterministic ones of ``StationSampler.bag``.
 
-    ``rng`` None means inference: centroid patches, no augmentation.
+    ``rng`` None means inference: centroid (and spread) patches, no augmentation.
     """
     centres, transforms = [], []
+    k = max(int(instances), 1)
     for idx in stations:
-        if rng is None or sampling == "centroid":
-            c = case.sampler.centroid(idx)
-            if c is None:
-                raise InputError(f"station {STATION_NAMES[idx]} is absent from the station map of {case.patient_id}")
+        if not case.sampler.present[idx]:
+            raise InputError(f"station {STATION_NAMES[idx]} is absent from the station map of {case.patient_id}")
+        if sampling == "centroid":
+            cs = np.repeat(case.sampler.centroid(idx)[None], k, axis=0) if rng is not None \
+                else case.sampler.bag(idx, k)
         else:
-            c = case.sampler.sample(idx, 1, rng)[0]
-        centres.append(c)
-        transforms.append(random_transform(c, rng, augment, patch_size, spacing)
-                          if rng is not None and augment is not None else None)
+            cs = case.sampler.bag(idx, k, rng)
+        for c in cs:
+            centres.append(c)
+            transforms.append(random_transform(c, rng, augment, patch_size, spacing)
+                              if rng is not None and augment is not None else None)
     patches = extract_patches(case.ct, case.pet, np.asarray(centres).reshape(-1, 3), patch_size, spacing, transforms)
     if rng is not None and augment is not None and augment.enabled:
         for p in patches:
             if rng.random() < augment.p_noise:
                 p[0] += rng.normal(0.0, augment.noise_std, p[0].shape).astype(np.float32)
+    if k > 1:
+        return patches.reshape(len(stations), k, *patches.shape[1:])
     return patches
 
 
@@ -212,9 +232,10 @@ class StationPatchDataset(Dataset):
 
     def __init__(self, cases: Sequence[CaseSample], patch_size: int, spacing: float = DEFAULT_PATCH_SPACING,
                  sampling: str = "weight_map", augment: AugmentConfig | None = None, seed: int = 0,
-                 train: bool = True):
+                 train: bool = True, instances: int = 1):
         self.cases, self.patch_size, self.spacing = list(cases), patch_size, spacing
         self.sampling, self.augment, self.seed, self.train = sampling, augment, seed, train
+        self.instances = instances
         self.items: list[tuple[int, int, int]] = []
         skipped = 0
         for ci, c in enumerate(self.cases):
@@ -241,9 +262,11 @@ class StationPatchDataset(Dataset):
         epoch, position, item = key if isinstance(key, tuple) else (0, key, key)
         ci, si, label = self.items[item]
         rng = _rng(self.seed, epoch, position, 1) if self.train else None
-        patch = case_patches(self.cases[ci], [si], rng, self.patch_size, self.spacing, self.sampling, self.augment)[0]
+        case = self.cases[ci]
+        patch = case_patches(case, [si], rng, self.patch_size, self.spacing, self.sampling, self.augment,
+                             self.instances)[0]
         return {"patch": torch.from_numpy(patch), "station": torch.tensor(si), "label": torch.tensor(label),
-                "case": torch.tensor(ci)}
+                "features": torch.from_numpy(case.station_features([si])[0]), "case": torch.tensor(ci)}
 
 
 class CaseDataset(Dataset):
@@ -251,9 +274,10 @@ class CaseDataset(Dataset):
 
     def __init__(self, cases: Sequence[CaseSample], patch_size: int, spacing: float = DEFAULT_PATCH_SPACING,
                  sampling: str = "weight_map", augment: AugmentConfig | None = None, seed: int = 0,
-                 train: bool = True):
+                 train: bool = True, instances: int = 1):
         self.cases, self.patch_size, self.spacing = list(cases), patch_size, spacing
         self.sampling, self.augment, self.seed, self.train = sampling, augment, seed, train
+        self.instances = instances
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -269,10 +293,13 @@ class CaseDataset(Dataset):
         present = case.present
         idx = np.flatnonzero(present)
         s = self.patch_size
-        patches = np.zeros((NUM_STATIONS, 2, s, s, s), dtype=np.float32)
+        bag = (self.instances,) if self.instances > 1 else ()
+        patches = np.zeros((NUM_STATIONS, *bag, 2, s, s, s), dtype=np.float32)
         if idx.size:
-            patches[idx] = case_patches(case, idx.tolist(), rng, s, self.spacing, self.sampling, self.augment)
+            patches[idx] = case_patches(case, idx.tolist(), rng, s, self.spacing, self.sampling, self.augment,
+                                        self.instances)
         return {"patches": torch.from_numpy(patches), "present": torch.from_numpy(present),
+                "features": torch.from_numpy(case.station_features(range(NUM_STATIONS))),
                 "side": torch.tensor(SIDE_INDEX[case.side]), "n_stage": torch.tensor(case.n_stage),
                 "station_labels": torch.from_numpy(case.station_labels),
                 "pseudo": torch.from_numpy(case.pseudo_targets), "case": torch.tensor(item)}
@@ -338,6 +365,7 @@ class TrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     rules: str | None = None  # rule set for TS1 validation N-staging; None: the model's
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
+    amp: bool = True  # mixed precision (float16 autocast, gradient scaling) on a CUDA device; no effect on a CPU
     num_threads: int | None = None
     num_workers: int = 0
     max_steps_per_epoch: int | None = None
@@ -399,11 +427,13 @@ def evaluate_stations(model: nn.Module, cases: Sequence[CaseSample], patch_size:
     from ..classifier.model import predict_stations
 
     probs = np.full((len(cases), NUM_STATIONS), np.nan)
+    k = station_classifier_of(model).config.instances
     for i, c in enumerate(cases):
         idx = np.flatnonzero(c.present)
         if idx.size:
-            patches = case_patches(c, idx.tolist(), None, patch_size, spacing)
-            probs[i, idx] = predict_stations(model, patches, idx, batch_size=batch_size)
+            patches = case_patches(c, idx.tolist(), None, patch_size, spacing, instances=k)
+            probs[i, idx] = predict_stations(model, patches, idx, batch_size=batch_size,
+                                             features=c.station_features(idx))
     return _station_and_stage_metrics(cases, probs, rules, threshold)
 
 
@@ -432,14 +462,15 @@ def _station_and_stage_metrics(cases: Sequence[CaseSample], probs: np.ndarray, r
 def evaluate_staging(model: StagingModel, cases: Sequence[CaseSample], patch_size: int, spacing: float,
                      device: torch.device, threshold: float = 0.5) -> dict:
     """TS2/TS3 evaluation: N-stage from the head (and from the rule-consistent output), station metrics."""
-    ds = CaseDataset(cases, patch_size, spacing, train=False)
+    ds = CaseDataset(cases, patch_size, spacing, train=False, instances=model.config.instances)
     was = model.training
     model.eval()
     n_true, n_head, n_rule, probs = [], [], [], np.full((len(cases), NUM_STATIONS), np.nan)
     try:
         for i in range(len(ds)):
             b = ds[i]
-            out = model(b["patches"][None].to(device), b["side"][None].to(device), b["present"][None].to(device))
+            out = model(b["patches"][None].to(device), b["side"][None].to(device), b["present"][None].to(device),
+                        b["features"][None].to(device))
             p = torch.sigmoid(out.station_logits[0]).cpu().numpy()
             probs[i, b["present"].numpy()] = p[b["present"].numpy()]
             n_true.append(cases[i].n_stage)
@@ -485,7 +516,8 @@ def _init_model(strategy: str, mconfig: ModelConfig, seed: int, init: str | Path
         info = {"path": str(init), "weights_sha256": ckpt.manifest.get("weights_sha256"),
                 "kind": ckpt.manifest.get("kind")}
         init_config = ModelConfig.from_dict(ckpt.manifest.get("model_config", {})).to_dict()
-        clf_keys = ("in_channels", "patch_size", "patch_spacing", "channels", "dropout", "station_embedding_dim")
+        clf_keys = ("in_channels", "patch_size", "patch_spacing", "channels", "dropout", "station_embedding_dim",
+                    "instances", "pooling", "hybrid", "norm")
         for k in clf_keys:
             if init_config.get(k) != mconfig.to_dict().get(k):
                 raise UsageError(f"--init checkpoint {init}: model_config.{k} = {init_config.get(k)!r} differs "
@@ -506,7 +538,7 @@ def _init_model(strategy: str, mconfig: ModelConfig, seed: int, init: str | Path
 def _resume_key(strategy: str, mconfig: ModelConfig, tconfig: TrainConfig, fingerprint: str, val_fp: str,
                 init: dict) -> str:
     cfg = tconfig.to_dict()
-    for volatile in ("device", "num_threads", "num_workers", "epochs"):
+    for volatile in ("device", "num_threads", "num_workers", "epochs", "amp"):
         cfg.pop(volatile, None)
     blob = json.dumps([strategy, mconfig.to_dict(), cfg, fingerprint, val_fp, init.get("weights_sha256")],
                       sort_keys=True)
@@ -538,10 +570,11 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
 
     if strategy == "ts1":
         train_ds: Dataset = StationPatchDataset(train_cases, size, spacing, tconfig.sampling, tconfig.augment,
-                                                tconfig.seed)
+                                                tconfig.seed, instances=mconfig.instances)
     else:
         usable = [c for c in train_cases if c.n_stage != UNKNOWN or (c.station_labels != UNKNOWN).any()]
-        train_ds = CaseDataset(usable, size, spacing, tconfig.sampling, tconfig.augment, tconfig.seed)
+        train_ds = CaseDataset(usable, size, spacing, tconfig.sampling, tconfig.augment, tconfig.seed,
+                               instances=mconfig.instances)
     if len(train_ds) == 0:
         raise UsageError(f"{strategy}: the training cases hold no usable sample (TS1 needs known station labels "
                             "of present stations; TS2/TS3 need an N-stage or station labels)")
@@ -557,6 +590,7 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=tconfig.plateau_factor, patience=tconfig.plateau_patience,
             cooldown=tconfig.plateau_cooldown, min_lr=tconfig.min_lr)
+        scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and tconfig.amp else None
         key = _resume_key(strategy, mconfig, tconfig, fingerprint, val_fp, init_info)
         manifest_base = {
             "kind": "station" if strategy == "ts1" else "staging", "strategy": strategy,
@@ -590,7 +624,7 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(int(_rng(tconfig.seed, epoch, 3).integers(2**62)))
                 train_loss, parts = _train_epoch(strategy, model, train_ds, optimizer, tconfig, batch_size, epoch,
-                                                 device)
+                                                 device, scaler)
             if val_cases:
                 metrics = _evaluate(strategy, model, val_cases, size, spacing, rules, device)
                 monitor = metrics["n_balanced_accuracy"] if strategy != "ts1" else metrics["station_balanced_accuracy"]
@@ -684,6 +718,15 @@ def _mark_complete(best_path: Path, state: dict, strategy: str, tconfig: TrainCo
         calibrated = _station_and_stage_metrics(val_cases, cal.apply(probs), rules, 0.5)
         man.update(calibration=cal.to_dict(), calibrated=True, threshold_uncalibrated=man.get("threshold"),
                    threshold=_operating_threshold(strategy, tconfig, calibrated))
+        if strategy != "ts1":
+            # the N-stage of a staging model: its head, or its calibrated station decisions staged by the rules at
+            # the stage-tuned threshold, whichever staged the validation patients better (ties: the rules)
+            head, by_rules = metrics.get("n_accuracy", np.nan), calibrated.get("n_accuracy_at_stage_threshold", np.nan)
+            use_rules = not (np.nan_to_num(head, nan=-1.0) > np.nan_to_num(by_rules, nan=-1.0))
+            man.update(n_stage_from="rules" if use_rules else "head",
+                       n_accuracy_head=head, n_accuracy_rules=by_rules)
+            if use_rules and "stage_threshold" in calibrated:
+                man["threshold"] = float(calibrated["stage_threshold"])
         state["threshold"] = man["threshold"]
     man.update(complete=True, epochs_run=state["epoch"] + 1, stopped_early=state["stopped"])
     save_checkpoint(best_path, model.cpu(), man)
@@ -697,33 +740,58 @@ def _evaluate(strategy: str, model: nn.Module, cases: Sequence[CaseSample], size
 
 
 def _train_epoch(strategy: str, model: nn.Module, ds: Dataset, optimizer: torch.optim.Optimizer,
-                 cfg: TrainConfig, batch_size: int, epoch: int, device: torch.device) -> tuple[float, dict]:
-    order = epoch_order(ds.labels, cfg.oversample, _rng(cfg.seed, epoch, 4))
+                 cfg: TrainConfig, batch_size: int, epoch: int, device: torch.device,
+                 scaler: torch.amp.GradScaler | None = None) -> tuple[float, dict]:
+    """One epoch. TS1 oversamples the rarer station class; TS2/TS3 with the class-balanced N-stage loss see every
+    training patient once per epoch (a permutation), without it they oversample by N-stage."""
+    oversample = cfg.oversample and (strategy == "ts1" or not cfg.loss.balanced)
+    order = epoch_order(ds.labels, oversample, _rng(cfg.seed, epoch, 4))
     if cfg.max_steps_per_epoch:
         order = order[: cfg.max_steps_per_epoch * batch_size]
     keys = [(epoch, pos, int(item)) for pos, item in enumerate(order)]
-    loader = DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=cfg.num_workers)
+    cuda = device.type == "cuda"
+    loader = DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=cfg.num_workers, pin_memory=cuda,
+                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    class_weights = stage_class_weights(ds.labels) if strategy != "ts1" and cfg.loss.balanced else None
     model.train()
     if strategy == "ts3":
         station_classifier_of(model).eval()  # frozen: no dropout noise in its features
     total, count, parts_sum = 0.0, 0, {}
+    amp = scaler is not None
     for batch in loader:
         optimizer.zero_grad(set_to_none=True)
-        if strategy == "ts1":
-            logits = model(batch["patch"].to(device), batch["station"].to(device))
-            loss = masked_bce(logits, batch["label"].to(device))
-            parts = {"bce": float(loss.detach())}
+        batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
+        loss, parts = _batch_loss(strategy, model, batch, cfg, class_weights, amp)
+        if amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            out = model(batch["patches"].to(device), batch["side"].to(device), batch["present"].to(device))
-            loss, parts = staging_loss(out, batch["station_labels"], batch["n_stage"], batch["pseudo"], cfg.loss)
-        loss.backward()
-        optimizer.step()
+            loss.backward()
+            optimizer.step()
         n = len(batch["case"])
         total += float(loss.detach()) * n
         count += n
         for k, v in parts.items():
             parts_sum[k] = parts_sum.get(k, 0.0) + v * n
     return total / max(count, 1), {k: v / max(count, 1) for k, v in parts_sum.items()}
+
+
+def _batch_loss(strategy: str, model: nn.Module, batch: dict, cfg: TrainConfig,
+                class_weights: torch.Tensor | None, amp: bool = False) -> tuple[torch.Tensor, dict]:
+    """Forward pass (in float16 autocast with ``amp``, CUDA only) and the loss in float32."""
+    device_type = batch["case"].device.type
+    with torch.autocast(device_type, dtype=torch.float16, enabled=amp):
+        if strategy == "ts1":
+            out = model(batch["patch"], batch["station"], batch["features"])
+        else:
+            out = model(batch["patches"], batch["side"], batch["present"], batch["features"])
+    if strategy == "ts1":
+        loss = masked_bce(out.float(), batch["label"])
+        return loss, {"bce": float(loss.detach())}
+    out = dataclasses.replace(out, station_logits=out.station_logits.float(), n_logits=out.n_logits.float(),
+                              group_probs=out.group_probs.float(), ordinal=out.ordinal.float())
+    return staging_loss(out, batch["station_labels"], batch["n_stage"], batch["pseudo"], cfg.loss, class_weights)
 
 
 def train_ts1(train_cases: Sequence[CaseSample], val_cases: Sequence[CaseSample], out_dir: str | Path,
@@ -805,46 +873,63 @@ def make_toy_case(seed: int, stations: Sequence[int] = (7, 10, 14, 2, 12), posit
     labels[stations] = 0
     labels[list(positive)] = 1
     n_stage = int(load_rules(rules).stage_array(labels == 1, side))
+    from ..suv.statistics import station_feature_array, station_suv_stats
+
+    features = station_feature_array(station_suv_stats(pet_img, st_img))
     return CaseSample(f"toy{seed:03d}", ct_img, pet_img, StationSampler.from_label_map(st_img), side, n_stage,
-                      labels)
+                      labels, features=features)
 
 
 def measure_ts1_throughput(model_config: ModelConfig | None = None, batch_size: int = 16, steps: int = 3,
                            spacing: float | None = None, device: str = "cpu", seed: int = 0,
-                           augment: bool = True) -> dict:
+                           augment: bool = True, amp: bool = True) -> dict:
     """Patches per second of TS1 training steps (patch sampling + augmentation + forward/backward + Adam step)
-    on toy cases; the first step is a warm-up and is not counted. For ``lnstaging bench``."""
+    on toy cases; the first step is a warm-up and is not counted. ``amp``: float16 autocast and gradient scaling on
+    a CUDA device (no effect on a CPU). A multiple-instance configuration counts every patch of a bag. For
+    ``lnstaging bench training``."""
     mconfig = model_config or ModelConfig()
     spacing = mconfig.patch_spacing if spacing is None else spacing
     cases = [make_toy_case(seed + i, stations=tuple(range(NUM_STATIONS)), size_ct=(96, 96, 48),
                            spacing_ct=(1.5, 1.5, 3.0)) for i in range(2)]
-    ds = StationPatchDataset(cases, mconfig.patch_size, spacing, augment=AugmentConfig(enabled=augment), seed=seed)
+    ds = StationPatchDataset(cases, mconfig.patch_size, spacing, augment=AugmentConfig(enabled=augment), seed=seed,
+                             instances=mconfig.instances)
     dev = _device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = StationClassifier(mconfig).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=1e-3)
+    use_amp = amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    cfg = TrainConfig()
     t_patch = t_step = 0.0
     for step in range(steps + 1):
         t0 = time.perf_counter()
         items = [ds[(0, step * batch_size + j, (step * batch_size + j) % len(ds))] for j in range(batch_size)]
-        x = torch.stack([it["patch"] for it in items]).to(dev)
-        st = torch.stack([it["station"] for it in items]).to(dev)
-        y = torch.stack([it["label"] for it in items]).to(dev)
+        batch = {k: torch.stack([it[k] for it in items]).to(dev) for k in items[0]}
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = masked_bce(model(x, st), y)
-        loss.backward()
-        opt.step()
+        loss, _ = _batch_loss("ts1", model, batch, cfg, None, use_amp)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t2 = time.perf_counter()
         if step:
             t_patch += t1 - t0
             t_step += t2 - t1
-    n = steps * batch_size
-    return {"patch_size": mconfig.patch_size, "patch_spacing_mm": spacing, "batch_size": batch_size, "steps": steps, "device": str(dev),
-            "augment": augment, "torch_threads": torch.get_num_threads(),
-            "patch_sampling_s_per_patch": round(t_patch / n, 5), "train_step_s_per_batch": round(t_step / steps, 4),
-            "patches_per_second": round(n / (t_patch + t_step), 2),
-            "patches_per_second_network_only": round(n / t_step, 2)}
+    n = steps * batch_size * mconfig.instances
+    out = {"patch_size": mconfig.patch_size, "patch_spacing_mm": spacing, "batch_size": batch_size,
+           "instances": mconfig.instances, "steps": steps, "device": str(dev), "amp": use_amp, "augment": augment,
+           "torch_threads": torch.get_num_threads(),
+           "patch_sampling_s_per_patch": round(t_patch / n, 5), "train_step_s_per_batch": round(t_step / steps, 4),
+           "patches_per_second": round(n / (t_patch + t_step), 2),
+           "patches_per_second_network_only": round(n / t_step, 2)}
+    if dev.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(dev),
+                   gpu_peak_memory_mb=round(torch.cuda.max_memory_allocated(dev) / 2**20, 1))
+    return out

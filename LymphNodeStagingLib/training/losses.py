@@ -27,6 +27,7 @@ class LossWeights:
     pseudo: float = 0.02
     bce: float = 1.0
     rule_ordinal: float = 0.0  # BCE on the rule-consistent P(N>=k); 0 = off (paper), > 0 trains the rule layer
+    balanced: bool = True  # N-stage cross-entropy weighted by inverse class frequency of the training patients
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
@@ -108,26 +109,44 @@ def rule_ordinal_bce(ordinal: torch.Tensor, n_stage: torch.Tensor, eps: float = 
     return F.binary_cross_entropy(p, cumulative_targets(n_stage[keep]).to(p.dtype))
 
 
-def stage_ce(n_logits: torch.Tensor, n_stage: torch.Tensor) -> torch.Tensor:
+def stage_class_weights(n_stages, classes: int = 4) -> torch.Tensor:
+    """Class-balanced weights (classes,) of the N-stage cross-entropy from the training patients' N-stages:
+    w_c = K / (C * n_c) over the known stages (mean weight per patient 1); a stage no patient has gets weight 0."""
+    t = torch.as_tensor(n_stages).reshape(-1)
+    known = t[t != UNKNOWN].long()
+    counts = torch.bincount(known, minlength=classes).float()[:classes]
+    present = counts > 0
+    w = torch.zeros(classes)
+    if present.any():
+        w[present] = known.numel() / (int(present.sum()) * counts[present])
+    return w
+
+
+def stage_ce(n_logits: torch.Tensor, n_stage: torch.Tensor, class_weights: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Cross-entropy of the N-stage logits (B, 4), optionally class-weighted (a weighted mean); N = -1 skipped."""
     n_stage = n_stage.to(n_logits.device)
     keep = n_stage != UNKNOWN
     if not keep.any():
         return n_logits.sum() * 0.0 + 0.0
-    return F.cross_entropy(n_logits[keep], n_stage[keep].long())
+    w = None if class_weights is None else class_weights.to(n_logits.device, n_logits.dtype)
+    return F.cross_entropy(n_logits[keep], n_stage[keep].long(), weight=w)
 
 
 def staging_loss(output, station_labels: torch.Tensor, n_stage: torch.Tensor, pseudo_targets: torch.Tensor,
-                 weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+                 weights: LossWeights, class_weights: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The TS2/TS3 loss of a :class:`model.StagingOutput`; returns (total, {term: value}).
 
-    station_labels (B, 17) in {0, 1, -1}; n_stage (B,) 0..3; pseudo_targets (B, 3) from ``rules.pseudo_labels``.
+    station_labels (B, 17) in {0, 1, -1}; n_stage (B,) 0..3; pseudo_targets (B, 3) from ``rules.pseudo_labels``;
+    class_weights (4,) of the N-stage cross-entropy (:func:`stage_class_weights`; None: unweighted).
     A zero weight skips its term.
     """
     terms: dict[str, torch.Tensor] = {}
     if weights.bce:
         terms["bce"] = masked_bce(output.station_logits, station_labels, output.present)
     if weights.ce:
-        terms["ce"] = stage_ce(output.n_logits, n_stage)
+        terms["ce"] = stage_ce(output.n_logits, n_stage, class_weights)
     if weights.ordinal:
         terms["ordinal"] = ordinal_mse(output.n_logits, n_stage)
     if weights.pseudo:

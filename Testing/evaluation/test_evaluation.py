@@ -82,6 +82,19 @@ def test_method_specs_expand_ablations_with_dependencies():
         EvaluationConfig(ablations=("atlases=0",))
 
 
+def test_classifier_variants_are_ablation_rows_and_combine():
+    config = EvaluationConfig(ablations=("mil-attention+hybrid", "batchnorm", "mil-noisy-or"), mil_instances=6,
+                              model={"norm": "instance"})
+    by = {s.name: s for s in method_specs(config)}
+    assert by["ts1-mil-attention+hybrid"].model == {"pooling": "attention", "instances": 6, "hybrid": True}
+    assert by["ts1-batchnorm"].model == {"norm": "batch"} and by["ts1"].model == {}
+    assert by["ts1-mil-noisy-or"].model == {"pooling": "noisy_or", "instances": 6}
+    with pytest.raises(UsageError, match="'mil-mean'"):
+        EvaluationConfig(ablations=("mil-mean",))
+    with pytest.raises(UsageError, match="pooling"):
+        EvaluationConfig(model={"pooling": "mean"})
+
+
 def test_reference_labels_from_truth_columns(tiny_cohort):
     rows = read_cohort(tiny_cohort).usable_rows()
     for r in rows:
@@ -107,11 +120,12 @@ def tiny_cohort(tmp_path_factory):
 def test_two_fold_evaluation_end_to_end(tiny_cohort, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["evaluate", str(tiny_cohort), "--out", str(out), "--folds", "2", "--strategy", "ts1,ts2,threshold,lesion",
-            "--ablation", "rules", "--small", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8",
+            "--ablation", "rules,mil-max+hybrid", "--mil-instances", "2", "--small", "--epochs", "1",
+            "--max-steps-per-epoch", "2", "--batch-size", "8",
             "--bootstrap", "20", "--permutations", "100", "--atlases", str(tiny_cohort.parent / "atlases"), "--json"]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["methods"] == ["ts1", "ts2", "threshold", "lesion", "ts1-engelson2026"]
+    assert res["methods"] == ["ts1", "ts2", "threshold", "lesion", "ts1-engelson2026", "ts1-mil-max+hybrid"]
     assert res["patients"] == 8 and res["scans"] == 8
     for name in ("report.md", "report.json", "split.json", "split.csv", "figures/summary.png",
                  "figures/ts1_patient_nstage_confusion.png", "figures/threshold_patient_station_confusion.png"):
@@ -120,7 +134,9 @@ def test_two_fold_evaluation_end_to_end(tiny_cohort, tmp_path, capsys):
     assert "| ts1 |" in report and "| lesion |" in report and "ts1 vs threshold" in report
     # calibration of the probability methods (not of the SUVmax / lesion scores), with the reliability diagram
     assert "## Calibration of the station probabilities" in report and (out / "figures" / "reliability.png").is_file()
-    assert set(res["calibration"]) == {"ts1", "ts2", "ts1-engelson2026"}
+    assert set(res["calibration"]) == {"ts1", "ts2", "ts1-engelson2026", "ts1-mil-max+hybrid"}
+    variant = json.loads((out / "folds" / "fold0" / "ts1-mil-max+hybrid" / "best.json").read_text())
+    assert variant["manifest"]["model_config"]["instances"] == 2 and variant["manifest"]["model_config"]["hybrid"]
     assert 0.0 <= res["calibration"]["ts1"]["ece"] <= 1.0 and 0.0 <= res["calibration"]["ts1"]["brier"] <= 1.0
     split = json.loads((out / "split.json").read_text())
     # every patient is a test patient exactly once, and never trained on in its test fold

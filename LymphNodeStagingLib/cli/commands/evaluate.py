@@ -31,8 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "overlap; needs lesion_path) (default ts1,threshold)")
     p.add_argument("--ablation", action="append", default=[],
                    help="centroid (TS1 on fixed centroid patches), no-pseudo (TS2 without pseudo-label loss), "
-                   "rules (TS1 staged with the other rule set), atlases=K (TS1 on maps from K atlases); "
-                   "repeat or comma-separate")
+                   "rules (TS1 staged with the other rule set), atlases=K (TS1 on maps from K atlases), and the TS1 "
+                   "variants mil-max, mil-noisy-or, mil-attention (--mil-instances patches per station), hybrid "
+                   "(+ SUVmax, SUVpeak, volume), batchnorm (keeps SUV levels), combined with '+' "
+                   "(e.g. mil-attention+hybrid); repeat or comma-separate")
+    p.add_argument("--mil-instances", type=int, default=4, metavar="K",
+                   help="patches per station of the mil-* ablations (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the training runs")
     p.add_argument("--val-fraction", type=float, default=0.25,
                    help="share of each fold's non-test patients used for validation (default 0.25: 60/20/20)")
@@ -50,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--small", action="store_true", help="the small network (32^3 patches at 2 mm)")
     p.add_argument("--patch-spacing", type=float)
+    options.add_classifier_options(p)
     options.add_atlases(p)
     options.add_map_store(p)
     options.add_pet_is_suv(p)
@@ -73,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         max_steps_per_epoch=args.max_steps_per_epoch, ts23_batch_size=args.ts23_batch_size,
         ts23_max_steps=args.ts23_steps, augment=not args.no_augment, lr=args.lr, small=args.small, patch_spacing=args.patch_spacing,
         device=args.device.torch, pet_is_suv=args.pet_is_suv, n_boot=args.bootstrap,
-        n_permutations=args.permutations)
+        n_permutations=args.permutations, model=options.classifier_options(args),
+        mil_instances=args.mil_instances)
     show = options.progress_printer(args)
     if args.model:
         res = evaluate_model(args.cohort, args.model, args.out, config, atlases=args.atlases, cache_dir=args.cache,

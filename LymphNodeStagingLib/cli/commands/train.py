@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--small", action="store_true",
                    help="the small network: 32^3 patches at 2 mm (the same 64 mm field of view), fast on a CPU")
     p.add_argument("--patch-spacing", type=float, help="patch voxel size in mm (default: the network's)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on a GPU (default on; no effect on a CPU)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data-loading processes that cut the patches while the GPU trains (default 0)")
+    options.add_classifier_options(p)
     options.add_map_store(p)
     options.add_atlases(p)
     options.add_rules(p, default=None, help="rule set for validation N-staging (default: the model's)")
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, sampling=args.sampling,
         pseudo_loss=not args.no_pseudo_loss, max_steps_per_epoch=args.max_steps_per_epoch, small=args.small,
         atlases=args.atlases, rules=args.rules, pet_is_suv=args.pet_is_suv, val_fraction=args.val_fraction,
-        device=args.device, progress=options.progress_printer(args), patch_spacing=args.patch_spacing, cache_dir=args.cache)
+        device=args.device, progress=options.progress_printer(args), patch_spacing=args.patch_spacing,
+        cache_dir=args.cache, model_options=options.classifier_options(args), amp=args.amp, workers=args.workers)
     d = res.to_dict()
     text = (f"{args.strategy}: {res.epochs_run} epochs, best epoch {res.best_epoch} "
             f"(validation {res.best_metric:.3f}), threshold {res.threshold:.2f}\ncheckpoint: {res.checkpoint}")
