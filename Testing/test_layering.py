@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("phantom",),
     ("mapping",),
     ("classifier",),
+    ("nodes",),
     ("preflight",),
     ("training",),
     ("assessment",),

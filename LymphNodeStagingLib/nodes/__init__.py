@@ -1,0 +1,1 @@
+"""Lymph node detection and segmentation: networks, training, instances with measurements, detection metrics."""
