@@ -9,7 +9,8 @@ decisions staged with the other rule set), ``atlases=K`` (TS1 on station maps fr
 station-classifier variants ``mil-max``, ``mil-noisy-or``, ``mil-attention`` (multiple-instance learning over K
 patches per station, K = ``mil_instances``), ``hybrid`` (SUVmax, SUVpeak and volume enter the final layer) and
 ``batchnorm`` (batch instead of instance normalisation, so that the network keeps absolute SUV levels); variants
-combine with ``+``, e.g. ``mil-attention+hybrid``. ``model`` options (the same keys) apply to every learned
+combine with ``+``, e.g. ``mil-attention+hybrid``. A multiple-instance TS1 trains on batch_size // K bags, so
+that every method sees the same number of patches per step. ``model`` options (the same keys) apply to every learned
 method, the variants on top.
 
 Layout of the output folder::
@@ -360,6 +361,8 @@ def _train_method(spec: MethodSpec, fold_dir: Path, train: Sequence[EvalCase], v
     epochs = config.ts23_epochs if (ts23 and config.ts23_epochs) else config.epochs
     batch = (config.ts23_batch_size or config.batch_size) if ts23 else config.batch_size
     steps = (config.ts23_max_steps or config.max_steps_per_epoch) if ts23 else config.max_steps_per_epoch
+    if mconfig.instances > 1 and not ts23:  # bags of K: the same number of patches per step as one-patch TS1
+        batch = max(1, (batch or 64) // mconfig.instances)
     tconfig = TrainConfig(epochs=epochs, batch_size=batch, lr=config.lr, seed=config.seed,
                           sampling=spec.sampling, loss=LossWeights() if spec.pseudo_loss else LossWeights(pseudo=0.0),
                           rules=spec.rules, device=config.device, max_steps_per_epoch=steps,
