@@ -588,12 +588,14 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
         results[spec.name] = evaluate_method(spec.name, scans, stage_fn=stage_fn, n_boot=config.n_boot,
                                              seed=config.seed)
     comparisons = []
-    base = "ts1" if "ts1" in results else specs[0].name
-    for spec in specs:
-        if spec.name == base:
-            continue
-        comparisons.append(compare_methods(scans_of[base], scans_of[spec.name], base, spec.name, level="patient",
-                                           n_permutations=config.n_permutations, seed=config.seed))
+    bases = [b for b in ("ts1", "threshold") if b in results] or [specs[0].name]
+    for base in bases:  # every method against TS1 and against the SUVmax threshold
+        for spec in specs:
+            if spec.name in bases[:bases.index(base) + 1]:
+                continue
+            comparisons.append(compare_methods(scans_of[base], scans_of[spec.name], base, spec.name,
+                                               level="patient", n_permutations=config.n_permutations,
+                                               seed=config.seed, n_boot=config.n_boot))
     calibration = {s.name: calibration_summary(scans_of[s.name]) for s in specs if s.kind not in SCORE_KINDS}
     run = EvaluationRun(out_dir, [s.name for s in specs], results, comparisons, predictions, {},
                         time.perf_counter() - t_start, len({r.patient_id for r in rows}), len(rows), calibration)

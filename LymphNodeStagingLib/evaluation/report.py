@@ -46,13 +46,16 @@ def _ci_table(run, level: str) -> str:
 
 def _tests_table(run) -> str:
     lines = ["| comparison | stations: A right/B wrong | B right/A wrong | McNemar | p | "
+             "AUC A | AUC B | AUC difference [95 % CI] | p | "
              "N: Acc A | Acc B | difference | permutation p | permutations |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in run.comparisons:
-        m, p = c.mcnemar, c.permutation
+        m, p, a = c.mcnemar, c.permutation, getattr(c, "auc", None)
         how = "exact binomial" if m.method.startswith("exact") else f"chi2 = {m.statistic:.2f}"
         perm = f"{p.n_permutations}{' (all)' if p.exact else ''}"
-        lines.append(f"| {c.method_a} vs {c.method_b} | {m.b} | {m.c} | {how} | {_p(m.p_value)} | "
+        auc = (f"{_fmt(a.auc_a)} | {_fmt(a.auc_b)} | {a.observed:+.3f} [{a.low:+.3f}, {a.high:+.3f}] | "
+               f"{_p(a.p_value)}" if a is not None and a.n_boot else "– | – | – | –")
+        lines.append(f"| {c.method_a} vs {c.method_b} | {m.b} | {m.c} | {how} | {_p(m.p_value)} | {auc} | "
                      f"{_fmt(p.metric_a)} | {_fmt(p.metric_b)} | {p.observed:+.2f} | {_p(p.p_value)} | {perm} |")
     return "\n".join(lines) + "\n"
 
@@ -145,7 +148,8 @@ def write_report(run, config, split, cohort_csv, model: Path | None = None) -> d
            _ci_table(run, "patient")]
     if run.comparisons:
         md += ["## Paired tests on the same test patients", "",
-               "Stations: McNemar on the station decisions (exact binomial when the discordant pairs are few). "
+               "Stations: McNemar on the station decisions (exact binomial when the discordant pairs are few) and a "
+               "paired bootstrap of the station AUC difference (patients resampled). "
                "N-stage: paired permutation test of the accuracy difference (the two methods' predictions of a "
                "patient swapped at random).", "", _tests_table(run)]
     if calibration:

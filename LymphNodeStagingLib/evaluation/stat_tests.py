@@ -165,18 +165,63 @@ def paired_permutation_test(
 
 
 @dataclass
+class AucDifference:
+    """Paired bootstrap of the station ROC AUC difference A - B (patients resampled, both methods together)."""
+
+    auc_a: float
+    auc_b: float
+    observed: float
+    low: float  # 95 % percentile interval
+    high: float
+    p_value: float  # two-sided: 2 * min(P(diff <= 0), P(diff >= 0)) over the replicates
+    n_boot: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def paired_auc_bootstrap(y_true: Any, score_a: Any, score_b: Any, groups: Sequence[Any], n_boot: int = 1000,
+                         seed: int = 0) -> AucDifference:
+    """Station AUC of A and B on the same stations and their difference, with a paired bootstrap over ``groups``
+    (one per station, e.g. the patient): a replicate draws the groups with replacement and weighs every station by
+    its group's count, so that the stations of a patient stay together."""
+    from ..classifier.metrics import roc_auc
+
+    y = np.asarray(y_true, dtype=int)
+    a, b = np.asarray(score_a, dtype=float), np.asarray(score_b, dtype=float)
+    _, g = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    auc_a, auc_b = float(roc_auc(y, a)), float(roc_auc(y, b))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(int(n_boot)):
+        w = np.bincount(rng.integers(0, g.max() + 1, g.max() + 1), minlength=g.max() + 1)[g].astype(float)
+        da, db = roc_auc(y, a, w), roc_auc(y, b, w)
+        if np.isfinite(da) and np.isfinite(db):
+            diffs.append(float(da) - float(db))
+    d = np.asarray(diffs)
+    if d.size == 0:
+        return AucDifference(auc_a, auc_b, auc_a - auc_b, float("nan"), float("nan"), float("nan"), 0)
+    p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
+    low, high = np.percentile(d, [2.5, 97.5])
+    return AucDifference(auc_a, auc_b, auc_a - auc_b, float(low), float(high), p, int(d.size))
+
+
+@dataclass
 class Comparison:
-    """Station-level McNemar and N-stage permutation test between two methods on the same test scans."""
+    """Station-level McNemar and paired AUC bootstrap, and the N-stage permutation test between two methods on the
+    same test scans."""
 
     method_a: str
     method_b: str
     level: str
     mcnemar: McNemarResult
     permutation: PermutationResult
+    auc: AucDifference | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method_a": self.method_a, "method_b": self.method_b, "level": self.level,
-                "mcnemar": self.mcnemar.to_dict(), "permutation": self.permutation.to_dict()}
+                "mcnemar": self.mcnemar.to_dict(), "permutation": self.permutation.to_dict(),
+                "auc": None if self.auc is None else self.auc.to_dict()}
 
 
 def compare_methods(
@@ -192,12 +237,14 @@ def compare_methods(
     exact_cutoff: int = EXACT_CUTOFF,
     stage_fn_a: StageFn | None = None,
     stage_fn_b: StageFn | None = None,
+    n_boot: int = 1000,
 ) -> Comparison:
     """Test two methods on the same test scans of the same folds (paired by (patient, scan, fold)).
 
     ``level`` "patient" first combines each patient's scans (metrics.aggregate_per_patient); with "scan" all scans
     of a patient still swap together in the permutation test. ``stage_fn_a``/``stage_fn_b``: as ``stage_fn`` of
-    aggregate_per_patient, for methods whose N-stage comes from rules applied to the station decisions.
+    aggregate_per_patient, for methods whose N-stage comes from rules applied to the station decisions. ``n_boot``
+    replicates of the paired station-AUC bootstrap (0: none).
     """
     if level not in ("scan", "patient"):
         raise UsageError(f"level must be scan or patient, got {level!r}")
@@ -225,4 +272,10 @@ def compare_methods(
     perm = paired_permutation_test([s.n_true for s in sa], [s.n_pred for s in sa], [s.n_pred for s in sb],
                                    statistic=statistic, n_permutations=n_permutations, seed=seed,
                                    groups=[s.patient_id for s in sa])
-    return Comparison(method_a, method_b, level, mc, perm)
+    auc = None
+    if n_boot:
+        known = truth >= 0
+        groups = np.concatenate([[s.patient_id] * len(s.station_true) for s in sa])[known]
+        auc = paired_auc_bootstrap(truth[known], np.concatenate([s.station_prob for s in sa])[known],
+                                   np.concatenate([s.station_prob for s in sb])[known], groups, n_boot, seed)
+    return Comparison(method_a, method_b, level, mc, perm, auc)

@@ -146,3 +146,20 @@ def test_compare_methods_on_the_same_folds():
                             fold=(s.fold + 1) % 2) for s in poor]
     with pytest.raises(UsageError, match="same test scans and folds"):
         compare_methods(good, moved)
+
+
+def test_paired_auc_bootstrap_keeps_patients_together_and_finds_a_real_difference():
+    from LymphNodeStagingLib.evaluation.stat_tests import paired_auc_bootstrap
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(60), 10)
+    y = (rng.random(600) < 0.2).astype(int)
+    good = y + rng.normal(0, 0.5, 600)
+    poor = y + rng.normal(0, 2.0, 600)
+    res = paired_auc_bootstrap(y, good, poor, patients, n_boot=300, seed=1)
+    assert res.auc_a > res.auc_b and res.observed == pytest.approx(res.auc_a - res.auc_b)
+    assert 0 < res.low < res.observed < res.high and res.p_value < 0.01 and res.n_boot == 300
+    same = paired_auc_bootstrap(y, good, good, patients, n_boot=100, seed=1)
+    assert same.observed == 0 and same.low == same.high == 0 and same.p_value == 1.0
+    again = paired_auc_bootstrap(y, good, poor, patients, n_boot=300, seed=1)
+    assert (again.low, again.high) == (res.low, res.high)  # seeded
