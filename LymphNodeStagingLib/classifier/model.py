@@ -137,7 +137,8 @@ class StationClassifier(nn.Module):
     Patches are (B, C, S, S, S) for one patch per station or (B, K, C, S, S, S) for a bag of K patches
     (multiple-instance learning). A bag is pooled to one station logit: ``max`` (the largest instance logit),
     ``noisy_or`` (P = 1 - prod(1 - p_k)) or ``attention`` (attention-weighted mean of the instance features, then
-    the final layer). With ``hybrid`` the final layer also receives log(1 + SUVmax, SUVpeak, volume ml).
+    the final layer). With ``hybrid`` the final layer also receives log(1 + x / reference) of SUVmax, SUVpeak and
+    volume in ml, standardised by a BatchNorm1d.
     """
 
     def __init__(self, config: ModelConfig):
@@ -152,6 +153,9 @@ class StationClassifier(nn.Module):
         emb = config.station_embedding_dim
         self.station_embedding = nn.Embedding(NUM_STATIONS, emb) if emb else None
         n_hybrid = len(HYBRID_FEATURES) if config.hybrid else 0
+        # the station features are standardised by batch statistics (running statistics at inference), so that
+        # the final layer weighs them on the same scale as the image features from the first steps on
+        self.hybrid_norm = nn.BatchNorm1d(n_hybrid) if n_hybrid else None
         self.fc = nn.Linear(cin + emb + n_hybrid, 1)
         self.attention = (nn.Sequential(nn.Linear(cin, config.head_hidden), nn.Tanh(),
                                         nn.Linear(config.head_hidden, 1))
@@ -165,7 +169,7 @@ class StationClassifier(nn.Module):
             if features is None:
                 raise UsageError("this station classifier is hybrid: it needs the station features "
                                  f"{', '.join(HYBRID_FEATURES)} for every patch")
-            extra.append(hybrid_inputs(features).reshape(n, len(HYBRID_FEATURES)))
+            extra.append(self.hybrid_norm(hybrid_inputs(features).reshape(n, len(HYBRID_FEATURES))))
         return extra
 
     def instance_logits(self, patches: torch.Tensor, station: torch.Tensor,

@@ -25,7 +25,7 @@ from LymphNodeStagingLib.training.loops import (
 from LymphNodeStagingLib.training.losses import stage_ce, stage_class_weights
 
 SIZE, SPACING = 16, 2.0
-MCFG = ModelConfig.small(patch_size=SIZE, instances=2, pooling="attention", hybrid=True, norm="batch")
+MCFG = ModelConfig.small(patch_size=SIZE, instances=2, pooling="attention", hybrid=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_variant_ts1_trains_and_predicts_with_bags_and_features(ts1, cases):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     model, manifest = load_model(ts1.checkpoint)
     cfg = manifest["model_config"]
-    assert (cfg["instances"], cfg["pooling"], cfg["hybrid"], cfg["norm"]) == (2, "attention", True, "batch")
+    assert (cfg["instances"], cfg["pooling"], cfg["hybrid"], cfg["norm"]) == (2, "attention", True, "instance")
     res = evaluate_stations(model, cases[6:], SIZE, SPACING, "ajcc8")
     labels = np.stack([c.station_labels for c in cases[6:]])
     known = labels != UNKNOWN
