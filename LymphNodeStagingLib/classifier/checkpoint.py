@@ -10,9 +10,15 @@ file. Files are written atomically.
 Loading is strict and fast (well under a second; no model is run), so a caller can refuse a bad ``--model`` before
 any heavy work (``verify_model``). A file is refused with a ``ModelError`` naming it when it is missing, truncated
 or not a checkpoint made by ``lnstaging train``, holds pickled objects, has another format or version, a ``kind``
-outside ``MODEL_KINDS``, a ``model_config`` that does not build, weights whose hash differs from the manifest's
+that is not known (``MODEL_KINDS`` or registered) or not one the caller accepts, a ``model_config`` that does not
+build, weights whose hash differs from the manifest's
 ``weights_sha256``, non-finite weights, tensors whose names, shapes or dtypes do not fit the architecture of
 ``model_config``, a ``threshold`` outside 0..1, or a sidecar that disagrees with it.
+
+Kinds: the classifier's own kinds are ``MODEL_KINDS`` ("station", "staging"); a higher layer adds its kind with
+``register_model_kind`` (how its ``model_config`` is parsed, how the model is built and described). Loading accepts
+the classifier's kinds unless the caller names others (``kinds=``), so a node segmentation checkpoint is never taken
+for a station classifier, nor the other way round.
 
 What this guarantees:
 
@@ -34,6 +40,7 @@ import json
 import pickle
 import platform
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +55,38 @@ from ..io.files import atomic_path, write_json
 
 FORMAT = "lnstaging-checkpoint"
 FORMAT_VERSION = 1
+#: The classifier's own kinds (built by ``classifier.model.build_model``); the default of every loader.
 MODEL_KINDS = ("station", "staging")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A checkpoint kind added by a higher layer: how its ``model_config`` becomes a configuration
+    (``parse_config``, raising an LNSError, TypeError or ValueError when invalid), the model built from it
+    (``build``) and the few words that name the architecture in messages (``describe``)."""
+
+    name: str
+    parse_config: Callable[[dict], Any]
+    build: Callable[[Any], nn.Module]
+    describe: Callable[[Any], str]
+
+
+_REGISTERED: dict[str, ModelKind] = {}
+
+
+def register_model_kind(name: str, parse_config: Callable[[dict], Any], build: Callable[[Any], nn.Module],
+                        describe: Callable[[Any], str] | None = None) -> ModelKind:
+    """Make checkpoints of kind ``name`` savable and loadable (registering the same name again replaces it)."""
+    if not isinstance(name, str) or not name or name in MODEL_KINDS:
+        raise ModelError(f"model kind {name!r} cannot be registered (the built-in kinds are {MODEL_KINDS})")
+    entry = ModelKind(name, parse_config, build, describe or (lambda config: f"{name} model"))
+    _REGISTERED[name] = entry
+    return entry
+
+
+def model_kinds() -> tuple[str, ...]:
+    """Every known kind: the built-in ``MODEL_KINDS`` and the registered ones."""
+    return MODEL_KINDS + tuple(_REGISTERED)
 
 
 @dataclass
@@ -105,8 +143,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, manifest: dict, training
     """
     path = Path(path)
     kind = manifest.get("kind")
-    if kind not in MODEL_KINDS:
-        raise ModelError(f"checkpoint {path}: manifest 'kind' must be one of {MODEL_KINDS}, got {kind!r}")
+    if kind not in model_kinds():
+        raise ModelError(f"checkpoint {path}: manifest 'kind' must be one of {model_kinds()}, got {kind!r}")
     if "model_config" not in manifest:
         raise ModelError(f"checkpoint {path}: manifest needs 'model_config' (the architecture of the weights)")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -211,12 +249,13 @@ def _unreadable(path: Path, exc: Exception) -> ModelError:
                       f"`lnstaging train` ({reason}{size})")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", verify: bool = True,
+                    kinds: Sequence[str] = MODEL_KINDS) -> Checkpoint:
     """Read and verify a checkpoint (torch.load with weights_only=True). Raises ModelError on any problem.
 
     A bundled model is always checked against its pinned sha256 (before anything is read from a file at the
-    bundled location or under a bundled name). ``verify`` (default) checks the manifest, the weights hash, the
-    architecture and the sidecar; without it only the file's structure is checked.
+    bundled location or under a bundled name). ``verify`` (default) checks the manifest (its kind must be one of
+    ``kinds``), the weights hash, the architecture and the sidecar; without it only the file's structure is checked.
     """
     path = Path(path)
     if not path.is_file():
@@ -247,14 +286,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if bundled is None and manifest.get("bundled") is not None:
         check_bundled(path, bundled_model_name(path, manifest) or "")
     if verify:
-        _verify_manifest(path, manifest, state)
+        _verify_manifest(path, manifest, state, kinds)
         _verify_sidecar(path, manifest)
     return Checkpoint(path, manifest, state, training_state)
 
 
-def _verify_manifest(path: Path, manifest: dict, state: dict[str, torch.Tensor]) -> None:
+def _verify_manifest(path: Path, manifest: dict, state: dict[str, torch.Tensor],
+                     kinds: Sequence[str] = MODEL_KINDS) -> None:
     """Kind, weights hash, finite weights, architecture and threshold of a loaded checkpoint."""
-    kind = _kind(path, manifest)
+    kind = _kind(path, manifest, kinds)
     expected = manifest.get("weights_sha256")
     if not isinstance(expected, str):
         raise ModelError(f"checkpoint {path}: the manifest lacks 'weights_sha256' (the hash of the weights)")
@@ -269,9 +309,10 @@ def _verify_manifest(path: Path, manifest: dict, state: dict[str, torch.Tensor])
     thr = manifest.get("threshold")
     if thr is not None and (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not 0.0 <= thr <= 1.0):
         raise ModelError(f"checkpoint {path}: manifest 'threshold' must be a number in 0..1, got {thr!r}")
-    from .calibration import calibration_of
+    if kind in MODEL_KINDS:
+        from .calibration import calibration_of
 
-    calibration_of(manifest, f"checkpoint {path}")
+        calibration_of(manifest, f"checkpoint {path}")
 
 
 def _verify_sidecar(path: Path, manifest: dict) -> None:
@@ -300,20 +341,26 @@ def _canonical(obj: Any) -> str:
 # -- architecture --------------------------------------------------------------------------------------------------
 
 
-def _kind(path: Path, manifest: dict) -> str:
+def _kind(path: Path, manifest: dict, kinds: Sequence[str] | None = None) -> str:
+    """The manifest's kind: a known one, and one of ``kinds`` when given."""
     kind = manifest.get("kind")
-    if kind not in MODEL_KINDS:
-        raise ModelError(f"checkpoint {path}: manifest 'kind' must be one of {MODEL_KINDS}, got {kind!r}")
+    if kind not in model_kinds():
+        raise ModelError(f"checkpoint {path}: manifest 'kind' must be one of {model_kinds()}, got {kind!r}")
+    if kinds is not None and kind not in kinds:
+        raise ModelError(f"checkpoint {path} holds a {kind!r} model; expected a {' or '.join(map(repr, kinds))} "
+                         "model here")
     return kind
 
 
-def _config(path: Path, model_config: Any) -> Any:
-    """The ModelConfig a manifest describes (a ModelError when it is missing or invalid)."""
-    from .model import ModelConfig
-
+def _config(path: Path, model_config: Any, kind: str = "station") -> Any:
+    """The configuration a manifest describes for ``kind`` (a ModelError when it is missing or invalid)."""
     if not isinstance(model_config, dict):
         raise ModelError(f"checkpoint {path}: the manifest lacks 'model_config' (the architecture of the weights)")
     try:
+        if kind in _REGISTERED:
+            return _REGISTERED[kind].parse_config(dict(model_config))
+        from .model import ModelConfig
+
         return ModelConfig.from_dict(dict(model_config))
     except (LNSError, TypeError, ValueError, OverflowError) as exc:
         raise ModelError(f"checkpoint {path}: the manifest's model_config is not valid "
@@ -322,20 +369,28 @@ def _config(path: Path, model_config: Any) -> Any:
 
 def _build(path: Path, kind: str, config: Any) -> nn.Module:
     """The model of ``kind`` and ``config`` on the CPU (a few ms, even for the reference network)."""
-    from .model import build_model
-
     try:
+        if kind in _REGISTERED:
+            return _REGISTERED[kind].build(config)
+        from .model import build_model
+
         return build_model(kind, config)
     except (LNSError, TypeError, ValueError, OSError) as exc:
         raise ModelError(f"checkpoint {path}: the manifest's model_config does not build a {kind} model "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
+def _describe(kind: str, config: Any) -> str:
+    if kind in _REGISTERED:
+        return _REGISTERED[kind].describe(config)
+    return f"{kind} model, channels {list(config.channels)}, patch_size {config.patch_size}"
+
+
 def _check_architecture(path: Path, kind: str, model_config: Any, state: dict[str, torch.Tensor],
                         model: nn.Module | None = None) -> None:
     """The tensors' names, shapes and dtypes must be those of the architecture ``model_config`` describes (``model``,
     when given, is that architecture already built)."""
-    config = _config(path, model_config)
+    config = _config(path, model_config, kind)
     if model is None:
         model = _build(path, kind, config)
     expected = model.state_dict()
@@ -352,14 +407,14 @@ def _check_architecture(path: Path, kind: str, model_config: Any, state: dict[st
                  if k not in expected]
     if problems:
         more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
-        raise ModelError(f"checkpoint {path}: weights do not fit the manifest's model_config ({kind} model, "
-                         f"channels {list(config.channels)}, patch_size {config.patch_size}): {problems[0]}{more}")
+        raise ModelError(f"checkpoint {path}: weights do not fit the manifest's model_config "
+                         f"({_describe(kind, config)}): {problems[0]}{more}")
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
     """Build the model the manifest describes and load the weights (strict)."""
     kind = _kind(ckpt.path, ckpt.manifest)
-    config = _config(ckpt.path, ckpt.manifest.get("model_config"))
+    config = _config(ckpt.path, ckpt.manifest.get("model_config"), kind)
     model = _build(ckpt.path, kind, config)
     _check_architecture(ckpt.path, kind, config.to_dict(), ckpt.state_dict, model=model)
     try:
@@ -370,15 +425,16 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
     return model
 
 
-def verify_model(path: str | Path) -> dict:
+def verify_model(path: str | Path, kinds: Sequence[str] = MODEL_KINDS) -> dict:
     """Check a model checkpoint without building or running it and return its manifest; a ModelError names the file
     and the problem. Everything ``load_model`` checks, in well under a second: call it before any heavy work."""
-    return load_checkpoint(path, map_location="cpu").manifest
+    return load_checkpoint(path, map_location="cpu", kinds=kinds).manifest
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               kinds: Sequence[str] = MODEL_KINDS) -> tuple[nn.Module, dict]:
     """Verified model in eval mode on ``device`` and its manifest."""
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = load_checkpoint(path, map_location="cpu", kinds=kinds)
     model = model_from_checkpoint(ckpt).to(device)
     model.eval()
     return model, ckpt.manifest

@@ -10,6 +10,8 @@ Columns (CSV, comma-separated, UTF-8, header in the first line):
   ct_path, pet_path               image file or DICOM folder; relative paths resolve against the CSV's folder
   anatomy_path, stations_path,    optional: precomputed anatomy labels, station map, lesion mask
   lesion_path
+  nodes_path                      optional: lymph node instance map on the CT grid (ids 1..n, 0 = background;
+                                  a binary mask is accepted), the truth of node detection
   split                           optional: train, val, test, or a fold number
   pet_is_suv                      optional: yes/no (true/false, 1/0); yes declares that the PET file holds SUV.
                                   A PET image file (NIfTI, NRRD, ...) carries no DICOM header to compute SUV from,
@@ -37,7 +39,7 @@ from ..staging.stations import NUM_STATIONS, parse_station_list
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "patient_id", "study", "series", "n_stage", "positive_stations", "tumour_side", "ct_path", "pet_path",
 )
-PATH_COLUMNS_OPTIONAL: tuple[str, ...] = ("anatomy_path", "stations_path", "lesion_path")
+PATH_COLUMNS_OPTIONAL: tuple[str, ...] = ("anatomy_path", "stations_path", "lesion_path", "nodes_path")
 OPTIONAL_COLUMNS: tuple[str, ...] = (*PATH_COLUMNS_OPTIONAL, "split", "pet_is_suv")
 SPLIT_VALUES = ("train", "val", "validation", "test")
 _NONE_WORDS = {"none", "-"}
@@ -98,6 +100,7 @@ class CohortRow:
     pet_is_suv: bool | None = None  # declared in the cohort (None: not stated)
     extra: dict[str, str] = field(default_factory=dict)
     valid: bool = True
+    nodes_path: Path | None = None  # node instance map (0 = background) or binary node mask
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -310,6 +313,7 @@ def read_cohort(path: str | Path, *, check_files: bool = True, rules: str = DEFA
             positive_stations=positives, tumour_side=side, ct_path=paths.get("ct_path"),
             pet_path=paths.get("pet_path"), anatomy_path=paths.get("anatomy_path"),
             stations_path=paths.get("stations_path"), lesion_path=paths.get("lesion_path"),
+            nodes_path=paths.get("nodes_path"),
             split=split.lower() if split and not split.isdigit() else split, pet_is_suv=pet_is_suv,
             extra={k: (v or "") for k, v in raw.items() if k is not None and k not in known},
         )

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 COHORT_COLUMNS: tuple[str, ...] = (
     "patient_id", "study", "series", "n_stage", "positive_stations", "tumour_side", "ct_path", "pet_path",
-    "pet_is_suv", "anatomy_path", "stations_path", "lesion_path", "truth_path", "true_n_stage",
+    "pet_is_suv", "anatomy_path", "stations_path", "lesion_path", "nodes_path", "truth_path", "true_n_stage",
     "true_positive_stations",
 )
 ATLAS_FORMAT = "lnstaging-atlas-set"
@@ -98,7 +98,8 @@ def generate_cohort(out_dir: str | Path, patients: int, seed: int, size: str = "
             "ct_path": rel["ct"], "pet_path": rel["pet"],
             # NIfTI PET holds SUV (declared); a DICOM series carries its own header and is converted
             "pet_is_suv": "yes" if format == "nifti" else "", "anatomy_path": rel["anatomy"],
-            "stations_path": rel["stations"], "lesion_path": rel["lesions"], "truth_path": rel["truth"],
+            "stations_path": rel["stations"], "lesion_path": rel["lesions"], "nodes_path": rel["nodes"],
+            "truth_path": rel["truth"],
             "true_n_stage": p.truth["n_stage"], "true_positive_stations": ";".join(p.truth["positive_stations"]),
         })
         log.info("phantom %s: %s %s", pid, p.truth["n_stage"], p.truth["positive_stations"])
