@@ -62,7 +62,9 @@ class LymphNodeStaging(ScriptedLoadableModule):
             "Finds the 17 mediastinal lymph node stations on an FDG PET/CT, gives each a probability of malignancy "
             "and derives the N-stage of lung cancer (AJCC 8th edition and TNM 9th edition N2a/N2b). "
             "Click a row of the station table to jump to the station; move the threshold, change the rule set or "
-            "override a station to re-stage instantly. 'Load demo case' loads a synthetic patient. "
+            "override a station to re-stage instantly. With a lymph node model (Advanced) the lymph nodes are found "
+            "and measured too: a 'Lymph nodes' segmentation coloured by station and a node table (click a row to jump "
+            "to the node). 'Load demo case' loads a synthetic patient. "
             "Not a medical device: results must be reviewed by a qualified physician.")
         self.parent.acknowledgementText = _(
             "Method: S. Engelson et al., Deep learning-based mediastinal lymph node assessment on PET/CT images "
@@ -85,6 +87,7 @@ class LymphNodeStagingParameterNode:
     petIsSuv: bool = False  # only for a PET from an image file; a PET from DICOM gets SUV from its header
     anatomy: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007 - read as typing.Union
     modelPath: str = ""
+    nodeModelPath: str = ""
     atlasSet: str = ""
     ruleSet: Annotated[str, Choice(available_rule_sets())] = DEFAULT_RULES
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
@@ -137,6 +140,7 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.ruleSetComboBox.connect("currentIndexChanged(int)", self.onRuleSetChanged)
         self.ui.stationTableView.connect("clicked(QModelIndex)", self.onStationClicked)
+        self.ui.nodeTableView.connect("clicked(QModelIndex)", self.onNodeClicked)
         self.ui.overrideComboBox.connect("currentIndexChanged(int)", self.onOverrideChanged)
         self.ui.resultSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onResultSelected)
         self.ui.exportDirectoryButton.directory = qt.QDir.homePath()
@@ -272,7 +276,8 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setupPythonRequirements(interactive=True)
             self._process = self.logic.startBackgroundProcess(
                 p.ctVolume, p.petVolume, p.tumourSide, petIsSuv=p.petIsSuv, anatomy=p.anatomy,
-                modelPath=p.modelPath, atlasSet=p.atlasSet, rules=p.ruleSet, device=p.device, threshold=p.threshold)
+                modelPath=p.modelPath, nodeModelPath=p.nodeModelPath, atlasSet=p.atlasSet, rules=p.ruleSet,
+                device=p.device, threshold=p.threshold)
         if self._process is None:
             self._setRunning(False)
             return
@@ -350,6 +355,13 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updatingResults = False
 
+    def onNodeClicked(self, index) -> None:
+        """Centre the slice views on the lymph node of the clicked node table row."""
+        if self.logic.result is None or self.logic.nodes is None or self.logic.nodes.node_table is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot show this lymph node."), waitCursor=False):
+            self.logic.jumpToNode(index.row())
+
     def onOverrideChanged(self, index: int) -> None:
         """Apply the reader's decision for the selected station and re-stage."""
         if self._station is None or self.logic.result is None or self._updatingResults:
@@ -386,6 +398,10 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if result.rules in available_rule_sets():
                 self._parameterNode.ruleSet = result.rules
             self.ui.stationTableView.setMRMLTableNode(self.logic.nodes.table)
+            self.ui.nodesLabel.text = self.logic.nodesSummary()
+            nodeTable = self.logic.nodes.node_table
+            self.ui.nodeTableView.setMRMLTableNode(nodeTable)
+            self.ui.nodeTableView.visible = nodeTable is not None
         finally:
             self._updatingResults = False
         self._checkCanApply()
@@ -404,6 +420,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         self.logCallback = None
         self.result = None  # current CaseResult
         self.stationMap = None  # SimpleITK station label map of the current result
+        self.nodeMap = None  # SimpleITK lymph node instance map of the current result (None: no node model ran)
         self.nodes = None  # mrml.ResultNodes
         self.dicomSources = {}
 
@@ -423,6 +440,21 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         return {"Station": _("Station"), "Probability": _("Probability"), "Status": _("Status"),
                 "Override": _("Override"), "SUVmax": _("SUVmax"), "SUVpeak": _("SUVpeak"),
                 "Agreement": _("Atlas agreement"), "Group": _("N group")}
+
+    @staticmethod
+    def nodeColumnTitles() -> dict:
+        """Translated titles of the node table's columns (LymphNodeStagingLib.slicer.mrml.NODE_TABLE_COLUMNS)."""
+        return {"ID": _("ID"), "Station": _("Station"), "ShortAxis": _("Short axis (mm)"),
+                "LongAxis": _("Long axis (mm)"), "Volume": _("Volume (ml)"), "SUVmax": _("SUVmax"),
+                "Score": _("Score")}
+
+    def nodesSummary(self) -> str:
+        """One line about the lymph nodes of the current result, for the Results section."""
+        if self.result is None or self.result.nodes is None:
+            return _("Lymph nodes: no node model was run (choose one under Advanced).")
+        large = sum(1 for n in self.result.nodes if (n.get("short_axis_mm") or 0.0) >= 10.0)
+        return _("Lymph nodes: {count} found, {large} with a short axis of 10 mm or more. Click a row to jump to "
+                 "the node.").format(count=len(self.result.nodes), large=large)
 
     # ----- dependencies ----------------------------------------------------------------------------------------
     @staticmethod
@@ -578,9 +610,9 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         return mrml.image_from_volume_node(petVolume), bool(petIsSuv)
 
     def process(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = False, petDicomFolder: str = "",
-                anatomy=None, modelPath: str = "", atlasSet: str = "", rules: str = DEFAULT_RULES,
-                device: str = "auto", threshold: float = 0.5, progress=None, cancel=None, outDir: str | None = None,
-                fileForInstance=None):
+                anatomy=None, modelPath: str = "", nodeModelPath: str = "", atlasSet: str = "",
+                rules: str = DEFAULT_RULES, device: str = "auto", threshold: float = 0.5, progress=None, cancel=None,
+                outDir: str | None = None, fileForInstance=None):
         """Assess one PET/CT given as volume nodes in this process and show the result.
 
         Blocks until done (scripts, batch, tests); the widget uses startBackgroundProcess instead.
@@ -603,19 +635,22 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
             anatomyImage = self._anatomyImage(anatomy) if anatomy is not None else None
             assessment = assess_case(
                 mrml.image_from_volume_node(ctVolume), pet, side, anatomy=anatomyImage, model=modelPath or None,
-                atlases=atlasSet or None, rules=rules, device=dev, pet_is_suv=petIsSuv, out_dir=outDir,
-                progress=progress, cancel=cancel)
+                node_model=nodeModelPath or None, atlases=atlasSet or None, rules=rules, device=dev,
+                pet_is_suv=petIsSuv, out_dir=outDir, progress=progress, cancel=cancel)
         finally:
             shutil.rmtree(workDir, ignore_errors=True)
         suvImage = assessment.pet if isinstance(pet, str) else None  # SUV computed from the DICOM header
+        detection = assessment.node_detection
         self._showOutput(assessment.result, assessment.station_map, suvImage,
-                         getattr(assessment, "dicom_sources", None), ctVolume, petVolume, threshold, start)
+                         getattr(assessment, "dicom_sources", None), ctVolume, petVolume, threshold, start,
+                         nodeMap=detection.instances if detection is not None else None)
         return self.nodes
 
     def startBackgroundProcess(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = False,
-                               petDicomFolder: str = "", anatomy=None, modelPath: str = "", atlasSet: str = "",
-                               rules: str = DEFAULT_RULES, device: str = "auto", threshold: float = 0.5,
-                               stationMapping: str = "", python: str | None = None, fileForInstance=None):
+                               petDicomFolder: str = "", anatomy=None, modelPath: str = "", nodeModelPath: str = "",
+                               atlasSet: str = "", rules: str = DEFAULT_RULES, device: str = "auto",
+                               threshold: float = 0.5, stationMapping: str = "", python: str | None = None,
+                               fileForInstance=None):
         """Start the assessment in a child process and return it (an AssessmentProcess: poll(), cancel()).
 
         The inputs are written to a temporary folder (a PET from DICOM as its DICOM files, so that SUV is
@@ -652,8 +687,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
             job = AssessmentJob(
                 ct=str(ctFile), pet=pet, side=side, out_dir=str(workDir / "out"),
                 anatomy=str(anatomyFile) if anatomyFile else None, model=modelPath or None,
-                atlases=atlasSet or None, rules=rules, device=dev.torch, pet_is_suv=petIsSuv,
-                case_id=ctVolume.GetName(), station_mapping=stationMapping or None)
+                node_model=nodeModelPath or None, atlases=atlasSet or None, rules=rules, device=dev.torch,
+                pet_is_suv=petIsSuv, case_id=ctVolume.GetName(), station_mapping=stationMapping or None)
             process = AssessmentProcess(job, python=python or self.pythonExecutable()).start()
         except Exception:
             shutil.rmtree(workDir, ignore_errors=True)
@@ -672,7 +707,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         try:
             output = process.output()
             self._showOutput(output.result, output.station_map, output.pet, output.dicom_sources,
-                             context["ctVolume"], context["petVolume"], context["threshold"], context["start"])
+                             context["ctVolume"], context["petVolume"], context["threshold"], context["start"],
+                             nodeMap=output.node_map)
         finally:
             shutil.rmtree(context["workDir"], ignore_errors=True)
         return self.nodes
@@ -684,9 +720,11 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
         return shutil.which("PythonSlicer") or sys.executable
 
-    def _showOutput(self, result, stationMap, suvImage, dicomSources, ctVolume, petVolume, threshold, start):
+    def _showOutput(self, result, stationMap, suvImage, dicomSources, ctVolume, petVolume, threshold, start,
+                    nodeMap=None):
         """Show an assessment; ``suvImage``: the PET in SUV when it was computed from DICOM (shown as a new
-        volume, since the loaded PET volume holds activity concentration)."""
+        volume, since the loaded PET volume holds activity concentration); ``nodeMap``: the lymph node instance
+        map when a node model ran."""
         import time
 
         from LymphNodeStagingLib.slicer import mrml
@@ -696,7 +734,9 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         if suvImage is not None or petVolume is None:
             petVolume = mrml.volume_node_from_image(slicer.mrmlScene, suvImage, _("PET (SUV)"))
         self.dicomSources = dict(dicomSources or {})
-        self.showAssessment(result, stationMap, ctVolume, petVolume)
+        self.showAssessment(result, stationMap, ctVolume, petVolume, nodeMap=nodeMap)
+        if result.nodes is not None:
+            self.log(self.nodesSummary())
         if result.demo_banner:
             self.log(result.demo_banner)
         self.log(_("{stage} (TNM 9 {tnm9}) in {seconds:.1f} s").format(
@@ -717,17 +757,26 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         finally:
             slicer.mrmlScene.RemoveNode(labelmap)
 
-    def showAssessment(self, result, stationMap, ctVolume, petVolume=None):
-        """Show a result (CaseResult + station map) over the CT/PET; reuses this logic's nodes when present."""
+    def showAssessment(self, result, stationMap, ctVolume, petVolume=None, nodeMap=None):
+        """Show a result (CaseResult + station map, and the lymph node instance map when the result has nodes) over
+        the CT/PET."""
         from LymphNodeStagingLib.slicer import mrml
 
         scene = slicer.mrmlScene
         mrml.show_pet_over_ct(scene, ctVolume, petVolume)
-        self.nodes = mrml.show_result(scene, result, stationMap, reference_node=ctVolume)
-        mrml.set_column_titles(self.nodes.table, self.columnTitles())
+        self.nodes = mrml.show_result(scene, result, stationMap, reference_node=ctVolume, node_map=nodeMap)
+        self._setTitles()
         self.result = result
         self.stationMap = stationMap
+        self.nodeMap = nodeMap
         return self.nodes
+
+    def _setTitles(self) -> None:
+        from LymphNodeStagingLib.slicer import mrml
+
+        mrml.set_column_titles(self.nodes.table, self.columnTitles())
+        if self.nodes.node_table is not None:
+            mrml.set_column_titles(self.nodes.node_table, self.nodeColumnTitles())
 
     def loadResultFromNode(self, segmentationNode) -> None:
         """Review a result saved in the scene (the result JSON is stored on the segmentation node)."""
@@ -735,8 +784,9 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
         self.result = mrml.result_from_node(segmentationNode)
         self.nodes = mrml.find_result_nodes(slicer.mrmlScene, segmentationNode)
-        mrml.set_column_titles(self.nodes.table, self.columnTitles())
+        self._setTitles()
         self.stationMap = None
+        self.nodeMap = None
 
     def restage(self, threshold=None, overrides=None, rules=None):
         """Re-stage instantly (no network run) and update the nodes in place."""
@@ -756,8 +806,16 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
         return mrml.jump_to_station(slicer.mrmlScene, self.result, station, self.nodes.segmentation)
 
+    def jumpToNode(self, row: int):
+        """Centre every slice view on the lymph node of a row (0-based) of the node table."""
+        from LymphNodeStagingLib.slicer import mrml
+
+        if self.result is None or self.nodes is None or self.nodes.node_table is None:
+            raise ValueError(_("No lymph nodes to show: run the assessment with a node model first."))
+        return mrml.jump_to_node(slicer.mrmlScene, self.result, self.nodes.node_table, row)
+
     def exportResults(self, outDir: str):
-        """.seg.nrrd, result JSON/CSV, report; DICOM SEG when the CT came from DICOM."""
+        """.seg.nrrd (stations, lymph nodes), result JSON/CSV, report; DICOM SEG when the CT came from DICOM."""
         from LymphNodeStagingLib.slicer import mrml
 
         if self.result is None:
@@ -788,6 +846,33 @@ def makeSyntheticCase(side: str = "R"):
     return patient.ct, patient.pet, patient.stations, make_case_result("synthetic", side, probabilities)
 
 
+def makeSyntheticNodes(ct, pet, stations, result, radii=(("4R", 7.0), ("7", 4.0))):
+    """Spherical lymph nodes at the centres of the given stations of a synthetic case, found and measured by the
+    library (``find_nodes``); returns the result with its ``nodes`` and the node instance map."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from LymphNodeStagingLib.nodes.instances import find_nodes
+    from LymphNodeStagingLib.staging.stations import parse_station
+
+    labels = sitk.GetArrayFromImage(stations)
+    spacing = np.asarray(stations.GetSpacing()[::-1])
+    grid = np.indices(labels.shape, dtype=float)
+    probability = np.zeros(labels.shape, np.float32)
+    for name, radius in radii:
+        inside = np.argwhere(labels == parse_station(name).label)
+        if len(inside) == 0:
+            continue
+        centre = inside.mean(axis=0)
+        d2 = sum(((grid[a] - centre[a]) * spacing[a]) ** 2 for a in range(3))
+        probability[d2 <= radius ** 2] = 0.9
+    image = sitk.GetImageFromArray(probability)
+    image.CopyInformation(stations)
+    instances, found = find_nodes(image, ct, pet=pet, stations=stations)
+    result.nodes = [n.to_dict() for n in found]
+    return result, instances
+
+
 class LymphNodeStagingTest(ScriptedLoadableModuleTest):
     """Runs in Slicer (Reload & Test, ctest py_LymphNodeStaging) on synthetic data; nothing is downloaded."""
 
@@ -799,6 +884,8 @@ class LymphNodeStagingTest(ScriptedLoadableModuleTest):
         """Run every test."""
         self.setUp()
         self.test_ShowAndRestage()
+        self.setUp()
+        self.test_LymphNodes()
         self.setUp()
         self.test_FullPipeline()
 
@@ -837,6 +924,33 @@ class LymphNodeStagingTest(ScriptedLoadableModuleTest):
             self.assertTrue(os.path.isfile(paths["segmentation"]))
             reloaded = mrml.load_segmentation(scene, paths["segmentation"])
             self.assertEqual(reloaded.GetSegmentation().GetNumberOfSegments(), 17)
+        self.delayDisplay("Test passed")
+
+    def test_LymphNodes(self):
+        """Lymph nodes of a result: one segment per node named after station and short axis, the node table, a jump
+        to the node of a table row."""
+        from LymphNodeStagingLib.slicer import mrml
+
+        self.delayDisplay("Showing lymph nodes")
+        ct, pet, stations, result = makeSyntheticCase()
+        result, nodeMap = makeSyntheticNodes(ct, pet, stations, result)
+        scene = slicer.mrmlScene
+        logic = LymphNodeStagingLogic()
+        nodes = logic.showAssessment(result, stations, mrml.volume_node_from_image(scene, ct, "CT"),
+                                     mrml.volume_node_from_image(scene, pet, "PET"), nodeMap=nodeMap)
+        self.assertEqual(len(result.nodes), 2)
+        segmentation = nodes.node_segmentation.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 2)
+        first = result.nodes[0]
+        self.assertEqual(segmentation.GetSegment("node-1").GetName(), mrml.node_segment_name(first))
+        self.assertTrue(mrml.node_segment_name(first).startswith(f"{first['station']} node "))
+        self.assertEqual(nodes.node_table.GetNumberOfRows(), 2)
+        self.assertEqual(nodes.node_table.GetColumnTitle("ShortAxis"), _("Short axis (mm)"))
+        ras = logic.jumpToNode(1)
+        expected = mrml.lps_to_ras(result.nodes[1]["centre_mm"])
+        self.assertTrue(all(abs(a - b) < 1e-6 for a, b in zip(ras, expected, strict=True)))
+        logic.restage(threshold=0.95)  # re-staging leaves the nodes alone
+        self.assertEqual(segmentation.GetNumberOfSegments(), 2)
         self.delayDisplay("Test passed")
 
     def test_FullPipeline(self):

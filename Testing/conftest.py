@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures (the lymph node ones over ``node_fixtures``: one tiny node model per session)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,27 @@ def private_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def node_cohort(tmp_path_factory) -> Path:
+    """A 4-patient small phantom cohort (with nodes_path)."""
+    from node_fixtures import make_node_cohort
+
+    return make_node_cohort(tmp_path_factory.mktemp("node-cohort"))
+
+
+@pytest.fixture(scope="session")
+def node_cases(node_cohort):
+    from node_fixtures import load_cases
+
+    return load_cases(node_cohort)
+
+
+@pytest.fixture(scope="session")
+def trained_snet(node_cases, tmp_path_factory):
+    """A tiny S-Net trained for 2 epochs of 3 steps on the node cohort (its checkpoint folder and result)."""
+    from node_fixtures import train_tiny_snet
+
+    out = tmp_path_factory.mktemp("snet-model")
+    return out, train_tiny_snet(node_cases, out)

@@ -1,4 +1,5 @@
-"""Assessment of one PET/CT: load, anatomy, station mapping, patches, classifier, SUV figures, staging, reports.
+"""Assessment of one PET/CT: load, anatomy, station mapping, patches, classifier, SUV figures, lymph nodes (with a node
+model), staging, reports.
 
 ``assess_case`` is the one function behind ``lnstaging assess``, the Slicer module's Apply and the cohort runs.
 """
@@ -23,7 +24,15 @@ from ..mapping.crop import check_pet_covers, mediastinal_crop
 from ..paths import BUNDLED_MODELS, DEMO_MODEL
 from ..preflight.case import check_case
 from ..preflight.memory import check_memory, estimate_memory
-from ..preflight.parameters import check_device, check_model, check_out, check_rules, check_threshold, check_tta
+from ..preflight.parameters import (
+    check_device,
+    check_model,
+    check_node_model,
+    check_out,
+    check_rules,
+    check_threshold,
+    check_tta,
+)
 from ..runtime import Device, ProgressCallback, progress_part, reporter
 from ..staging.result import CaseResult, make_case_result
 from ..staging.rules import DEFAULT_RULES, parse_side
@@ -48,6 +57,7 @@ class Assessment:
     inputs_from_dicom: bool = False
     dicom_sources: dict[str, str] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    node_detection: Any = None  # nodes.infer.NodeDetection (instance map on the CT grid) when a node model ran
 
 
 def assess_case(
@@ -57,6 +67,7 @@ def assess_case(
     *,
     anatomy: str | Path | sitk.Image | None = None,
     model: str | Path | None = None,
+    node_model: str | Path | None = None,
     atlases=None,
     rules: str = DEFAULT_RULES,
     device: str | Device = "cpu",
@@ -74,11 +85,13 @@ def assess_case(
     """Assess one PET/CT. ``ct``/``pet`` are files, DICOM folders or SimpleITK images (PET images are SUV).
 
     ``anatomy``: precomputed label map (file, folder of masks or image); None runs TotalSegmentator.
-    ``model``: checkpoint (None: the bundled demo model). ``atlases``: atlas set folder or a loaded ``AtlasSet``
-    (reused between cases, it keeps its prepared registration data; None: ``$LNSTAGING_ATLASES`` or the synthetic
-    demo set, see ``mapping.atlas.resolve_atlas_set``). ``station_mapping``: a mapping computed before (skips
-    registration). With ``out_dir`` the result JSON, CSV, station map, mapping files and the PNG overview are written
-    there.
+    ``model``: checkpoint (None: the bundled demo model). ``node_model``: node model checkpoint (None: the bundled
+    node model when there is one, else no node detection); with one, the lymph nodes are found in the mediastinal crop
+    of the station map and measured (``result.nodes``, ``nodes.nii.gz``). ``atlases``: atlas set folder or a loaded
+    ``AtlasSet`` (reused between cases, it keeps its prepared registration data; None: ``$LNSTAGING_ATLASES`` or the
+    synthetic demo set, see ``mapping.atlas.resolve_atlas_set``). ``station_mapping``: a mapping computed before (skips
+    registration). With ``out_dir`` the result JSON, CSV, station map, mapping files, the node instance map and the
+    PNG overview are written there.
     """
     # 0. options and the output folder, before any file is read
     side = parse_side(side, "side")
@@ -109,6 +122,10 @@ def assess_case(
     net, manifest, model_path = check_model(model, device=dev, parameter="model")
     thr = float(threshold if threshold is not None else manifest.get("threshold", 0.5))
     timings["model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    node_net = check_node_model(node_model, device=dev, parameter="node_model")  # None: no node model to run
+    if node_net is not None:
+        timings["node_model"] = time.perf_counter() - t0
     check_cancel()
 
     # 3. anatomy and station mapping
@@ -156,6 +173,17 @@ def assess_case(
     timings["classification"] = time.perf_counter() - t0 - timings["suv_stats"]
     check_cancel()
 
+    # 4b. lymph nodes, in the mediastinal crop of the station map (each node gets its station and its SUV figures)
+    detection = None
+    if node_net is not None:
+        t0 = time.perf_counter()
+        report(0.85, "finding lymph nodes")
+        from ..nodes.infer import detect_nodes
+
+        detection = detect_nodes(ct_img, node_net, pet=pet_img, stations=station_map, device=dev.torch)
+        timings["nodes"] = time.perf_counter() - t0
+        check_cancel()
+
     # 5. the result
     probs = {st.name: (float(pred.probabilities[st.index]) if pred.present[st.index] else None) for st in STATIONS}
     agreement = {k: (None if v is None or not np.isfinite(v) else float(v))
@@ -189,12 +217,16 @@ def assess_case(
                      "anatomy": str(anatomy) if isinstance(anatomy, (str, Path)) else
                      ("<image>" if anatomy is not None else "TotalSegmentator")}
     result.suv = suv_info
+    if detection is not None:
+        result.nodes = [n.to_dict() for n in detection.nodes]
+        result.model["node_model"] = detection.model
+        result.warnings.extend(detection.warnings)
     result.version = __version__
     timings.update({f"mapping.{k}": v for k, v in getattr(station_mapping, "timings", {}).items()})
     result.timings_s = {k: round(float(v), 4) for k, v in timings.items()}
 
     out = Assessment(result=result, station_map=station_map, ct=ct_img, pet=pet_img, mapping=station_mapping,
-                     inputs_from_dicom=from_dicom, dicom_sources=sources)
+                     inputs_from_dicom=from_dicom, dicom_sources=sources, node_detection=detection)
     if out_dir is not None:
         report(0.9, "writing outputs")
         out.files = write_outputs(out, out_dir)
@@ -234,7 +266,8 @@ def _anatomy(anatomy, ct, ct_img: sitk.Image, device: Device) -> sitk.Image:
 
 
 def write_outputs(assessment: Assessment, out_dir: str | Path) -> dict[str, Path]:
-    """Write result.json, result.csv, stations.nii.gz, the mapping files and overview.png (each atomically)."""
+    """Write result.json, result.csv, stations.nii.gz, the mapping files, nodes.nii.gz (with a node model: instance
+    ids 1..n on the CT grid, the ids of ``result.nodes``) and overview.png (each atomically)."""
     from .overview import write_overview
 
     out = Path(out_dir)
@@ -246,6 +279,10 @@ def write_outputs(assessment: Assessment, out_dir: str | Path) -> dict[str, Path
     }
     if assessment.mapping is not None and hasattr(assessment.mapping, "vote_fraction_image"):
         files["vote_fractions"] = write_image(assessment.mapping.vote_fraction_image(), out / "vote_fractions.nii.gz")
+    node_map = None
+    if assessment.node_detection is not None:
+        node_map = sitk.Cast(assessment.node_detection.instances, sitk.sitkUInt16)
+        files["nodes"] = write_image(node_map, out / "nodes.nii.gz")
     files["overview"] = write_overview(assessment.ct, assessment.pet, assessment.station_map, assessment.result,
-                                       out / "overview.png")
+                                       out / "overview.png", node_map=node_map)
     return files

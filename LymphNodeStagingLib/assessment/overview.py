@@ -3,7 +3,8 @@ station table and the N-stage. Axial views in radiological convention (patient r
 
 A result computed with the synthetic demo atlases or the demo model gets a red banner across the top
 (``CaseResult.demo_banner``); stations the station mapping flagged are marked "!" in the table (orange) and the
-mapping warnings are listed under the pictures.
+mapping warnings are listed under the pictures. With lymph nodes (a node model ran), every view outlines the nodes it
+cuts (labelled with their short axis) and the table gets a "nodes" column: count (largest short axis, mm).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ DISPLAY_SPACING_MM = 1.5
 PET_SHOWN_FROM_SUV = 2.5
 PET_SATURATED_SUV = 10.0
 MARGIN_MM = 40.0
+#: Outline of the lymph nodes: one colour that none of the probability colours, the red/white station outlines or the
+#: PET colours use.
+NODE_OUTLINE = "#00e5ff"
 #: Axial levels shown: the station whose centre sets the slice, with a readable caption.
 LEVELS = (("2R", "upper paratracheal (2R/2L)"), ("4R", "lower paratracheal (4R/4L)"), ("7", "subcarinal (7)"),
           ("10L", "hilar (10R/10L)"))
@@ -83,8 +87,9 @@ def mapping_notes(result: CaseResult) -> list[str]:
 
 
 def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, result: CaseResult,
-                   path: str | Path) -> Path:
-    """Write the overview PNG (atomically) and return its path."""
+                   path: str | Path, node_map: sitk.Image | None = None) -> Path:
+    """Write the overview PNG (atomically) and return its path. ``node_map``: the lymph node instance map (ids of
+    ``result.nodes``, 0 = background), outlined in every view."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +104,11 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
                                                  sitk.sitkFloat32))
     st_d = sitk.GetArrayFromImage(sitk.Resample(station_map, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                                 sitk.sitkUInt8))
+    nodes_d = None
+    short_axis = {int(n["id"]): float(n.get("short_axis_mm") or 0.0) for n in result.nodes or []}
+    if node_map is not None:
+        nodes_d = sitk.GetArrayFromImage(sitk.Resample(node_map, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                       sitk.sitkUInt32))
     cmap = colormaps["RdYlGn_r"]
     norm = Normalize(0.0, 1.0)
     by_name = {s.name: s for s in result.stations}
@@ -110,7 +120,18 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
         else:
             lut[i] = (*cmap(norm(s.probability))[:3], 0.55)
 
-    def draw(ax, ct_sl, pet_sl, st_sl, origin: str, title: str) -> None:
+    def draw_nodes(ax, node_sl) -> None:
+        for v in np.unique(node_sl):
+            if v == 0:
+                continue
+            mask = node_sl == v
+            ax.contour(mask, levels=[0.5], colors=[NODE_OUTLINE], linewidths=1.3)
+            if int(v) in short_axis:
+                ys, xs = np.nonzero(mask)
+                ax.text(xs.max() + 2, ys.mean(), f"{short_axis[int(v)]:.0f}", color=NODE_OUTLINE, fontsize=6,
+                        va="center", fontweight="bold")
+
+    def draw(ax, ct_sl, pet_sl, st_sl, origin: str, title: str, node_sl=None) -> None:
         ax.imshow(np.clip(ct_sl, -160, 240), cmap="gray", origin=origin, interpolation="bilinear")
         ax.imshow(np.ma.masked_less(pet_sl, PET_SHOWN_FROM_SUV), cmap="hot", vmin=PET_SHOWN_FROM_SUV,
                   vmax=PET_SATURATED_SUV, alpha=0.6, origin=origin, interpolation="bilinear")
@@ -126,6 +147,8 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
                        linewidths=1.6 if positive else 0.6)
             ax.text(xs.mean(), ys.mean(), name, color="black" if not positive else "white", fontsize=7,
                     ha="center", va="center", fontweight="bold")
+        if node_sl is not None:
+            draw_nodes(ax, node_sl)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -143,29 +166,40 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
         panels.append((gs[k // 2, k % 2], z, caption))
     for spec, z, caption in panels:
         ax = fig.add_subplot(spec)
-        draw(ax, ct_d[z], pet_d[z], st_d[z], "upper", f"axial, {caption}  (R | L)")
+        draw(ax, ct_d[z], pet_d[z], st_d[z], "upper", f"axial, {caption}  (R | L)",
+             None if nodes_d is None else nodes_d[z])
     # hilar level in the second row
     s10 = by_name.get("10R") if by_name.get("10R") and by_name["10R"].centre_mm else by_name.get("10L")
     idx = _index_of(grid, s10.centre_mm if s10 is not None and s10.centre_mm else None)
     z = idx[2] if idx is not None else grid.GetSize()[2] // 2
-    draw(fig.add_subplot(gs[1, 1]), ct_d[z], pet_d[z], st_d[z], "upper", "axial, hilar (10R/10L)  (R | L)")
+    draw(fig.add_subplot(gs[1, 1]), ct_d[z], pet_d[z], st_d[z], "upper", "axial, hilar (10R/10L)  (R | L)",
+         None if nodes_d is None else nodes_d[z])
     # coronal through the subcarinal station (or the middle)
     s7 = by_name.get("7")
     idx = _index_of(grid, s7.centre_mm if s7 is not None and s7.centre_mm else None)
     y = idx[1] if idx is not None else grid.GetSize()[1] // 2
-    draw(fig.add_subplot(gs[:, 2]), ct_d[:, y, :], pet_d[:, y, :], st_d[:, y, :], "lower", "coronal  (R | L)")
+    draw(fig.add_subplot(gs[:, 2]), ct_d[:, y, :], pet_d[:, y, :], st_d[:, y, :], "lower", "coronal  (R | L)",
+         None if nodes_d is None else nodes_d[:, y, :])
 
     # table and stage
     ax = fig.add_subplot(gs[:, 3])
     ax.axis("off")
     rows = [["station", "p", "status", "SUVmax", "agree"]]
     flagged = {s.name for s in result.stations if any(f.startswith("mapping:") for f in s.flags)}
+    per_station = result.station_nodes()
     for s in result.stations:
         rows.append([s.name + (" !" if s.name in flagged else ""),
                      "-" if s.probability is None else f"{s.probability:.2f}", s.status + (" *" if s.override
                      else ""), "-" if s.suv_max is None else f"{s.suv_max:.1f}",
                      "-" if s.agreement is None else f"{s.agreement:.2f}"])
-    table = ax.table(cellText=rows, loc="upper center", cellLoc="center", colWidths=[0.16, 0.14, 0.3, 0.18, 0.16])
+    widths = [0.16, 0.14, 0.3, 0.18, 0.16]
+    if per_station:
+        rows[0].append("nodes")
+        for row, s in zip(rows[1:], result.stations, strict=True):
+            count, largest = per_station[s.name]
+            row.append(f"{count} ({largest:.0f})" if count and largest is not None else str(count))
+        widths = [0.14, 0.12, 0.26, 0.15, 0.13, 0.17]
+    table = ax.table(cellText=rows, loc="upper center", cellLoc="center", colWidths=widths)
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1, 1.18)
@@ -192,6 +226,9 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
     notes = mapping_notes(result)
     footer = ["! station map implausible or repaired, check these stations:"] + [f"    {n}" for n in notes] if notes \
         else []
+    if result.nodes is not None:
+        footer.append(f"Cyan outline: lymph node found by the node model ({len(result.nodes)} in all), labelled with "
+                      "its short axis (mm); table column 'nodes': count in the station (largest short axis, mm).")
     footer.append(f"Red outline: positive station. PET over CT from SUV {PET_SHOWN_FROM_SUV:g} (hot, saturated at SUV "
                   f"{PET_SATURATED_SUV:g}; blood pool and liver lie below it). Research software, not a medical device.")
     fig.text(0.01, 0.005, "\n".join(footer), fontsize=8, color="black", linespacing=1.4)

@@ -5,8 +5,8 @@ A GUI must not run the assessment on its own thread: it would freeze for the who
 child's output on a thread and hands it out as ``ProcessEvent`` objects from the non-blocking ``poll()``, which a GUI
 calls from a timer (the Slicer module polls from a ``qt.QTimer``). ``cancel()`` asks the child to stop through
 ``assess_case``'s ``cancel`` callback (a flag file in the output folder, looked at between steps) and terminates it
-when it has not stopped after a grace period. ``output()`` reads the result back (result JSON, station map, the SUV
-PET when the PET came from DICOM) or raises the child's error. ``run_assessment_process`` is the blocking form with
+when it has not stopped after a grace period. ``output()`` reads the result back (result JSON, station map, the node
+instance map when a node model ran, the SUV PET when the PET came from DICOM) or raises the child's error. ``run_assessment_process`` is the blocking form with
 the ``progress``/``cancel`` callbacks of ``assess_case``.
 
 Protocol: every line of the child that starts with ``@lns `` is one JSON object with an ``event`` key: ``progress``
@@ -54,6 +54,7 @@ class AssessmentJob:
     out_dir: str
     anatomy: str | None = None
     model: str | None = None
+    node_model: str | None = None  # node model checkpoint (None: the bundled one when there is one, else no nodes)
     atlases: str | None = None
     rules: str = "ajcc8"
     device: str = "cpu"
@@ -110,6 +111,7 @@ class ProcessOutput:
     pet: Any | None  # SimpleITK SUV image when the PET was a DICOM series (None: the caller's PET image is SUV)
     files: dict[str, Path]
     dicom_sources: dict[str, str]
+    node_map: Any | None = None  # SimpleITK lymph node instance map (ids of result.nodes) when a node model ran
 
 
 def parse_line(line: str) -> ProcessEvent:
@@ -269,7 +271,8 @@ class AssessmentProcess:
         result = CaseResult.read_json(files["result_json"])
         station_map = sitk.ReadImage(str(files["stations"]))
         pet = sitk.ReadImage(str(files["pet_suv"])) if "pet_suv" in files else None
-        return ProcessOutput(result, station_map, pet, files, dict(done.data.get("dicom_sources", {})))
+        node_map = sitk.ReadImage(str(files["nodes"])) if "nodes" in files else None
+        return ProcessOutput(result, station_map, pet, files, dict(done.data.get("dicom_sources", {})), node_map)
 
 
 def run_assessment_process(job: AssessmentJob, *, progress: ProgressCallback | None = None,
@@ -342,7 +345,8 @@ def _run_job(job: AssessmentJob) -> int:
 
         mapping = read_station_mapping(job.station_mapping)
     assessment = assess_case(
-        job.ct, job.pet, job.side, anatomy=job.anatomy, model=job.model, atlases=job.atlases, rules=job.rules,
+        job.ct, job.pet, job.side, anatomy=job.anatomy, model=job.model, node_model=job.node_model,
+        atlases=job.atlases, rules=job.rules,
         device=job.device, pet_is_suv=job.pet_is_suv, suv_mode=job.suv_mode, threshold=job.threshold,
         case_id=job.case_id, station_mapping=mapping,
         progress=lambda p: _emit("progress", fraction=round(0.95 * p.fraction, 4), message=p.message),

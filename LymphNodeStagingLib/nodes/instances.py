@@ -11,7 +11,7 @@ centres). The long axis is the largest in-plane diameter of that outline (maximu
 hull of the vertices). The short axis is the longest chord of the outline perpendicular to the long axis: lines
 perpendicular to the long axis every half pixel, sampled every eighth of a pixel, inside where the interpolated mask is
 >= 0.5; the longest run of inside samples. For a digitised ellipse both are within one pixel diagonal of the true
-diameters (on average within a quarter).
+diameters (on average within a quarter). Neither axis is reported shorter than one pixel along its direction.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def measure_axes(mask2d: np.ndarray, spacing_xy: Sequence[float]) -> tuple[float
     """Short and long axis in mm of a 2D region (see the module docstring for the method).
 
     ``mask2d`` is indexed (row, column) = (y, x), as an axial slice of a (z, y, x) array; ``spacing_xy`` is
-    (column spacing, row spacing) in mm. An empty mask gives (0.0, 0.0).
+    (column spacing, row spacing) in mm. An empty mask gives (0.0, 0.0). Neither axis is shorter than one pixel along
+    its direction (``pixel_length``): a component one pixel wide measures one pixel.
     """
     m = np.asarray(mask2d)
     if m.ndim != 2:
@@ -108,7 +109,10 @@ def measure_axes(mask2d: np.ndarray, spacing_xy: Sequence[float]) -> tuple[float
     ws = np.arange(w_proj.min() - pixel, w_proj.max() + pixel, sample_step)
     px = ts[:, None] * u[0] + ws[None, :] * v[0]
     py = ts[:, None] * u[1] + ws[None, :] * v[1]
-    values = ndimage.map_coordinates(m.astype(np.float32), [py / sy, px / sx], order=1, mode="constant", cval=0.0)
+    # on the mask padded with one row/column of outside pixels: the mask is usually cut tight around the component,
+    # and map_coordinates does not interpolate towards cval beyond the array's last pixel centres
+    values = ndimage.map_coordinates(np.pad(m.astype(np.float32), 1), [py / sy + 1.0, px / sx + 1.0], order=1,
+                                     mode="constant", cval=0.0)
     inside = values >= 0.5
     padded = np.zeros((inside.shape[0], inside.shape[1] + 2), dtype=np.int8)
     padded[:, 1:-1] = inside
@@ -116,7 +120,18 @@ def measure_axes(mask2d: np.ndarray, spacing_xy: Sequence[float]) -> tuple[float
     starts = np.nonzero(edges == 1)[1]
     ends = np.nonzero(edges == -1)[1]  # row-major order: pairs with starts
     short_mm = float((ends - starts).max()) * sample_step if starts.size else 0.0
+    # never below one pixel along the measured direction (a component one pixel wide is one pixel wide)
+    long_mm = max(long_mm, pixel_length(u, (sx, sy)))
+    short_mm = max(short_mm, pixel_length(v, (sx, sy)))
     return min(short_mm, long_mm), long_mm
+
+
+def pixel_length(direction: Sequence[float], spacing_xy: Sequence[float]) -> float:
+    """Length in mm of the chord through a pixel's centre along the in-plane unit ``direction`` (x, y): the column
+    spacing along x, the row spacing along y, longer in between (the pixel is a sx x sy rectangle)."""
+    sx, sy = (float(s) for s in spacing_xy)
+    dx, dy = (abs(float(d)) for d in direction)
+    return min(sx / dx if dx > 1e-12 else np.inf, sy / dy if dy > 1e-12 else np.inf)
 
 
 def _measure_box(mask: np.ndarray, spacing_xy: tuple[float, float]) -> tuple[float, float, int]:

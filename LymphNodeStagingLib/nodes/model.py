@@ -162,12 +162,15 @@ def bundled_node_model() -> Path | None:
     return path if path.is_file() and BUNDLED_NODE_MODEL in paths.BUNDLED_MODELS else None
 
 
-def resolve_node_model(model: str | Path | None) -> Path:
-    """The checkpoint to use: ``model``, else the bundled node model; a UsageError saying how to get one if none."""
-    if model is not None:
+def resolve_node_model(model: str | Path | None, required: bool = True) -> Path | None:
+    """The checkpoint to use: ``model``, else the bundled node model. Without either: a UsageError saying how to get
+    one (``required``), or None (the node step is optional, e.g. in ``assess``)."""
+    if model is not None and str(model) != "":
         return Path(model)
     bundled = bundled_node_model()
     if bundled is None:
+        if not required:
+            return None
         raise UsageError("no node model: LymphNodeStaging bundles none yet. Train one with `lnstaging train-nodes "
                          "COHORT.csv --arch snet --out DIR` (the cohort needs a nodes_path column) and pass "
                          "--model DIR/best.pt")

@@ -14,27 +14,15 @@ import SimpleITK as sitk
 
 from ..io.files import write_figure
 from ..mapping.crop import CropBox
+from ..staging.colors import NO_STATION_COLOR, station_color
 from ..staging.stations import STATION_NAMES
 from .instances import NodeInstance
 
 DISPLAY_SPACING_MM = 1.0
 #: Extra room around the crop's core (the stations or the anatomy) in the pictures, in mm.
 VIEW_MARGIN_MM = 15.0
-NO_STATION_COLOR = (0.75, 0.75, 0.75)
 AXIAL_VIEWS = 4
 TABLE_ROWS = 24
-
-
-def station_color(name: str | None) -> tuple[float, float, float]:
-    """A bright colour per station, readable on a grey CT: 17 hues around the colour wheel, neighbouring stations
-    7 steps apart; light grey for None."""
-    if name is None or name not in STATION_NAMES:
-        return NO_STATION_COLOR
-    import colorsys
-
-    k = len(STATION_NAMES)
-    hue = (STATION_NAMES.index(name) * 7 % k) / k
-    return colorsys.hsv_to_rgb(hue, 0.7, 1.0)
 
 
 def _plane(image: sitk.Image, lower: np.ndarray, upper: np.ndarray, axis: int, position: float,

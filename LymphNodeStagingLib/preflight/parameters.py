@@ -1,6 +1,7 @@
 """Options and parameters checked before any work: threshold, rule set, device, test-time augmentation, the model
-checkpoint and the output folder. The command line checks its options while parsing; these checks are what the
-library's entry points do for Python callers (and again for the command line, at no cost)."""
+checkpoints (station classifier, node model) and the output folder. The command line checks its options while
+parsing; these checks are what the library's entry points do for Python callers (and again for the command line, at
+no cost)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,28 @@ def check_model(model: str | Path | None, device: str | Device = "cpu", paramete
     dev = device.torch if isinstance(device, Device) else str(device)
     net, manifest = load_model(path, device=dev)
     return net, manifest, path
+
+
+def check_node_model(model: str | Path | None, device: str | Device = "cpu", parameter: str = "--node-model"):
+    """Load and verify the node model (``model``, else the bundled node model when there is one; see
+    ``nodes.model.resolve_node_model``); returns the NodeModel, or None when there is no node model to run.
+
+    A missing, truncated or tampered checkpoint, or one of another kind (a station classifier), is a ModelError
+    naming the parameter and the file, before any heavy step."""
+    from ..errors import ModelError
+    from ..nodes.model import load_node_model, resolve_node_model
+
+    path = resolve_node_model(model, required=False)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ModelError(f"{parameter} {path}: the node model does not exist; pass a checkpoint made by "
+                         "`lnstaging train-nodes` (its best.pt)")
+    dev = device.torch if isinstance(device, Device) else str(device)
+    try:
+        return load_node_model(path, device=dev)
+    except ModelError as exc:
+        raise ModelError(f"{parameter}: {exc}") from None
 
 
 def check_out(out: str | Path | None, parameter: str = "--out") -> Path | None:

@@ -12,11 +12,15 @@ What it builds for one case (``show_result``):
 * for a result computed with the synthetic demo atlases or the demo model: the demo banner as the first line of the
   report, as an attribute of the result nodes (``ATTR_PROVENANCE``) and in the colour legend's title, so that it
   shows in every view;
+* with lymph nodes (a node model ran): a second segmentation node ("Lymph nodes") with one segment per node, named
+  after its station and short axis ("4R node 12 mm"), coloured by station (``staging.colors.station_color``), tagged
+  with its measurements, and a node table (one row per node); ``jump_to_node`` centres the slice views on the node of
+  a table row;
 * all of it in one subject-hierarchy folder next to the CT volume.
 
 ``update_result`` re-stages in place (colours do not change: probabilities are fixed; statuses, tags, table, text
-and attributes do). The same code runs in the Slicer application, in ``Slicer --python-script`` and in tests with
-the headless core.
+and attributes do; the lymph nodes do not depend on the staging). The same code runs in the Slicer application, in
+``Slicer --python-script`` and in tests with the headless core.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from vtk.util import numpy_support
 from ..assessment.dicom_seg import station_codes
 from ..errors import InputError
 from ..io.files import atomic_path
-from ..staging.colors import COLOR_POINTS, probability_color
+from ..staging.colors import COLOR_POINTS, probability_color, station_color
 from ..staging.result import ABSENT, CaseResult
 from ..staging.stations import STATIONS, Station
 
@@ -59,6 +63,11 @@ TAG_OVERRIDE = PREFIX + "Override"
 TAG_SUV_MAX = PREFIX + "SUVmax"
 TAG_SUV_PEAK = PREFIX + "SUVpeak"
 TAG_AGREEMENT = PREFIX + "Agreement"
+TAG_NODE_ID = PREFIX + "NodeId"
+TAG_SHORT_AXIS = PREFIX + "ShortAxisMm"
+TAG_LONG_AXIS = PREFIX + "LongAxisMm"
+TAG_VOLUME = PREFIX + "VolumeMl"
+TAG_SCORE = PREFIX + "Score"
 
 COLOR_MAP_NAME = "LymphNodeStaging probability"
 LEGEND_TITLE = "Malignancy probability"
@@ -68,6 +77,10 @@ LEGEND_DEMO_COLOR = (1.0, 0.3, 0.25)
 #: Column names of the station table (the names stay English: scripts read columns by name; the titles shown in
 #: the table view can be translated, see ``set_column_titles``).
 TABLE_COLUMNS = ("Station", "Probability", "Status", "Override", "SUVmax", "SUVpeak", "Agreement", "Group")
+#: Column names of the lymph node table (one row per node, in id order); the same rule for names and titles.
+NODE_TABLE_COLUMNS = ("ID", "Station", "ShortAxis", "LongAxis", "Volume", "SUVmax", "Score")
+#: Name of the lymph node segmentation (after the case id).
+NODES_NAME = "Lymph nodes"
 
 # Terminology (Slicer's "category~type~modifier" entry): category "Anatomical Structure" as in Slicer's general
 # anatomy list, the lymph node site of the station as type (SNOMED CT, shared with the DICOM SEG export) and the
@@ -269,32 +282,43 @@ class ResultNodes:
     color: object
     legend: object | None
     folder_item: int
+    node_segmentation: object | None = None  # the lymph nodes, one segment each (when the result has nodes)
+    node_table: object | None = None  # one row per lymph node
 
     def all_nodes(self) -> list:
-        return [n for n in (self.segmentation, self.table, self.text, self.legend) if n is not None]
+        return [n for n in (self.segmentation, self.table, self.text, self.legend, self.node_segmentation,
+                            self.node_table) if n is not None]
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
-def _set_segments(seg_node, station_map: sitk.Image) -> None:
+def _import_labels(seg_node, labels: sitk.Image, segment_ids: list[str], what: str) -> None:
+    """Label value k (1..n) of ``labels`` becomes the segment ``segment_ids[k - 1]`` of ``seg_node`` (every ID gets
+    a segment, empty when its label is absent)."""
     scene = seg_node.GetScene()
-    if station_map.GetDimension() != 3:
-        raise InputError(f"station map: expected a 3D label image, got {station_map.GetDimension()}D")
-    values = np.unique(sitk.GetArrayViewFromImage(station_map))
-    bad = [int(v) for v in values if v != 0 and not 1 <= v <= len(STATIONS)]
+    if labels.GetDimension() != 3:
+        raise InputError(f"{what}: expected a 3D label image, got {labels.GetDimension()}D")
+    values = np.unique(sitk.GetArrayViewFromImage(labels))
+    bad = [v.item() for v in values if v != 0 and not 1 <= v <= len(segment_ids)]
     if bad or not np.allclose(values, np.round(values)):
-        raise InputError(f"station map: expected label values 0..{len(STATIONS)}, found {bad or values}")
-    labelmap = volume_node_from_image(scene, station_map, "LymphNodeStaging station map (import)", labelmap=True)
+        raise InputError(f"{what}: expected label values 0..{len(segment_ids)}, found {bad or values.tolist()}")
+    if len(segment_ids) > np.iinfo(np.int16).max:
+        raise InputError(f"{what}: {len(segment_ids)} labels do not fit a Slicer label map (at most 32767)")
+    labelmap = volume_node_from_image(scene, labels, f"LymphNodeStaging {what} (import)", labelmap=True)
     try:
         ids = vtk.vtkStringArray()
-        for st in STATIONS:
-            ids.InsertNextValue(st.name)
+        for segment_id in segment_ids:
+            ids.InsertNextValue(segment_id)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, seg_node, ids):
-            raise InputError("station map: importing the label map into the segmentation failed")
+            raise InputError(f"{what}: importing the label map into the segmentation failed")
     finally:
         scene.RemoveNode(labelmap)
+
+
+def _set_segments(seg_node, station_map: sitk.Image) -> None:
+    _import_labels(seg_node, station_map, [st.name for st in STATIONS], "station map")
     segmentation = seg_node.GetSegmentation()
     for st in STATIONS:
         segment = segmentation.GetSegment(st.name)
@@ -304,8 +328,12 @@ def _set_segments(seg_node, station_map: sitk.Image) -> None:
 
 
 def show_result(scene, result: CaseResult, station_map: sitk.Image, *, reference_node=None,
-                nodes: ResultNodes | None = None, name: str | None = None) -> ResultNodes:
-    """Create (or refill) the result nodes of a case. ``reference_node``: the CT, for geometry and hierarchy."""
+                nodes: ResultNodes | None = None, name: str | None = None,
+                node_map: sitk.Image | None = None) -> ResultNodes:
+    """Create (or refill) the result nodes of a case. ``reference_node``: the CT, for geometry and hierarchy.
+
+    For a result with lymph nodes (``result.nodes`` not None) the node table is made too, and with ``node_map`` (the
+    instance map of the nodes: ids of ``result.nodes``, 0 = background) the "Lymph nodes" segmentation."""
     name = name or f"{result.case_id} stations"
     color = probability_color_node(scene)
     if nodes is None:
@@ -328,9 +356,87 @@ def show_result(scene, result: CaseResult, station_map: sitk.Image, *, reference
     display.SetOpacity2DFill(0.3)  # light fill and a full outline: the fused PET stays readable inside a station
     display.SetOpacity2DOutline(1.0)
     display.SetOpacity3D(0.8)
+    _show_nodes(scene, nodes, result, node_map, reference_node)
     _place_in_hierarchy(scene, nodes, reference_node, result.case_id)
     update_result(nodes, result)
     return nodes
+
+
+# ----- lymph nodes ---------------------------------------------------------------------------------------------
+def node_segment_name(node: dict) -> str:
+    """Segment name of a lymph node: its station and short axis rounded to mm, e.g. "4R node 12 mm" ("node 7 mm"
+    outside every station)."""
+    short = int(np.floor(float(node.get("short_axis_mm") or 0.0) + 0.5))
+    station = node.get("station")
+    return f"{station} node {short} mm" if station else f"node {short} mm"
+
+
+def node_segment_id(node_id: int) -> str:
+    return f"node-{int(node_id)}"
+
+
+def _node_ids(result: CaseResult) -> list[int]:
+    ids = [int(n["id"]) for n in result.nodes or []]
+    if ids != list(range(1, len(ids) + 1)):
+        raise InputError(f"case result {result.case_id}: lymph node ids must be 1..{len(ids)} in order, got {ids[:10]}")
+    return ids
+
+
+def _show_nodes(scene, nodes: ResultNodes, result: CaseResult, node_map: sitk.Image | None, reference_node) -> None:
+    """The node table (a result with nodes) and the "Lymph nodes" segmentation (with ``node_map``); nodes shown
+    before are removed (a refill with a result without nodes empties them)."""
+    if result.nodes is None and node_map is not None:
+        raise InputError(f"a lymph node map was given, but the result of case {result.case_id} has no nodes "
+                         "(no node model ran)")
+    ids = _node_ids(result)
+    if nodes.node_segmentation is not None:
+        nodes.node_segmentation.GetSegmentation().RemoveAllSegments()
+    if result.nodes is None:
+        if nodes.node_table is not None:
+            _fill_table(nodes.node_table, NODE_TABLE_COLUMNS, {"ID", "Station"}, [], {})
+        return
+    if node_map is not None:
+        seg = nodes.node_segmentation
+        if seg is None:
+            seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{result.case_id} {NODES_NAME}")
+            seg.CreateDefaultDisplayNodes()
+            seg.SetAttribute(ATTR_ROLE, "nodes")
+            seg.SetAttribute(ATTR_CASE, result.case_id)
+            nodes.node_segmentation = seg
+        if ids:
+            _import_labels(seg, node_map, [node_segment_id(i) for i in ids], "lymph node map")
+        segmentation = seg.GetSegmentation()
+        for record in result.nodes:
+            segment = segmentation.GetSegment(node_segment_id(record["id"]))
+            segment.SetName(node_segment_name(record))
+            segment.SetColor(*station_color(record.get("station")))
+            segment.SetTag(TAG_NODE_ID, str(int(record["id"])))
+            segment.SetTag(TAG_STATION, record.get("station") or "")
+            segment.SetTag(TAG_SHORT_AXIS, _fmt(record.get("short_axis_mm"), 1))
+            segment.SetTag(TAG_LONG_AXIS, _fmt(record.get("long_axis_mm"), 1))
+            segment.SetTag(TAG_VOLUME, _fmt(record.get("volume_ml"), 3))
+            segment.SetTag(TAG_SUV_MAX, _fmt(record.get("suv_max"), 2))
+            segment.SetTag(TAG_SCORE, _fmt(record.get("score"), 3))
+            if record.get("station"):
+                segment.SetTerminology(station_terminology(record["station"]))
+        if reference_node is not None:
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+        display = seg.GetDisplayNode()
+        display.SetOpacity2DFill(0.45)  # small objects: a stronger fill than the stations', and a full outline
+        display.SetOpacity2DOutline(1.0)
+        display.SetOpacity3D(1.0)
+    if nodes.node_table is None:
+        nodes.node_table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{result.case_id} lymph node table")
+        nodes.node_table.SetAttribute(ATTR_ROLE, "node-table")
+    rows = [{"ID": str(int(n["id"])), "Station": n.get("station") or "", "ShortAxis": n.get("short_axis_mm"),
+             "LongAxis": n.get("long_axis_mm"), "Volume": n.get("volume_ml"), "SUVmax": n.get("suv_max"),
+             "Score": n.get("score")} for n in result.nodes]
+    _fill_table(nodes.node_table, NODE_TABLE_COLUMNS, {"ID", "Station"}, rows, {
+        "ID": "lymph node id (its label in nodes.nii.gz)", "Station": "station the node lies in (empty: none)",
+        "ShortAxis": "short axis in mm (axial slice of largest area)", "LongAxis": "long axis in mm",
+        "Volume": "volume in ml", "SUVmax": "maximum SUV in the node", "Score": "detection score (0..1)"})
+    for col, unit in (("ShortAxis", "mm"), ("LongAxis", "mm"), ("Volume", "ml")):
+        nodes.node_table.SetColumnUnitLabel(col, unit)
 
 
 def _place_in_hierarchy(scene, nodes: ResultNodes, reference_node, case_id: str) -> None:
@@ -344,7 +450,9 @@ def _place_in_hierarchy(scene, nodes: ResultNodes, reference_node, case_id: str)
             if item:
                 parent = sh.GetItemParent(item)
         nodes.folder_item = sh.CreateFolderItem(parent, f"Lymph node staging {case_id}")
-    for node in (nodes.segmentation, nodes.table, nodes.text):
+    for node in (nodes.segmentation, nodes.table, nodes.text, nodes.node_segmentation, nodes.node_table):
+        if node is None:
+            continue
         item = sh.GetItemByDataNode(node) or sh.CreateItem(nodes.folder_item, node)
         sh.SetItemParent(item, nodes.folder_item)
 
@@ -378,7 +486,8 @@ def update_result(nodes: ResultNodes, result: CaseResult) -> None:
         for st in result.stations:
             # absent stations (empty segments) are hidden
             display.SetSegmentVisibility(st.name, st.status != ABSENT)
-    _fill_table(nodes.table, result)
+    _fill_table(nodes.table, TABLE_COLUMNS, {"Station", "Status", "Override", "Group"}, _station_rows(result),
+                STATION_DESCRIPTIONS)
     nodes.text.SetText(report_text(result))
     for node in (nodes.table, nodes.text):
         node.SetAttribute(ATTR_N_STAGE, result.n_stage)
@@ -421,22 +530,31 @@ class _modify:
         self.node.EndModify(self.was)
 
 
-def _fill_table(table_node, result: CaseResult) -> None:
+def _station_rows(result: CaseResult) -> list[dict]:
+    return [{"Station": st.name, "Probability": st.probability, "Status": st.status, "Override": st.override or "",
+             "SUVmax": st.suv_max, "SUVpeak": st.suv_peak, "Agreement": st.agreement,
+             "Group": result.groups.get(st.name, "")} for st in result.stations]
+
+
+STATION_DESCRIPTIONS = {"Probability": "malignancy probability (0..1)", "SUVmax": "maximum SUV in the station",
+                        "SUVpeak": "mean SUV in a 1 cm^3 sphere at the hottest voxel",
+                        "Agreement": "atlas agreement (mean pairwise Dice)", "Group": "N group of a positive station"}
+
+
+def _fill_table(table_node, columns: tuple[str, ...], string_columns: set[str], rows: list[dict],
+                descriptions: dict[str, str]) -> None:
+    """Replace the table's contents with ``rows`` (a dict per row; numbers as doubles, None as NaN), locked."""
     table = vtk.vtkTable()
-    string_cols = {"Station", "Status", "Override", "Group"}
     arrays = {}
-    for col in TABLE_COLUMNS:
-        arr = vtk.vtkStringArray() if col in string_cols else vtk.vtkDoubleArray()
+    for col in columns:
+        arr = vtk.vtkStringArray() if col in string_columns else vtk.vtkDoubleArray()
         arr.SetName(col)
         arrays[col] = arr
         table.AddColumn(arr)
-    for st in result.stations:
-        values = {"Station": st.name, "Probability": st.probability, "Status": st.status,
-                  "Override": st.override or "", "SUVmax": st.suv_max, "SUVpeak": st.suv_peak,
-                  "Agreement": st.agreement, "Group": result.groups.get(st.name, "")}
+    for row in rows:
         for col, arr in arrays.items():
-            v = values[col]
-            if col in string_cols:
+            v = row[col]
+            if col in string_columns:
                 arr.InsertNextValue(str(v))
             else:
                 arr.InsertNextValue(float("nan") if v is None else float(v))
@@ -444,9 +562,6 @@ def _fill_table(table_node, result: CaseResult) -> None:
     table_node.SetAndObserveTable(table)
     table_node.SetUseColumnTitleAsColumnHeader(True)
     table_node.SetLocked(True)  # computed values: not editable in the table view (overrides go through re-staging)
-    descriptions = {"Probability": "malignancy probability (0..1)", "SUVmax": "maximum SUV in the station",
-                    "SUVpeak": "mean SUV in a 1 cm^3 sphere at the hottest voxel",
-                    "Agreement": "atlas agreement (mean pairwise Dice)", "Group": "N group of a positive station"}
     for col, text in descriptions.items():
         table_node.SetColumnDescription(col, text)
     table_node.EndModify(was)
@@ -514,7 +629,8 @@ def find_result_nodes(scene, seg_node) -> ResultNodes:
             legend = d
     if "table" not in found or "report" not in found:
         raise InputError(f"no table or report node next to segmentation {seg_node.GetName()!r}")
-    return ResultNodes(seg_node, found["table"], found["report"], probability_color_node(scene), legend, folder)
+    return ResultNodes(seg_node, found["table"], found["report"], probability_color_node(scene), legend, folder,
+                       found.get("nodes"), found.get("node-table"))
 
 
 # ----- navigation ----------------------------------------------------------------------------------------------
@@ -530,15 +646,41 @@ def station_center_ras(result: CaseResult, station: str, seg_node=None) -> tuple
     return None
 
 
+def jump_to(scene, ras) -> tuple[float, float, float]:
+    """Centre every slice view of the scene on a RAS point (each slice node's offset moves to the point) and put the
+    crosshair there."""
+    ras = tuple(float(v) for v in ras)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    for crosshair in _nodes(scene, "vtkMRMLCrosshairNode"):
+        crosshair.SetCrosshairRAS(*ras)
+    return ras  # type: ignore[return-value]
+
+
 def jump_to_station(scene, result: CaseResult, station: str, seg_node=None) -> tuple[float, float, float] | None:
     """Centre every slice view on the station; returns the RAS point (None for an absent station)."""
     ras = station_center_ras(result, station, seg_node)
-    if ras is not None:
-        slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
-        crosshairs = _nodes(scene, "vtkMRMLCrosshairNode")
-        for crosshair in crosshairs:
-            crosshair.SetCrosshairRAS(*ras)
-    return ras
+    return None if ras is None else jump_to(scene, ras)
+
+
+def node_center_ras(result: CaseResult, node_id: int) -> tuple[float, float, float]:
+    """RAS centre of a lymph node of the result (its centroid, stored in LPS)."""
+    for record in result.nodes or []:
+        if int(record["id"]) == int(node_id):
+            return lps_to_ras(record["centre_mm"])
+    raise InputError(f"case result {result.case_id} has no lymph node {node_id}")
+
+
+def jump_to_node(scene, result: CaseResult, table_node, row: int) -> tuple[float, float, float]:
+    """Centre every slice view on the lymph node of row ``row`` (0-based) of the node table; returns the RAS point."""
+    if table_node is None or table_node.GetAttribute(ATTR_ROLE) != "node-table":
+        raise InputError(f"{table_node.GetName() if table_node is not None else None!r} is not a lymph node table")
+    if not 0 <= int(row) < table_node.GetNumberOfRows():
+        raise InputError(f"lymph node table {table_node.GetName()!r}: no row {row} (it has "
+                         f"{table_node.GetNumberOfRows()})")
+    text = table_node.GetCellText(int(row), table_node.GetColumnIndex("ID"))
+    if not text.isdigit():
+        raise InputError(f"lymph node table {table_node.GetName()!r}: row {row} has no node id ({text!r})")
+    return jump_to(scene, node_center_ras(result, int(text)))
 
 
 # ----- export --------------------------------------------------------------------------------------------------
@@ -572,12 +714,15 @@ def load_segmentation(scene, path: str | Path, name: str | None = None):
 
 def export_result(nodes: ResultNodes, result: CaseResult, out_dir: str | Path, *, station_map: sitk.Image | None = None,
                   dicom_ct_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write .seg.nrrd, result JSON and CSV, the report text, and DICOM SEG when the CT came from DICOM."""
+    """Write .seg.nrrd (stations; lymph nodes when shown), result JSON and CSV, the report text, and DICOM SEG when
+    the CT came from DICOM."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _safe(result.case_id)
     paths = {
         "segmentation": save_segmentation(nodes.segmentation, out_dir / f"{stem}_stations.seg.nrrd"),
+        **({"node_segmentation": save_segmentation(nodes.node_segmentation, out_dir / f"{stem}_nodes.seg.nrrd")}
+           if nodes.node_segmentation is not None else {}),
         "json": result.write_json(out_dir / f"{stem}_result.json"),
         "csv": result.write_csv(out_dir / f"{stem}_stations.csv"),
     }
@@ -600,7 +745,8 @@ def _safe(text: str) -> str:
 
 __all__ = [
     "InputError", "ResultNodes", "export_result", "find_result_nodes", "ijk_to_ras",
-    "image_from_volume_node", "jump_to_station", "load_segmentation", "probability_color", "probability_color_node",
+    "image_from_volume_node", "jump_to", "jump_to_node", "jump_to_station", "load_segmentation", "node_center_ras",
+    "node_segment_name", "probability_color", "probability_color_node",
     "demo_statement", "report_text", "result_from_node", "save_segmentation", "set_column_titles", "show_pet_over_ct", "show_result",
     "station_center_ras", "station_terminology", "update_result", "volume_node_from_image",
 ]

@@ -101,9 +101,16 @@ class CaseResult:
     warnings: list[str] = field(default_factory=list)
     version: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)  # make_provenance: synthetic atlases, demo model
+    #: lymph nodes found by a node model (``NodeInstance.to_dict``: id, station, centre_mm, short/long axis, volume,
+    #: mean HU, SUVmax/mean/peak, score), in id order; None when no node model ran
+    nodes: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.side = parse_side(self.side)
+        if self.nodes is not None and (not isinstance(self.nodes, list)
+                                       or not all(isinstance(n, dict) for n in self.nodes)):
+            raise LNSError(f"case result {self.case_id}: 'nodes' must be a list of node records or null, got "
+                           f"{type(self.nodes).__name__}")
 
     @property
     def demo_banner(self) -> str | None:
@@ -131,6 +138,23 @@ class CaseResult:
 
     def positive_stations(self) -> list[str]:
         return [s.name for s in self.stations if s.status == POSITIVE]
+
+    def station_nodes(self) -> dict[str, tuple[int, float | None]]:
+        """Per station: (number of lymph nodes, largest short axis in mm; None without nodes), from ``nodes``.
+        Empty when no node model ran; nodes outside every station are not counted."""
+        if self.nodes is None:
+            return {}
+        out: dict[str, tuple[int, float | None]] = {s.name: (0, None) for s in self.stations}
+        for n in self.nodes:
+            name = n.get("station")
+            if name not in out:
+                continue
+            count, largest = out[name]
+            short = n.get("short_axis_mm")
+            if short is not None:
+                largest = float(short) if largest is None else max(largest, float(short))
+            out[name] = (count + 1, largest)
+        return out
 
     def restage(
         self,
@@ -200,28 +224,38 @@ class CaseResult:
     CSV_COLUMNS = ("case_id", "station", "label", "present", "probability", "status", "override", "suv_max",
                    "suv_peak", "agreement", "volume_ml", "centre_x_mm", "centre_y_mm", "centre_z_mm", "group",
                    "flags")
+    #: Columns added when a node model ran: lymph nodes in the station and the largest short axis (mm).
+    NODE_CSV_COLUMNS = ("n_nodes", "max_short_axis_mm")
+
+    @property
+    def csv_columns(self) -> tuple[str, ...]:
+        """The columns of this result's table: CSV_COLUMNS, then NODE_CSV_COLUMNS when a node model ran."""
+        return self.CSV_COLUMNS + (self.NODE_CSV_COLUMNS if self.nodes is not None else ())
 
     def table_rows(self) -> list[dict[str, Any]]:
-        """One dict per station with the CSV_COLUMNS (None where a value is missing)."""
+        """One dict per station with the ``csv_columns`` (None where a value is missing)."""
         rows = []
+        per_station = self.station_nodes()
         for s in self.stations:
             c = s.centre_mm or (None, None, None)
             values = (self.case_id, s.name, s.label, int(s.present), s.probability, s.status, s.override,
                       s.suv_max, s.suv_peak, s.agreement, s.volume_ml, c[0], c[1], c[2],
                       self.groups.get(s.name), ";".join(s.flags))
-            rows.append(dict(zip(self.CSV_COLUMNS, values, strict=True)))
+            if self.nodes is not None:
+                values += per_station[s.name]
+            rows.append(dict(zip(self.csv_columns, values, strict=True)))
         return rows
 
     def to_frame(self):
         """The station table as a pandas DataFrame (one row per station, the columns of result.csv)."""
         import pandas as pd
 
-        return pd.DataFrame(self.table_rows(), columns=list(self.CSV_COLUMNS))
+        return pd.DataFrame(self.table_rows(), columns=list(self.csv_columns))
 
     def to_csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.CSV_COLUMNS)
+        writer.writerow(self.csv_columns)
         for r in self.table_rows():
             writer.writerow(["" if v is None else (_fmt(v) if isinstance(v, float) else v) for v in r.values()])
         return buf.getvalue()
@@ -230,7 +264,8 @@ class CaseResult:
         """The station table as aligned text (every station; with ``truth``, a column marking true positives).
 
         A result computed with the synthetic demo atlases or the demo model starts with ``demo_banner``; stations
-        with station-mapping flags get a "mapping" column.
+        with station-mapping flags get a "mapping" column; with lymph nodes, the columns "nodes" (count) and
+        "short" (largest short axis, mm).
         """
         def f(v: float | None, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
@@ -238,6 +273,9 @@ class CaseResult:
         mapping = {st.name: ",".join(fl.split(":", 1)[1] for fl in st.flags if fl.startswith("mapping:"))
                    for st in self.stations}
         head = f"{'station':8s} {'p':>6s} {'status':9s} {'SUVmax':>7s} {'SUVpeak':>7s} {'agree':>6s}"
+        per_station = self.station_nodes()
+        if per_station:
+            head += f" {'nodes':>5s} {'short':>5s}"
         if truth is not None:
             head += f"  {'truth':9s}"
         if any(mapping.values()):
@@ -248,6 +286,9 @@ class CaseResult:
         for st in self.stations:
             line = (f"{st.name:8s} {f(st.probability, '6.3f')} {st.status:9s} {f(st.suv_max, '7.2f')} "
                     f"{f(st.suv_peak, '7.2f')} {f(st.agreement, '6.2f')}")
+            if per_station:
+                count, largest = per_station[st.name]
+                line += f" {count:5d} {f(largest, '.1f'):>5s}"
             if truth is not None:
                 line += f"  {'malignant' if st.name in true_set else '':9s}"
             if mapping[st.name]:

@@ -98,15 +98,17 @@ def test_assess_phantom_case_end_to_end(phantom_case):
 
 
 @pytest.mark.slow
-def test_assess_cli_json_and_errors(phantom_case, capsys):
+def test_assess_cli_json_and_errors(phantom_case, capsys, trained_snet):
     patient, paths, atlases, model, root = phantom_case
     code = main(["assess", "--ct", str(paths["ct"]), "--pet", str(paths["pet"]), "--pet-is-suv",
                  "--anatomy", str(paths["anatomy"]), "--side", patient.truth["tumour_side"], "--model", str(model),
-                 "--atlases", str(atlases), "--rules", "engelson2026", "--out", str(root / "cli"), "--json"])
+                 "--atlases", str(atlases), "--rules", "engelson2026", "--out", str(root / "cli"), "--json",
+                 "--node-model", str(trained_snet[1].checkpoint), "--threads", "1"])
     out = capsys.readouterr().out
     data = json.loads(out)
     assert code == 0 and data["rules"] == "engelson2026" and len(data["stations"]) == 17
-    assert set(data["files"]) >= {"result_json", "result_csv", "stations", "overview"}
+    assert set(data["files"]) >= {"result_json", "result_csv", "stations", "overview", "nodes"}
+    assert isinstance(data["nodes"], list) and data["model"]["node_model"]["arch"] == "snet"
     # a PET file without --pet-is-suv has no header to compute SUV from: clear error naming the option
     code = main(["assess", "--ct", str(paths["ct"]), "--pet", str(paths["pet"]), "--anatomy", str(paths["anatomy"]),
                  "--side", "R", "--model", str(model), "--atlases", str(atlases), "--out", str(root / "x")])

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from LymphNodeStagingLib.errors import InputError, UsageError
-from LymphNodeStagingLib.nodes.instances import find_nodes, measure_axes, measure_label_axes
+from LymphNodeStagingLib.nodes.instances import find_nodes, measure_axes, measure_label_axes, pixel_length
 from LymphNodeStagingLib.suv.statistics import SUVPEAK_RADIUS_MM
 
 SPACING = (0.7, 0.7, 2.0)
@@ -109,6 +109,28 @@ def test_measure_axes_anisotropic_ellipse():
     assert list(axes) == [3] and axes[3] == pytest.approx((short, long_))
     with pytest.raises(InputError, match="spacing_xy"):
         measure_axes(np.ones((3, 3)), (1.0, -1.0))
+
+
+def test_one_pixel_wide_components_measure_at_least_one_pixel():
+    """A component one pixel wide on its slice (cut tight, as find_nodes cuts it) measures one pixel across, never
+    about 0 mm; along a diagonal a pixel is longer than along x or y."""
+    sx, sy = 0.8, 1.5
+    assert measure_axes(np.ones((1, 1)), (sx, sy)) == pytest.approx((sx, sy))
+    short, long_ = measure_axes(np.ones((1, 6)), (sx, sy))  # a row: 6 pixels along x, one pixel (1.5 mm) across
+    assert long_ == pytest.approx(6 * sx) and sy <= short <= sy + sy / 8 + 1e-9
+    short, long_ = measure_axes(np.ones((6, 1)), (sx, sy))  # a column: one pixel (0.8 mm) across
+    assert long_ == pytest.approx(6 * sy) and sx <= short <= sx + sx / 8 + 1e-9
+    for mask in (np.eye(5), np.fliplr(np.eye(5))):  # a diagonal line of single pixels
+        short, long_ = measure_axes(mask, (1.0, 1.0))
+        assert long_ == pytest.approx(math.hypot(5, 5), abs=1.0) and 1.0 <= short <= math.sqrt(2) + 1e-9
+    assert pixel_length((1.0, 0.0), (sx, sy)) == sx and pixel_length((0.0, -1.0), (sx, sy)) == sy
+    assert pixel_length((math.sqrt(0.5), math.sqrt(0.5)), (1.0, 1.0)) == pytest.approx(math.sqrt(2))
+    # through find_nodes: a thin 3D sliver (one voxel wide in y on every slice)
+    prob = np.zeros((3, 8, 10), np.float32)
+    prob[:, 4, 2:8] = 0.9
+    img = image(prob, spacing=(sx, sy, 2.0), origin=(0.0, 0.0, 0.0))
+    _, nodes = find_nodes(img, image(np.zeros_like(prob), spacing=(sx, sy, 2.0), origin=(0.0, 0.0, 0.0)))
+    assert len(nodes) == 1 and nodes[0].short_axis_mm >= sy and nodes[0].long_axis_mm == pytest.approx(6 * sx)
 
 
 def test_flipped_direction_centre_order_and_filter():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from case_fixtures import phantom_case_files
 
 from LymphNodeStagingLib.assessment.assess import assess_case
 from LymphNodeStagingLib.assessment.process import (
@@ -24,43 +25,6 @@ from LymphNodeStagingLib.assessment.process import (
     run_assessment_process,
 )
 from LymphNodeStagingLib.errors import Cancelled, ProcessingError
-
-
-def write_truth_mapping(stations: sitk.Image, folder: Path) -> Path:
-    """A station mapping folder (as the stations step writes it) holding the true station map, one 'atlas'."""
-    from LymphNodeStagingLib.mapping.registration import Geometry
-    from LymphNodeStagingLib.mapping.station_mapping import StationMapping, write_station_mapping
-    from LymphNodeStagingLib.mapping.weightmap import station_weight_maps
-    from LymphNodeStagingLib.staging.stations import STATIONS
-
-    labels = sitk.GetArrayFromImage(stations).astype(np.uint8)
-    geom = Geometry.of(stations)
-    votes = np.stack([(labels == st.label) for st in STATIONS]).astype(np.uint8)
-    voxels = {st.name: int(votes[st.index].sum()) for st in STATIONS}
-    mapping = StationMapping(
-        labels, votes, 1, geom, {st.name: (1.0 if voxels[st.name] else float("nan")) for st in STATIONS},
-        {st.name: ("ok" if voxels[st.name] else "missing") for st in STATIONS}, voxels,
-        station_weight_maps(labels, geom, votes.astype(np.float32)), ["truth"], {"truth": 0.0})
-    write_station_mapping(mapping, folder)
-    return folder
-
-
-def phantom_case_files(root, seed: int) -> dict:
-    """A small phantom patient, a seeded random small model and the patient's true station map as a mapping."""
-    import torch
-
-    from LymphNodeStagingLib.classifier.checkpoint import save_checkpoint
-    from LymphNodeStagingLib.classifier.model import ModelConfig, build_model
-    from LymphNodeStagingLib.phantom import generate_patient, write_patient
-
-    patient = generate_patient(seed, "small")
-    paths = write_patient(patient, root / f"PH{seed}")
-    cfg = ModelConfig.small(32)
-    torch.manual_seed(0)
-    model = save_checkpoint(root / "model.pt", build_model("station", cfg),
-                            {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
-    mapping = write_truth_mapping(sitk.ReadImage(str(paths["stations"])), root / "mapping")
-    return {"paths": paths, "model": str(model), "mapping": str(mapping), "side": patient.truth["tumour_side"]}
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def test_exit_status_1_for_a_missing_cohort_and_failed_cases(batch_script, cohor
     # one row whose CT does not exist: that case fails, the others are fine, the status is 1
     rows = list(csv.DictReader(cohort.open(newline="", encoding="utf-8")))
     for row in rows:  # the copy lives elsewhere: absolute paths
-        for key in ("ct_path", "pet_path", "anatomy_path", "stations_path", "lesion_path", "truth_path"):
+        for key in ("ct_path", "pet_path", "anatomy_path", "stations_path", "lesion_path", "nodes_path", "truth_path"):
             if row.get(key):
                 row[key] = str(cohort.parent / row[key])
     rows[1]["ct_path"] = str(tmp_path / "nowhere" / "ct.nii.gz")

@@ -219,6 +219,12 @@ def test_module_self_test_runs_on_the_headless_core(module):
     test.test_ShowAndRestage()
 
 
+def test_module_self_test_shows_lymph_nodes(module):
+    test = module.LymphNodeStagingTest("test_LymphNodes")
+    test.setUp()
+    test.test_LymphNodes()
+
+
 def test_logic_requires_inputs(module):
     logic = module.LymphNodeStagingLogic()
     with pytest.raises(ValueError, match="No result to re-stage"):
@@ -272,7 +278,7 @@ class StandinTimer:
 
 @pytest.fixture(scope="module")
 def phantom_files(tmp_path_factory):
-    from test_slicer_background import phantom_case_files
+    from case_fixtures import phantom_case_files
 
     files = phantom_case_files(tmp_path_factory.mktemp("module-background"), 1357)
     return {**{k: str(v) for k, v in files.pop("paths").items()}, **files}
@@ -282,7 +288,7 @@ def _widget(module):
     widget = module.LymphNodeStagingWidget.__new__(module.LymphNodeStagingWidget)
     names = ("progressBar", "logTextEdit", "applyButton", "cancelButton", "exportButton", "nStageLabel",
              "tnm9Label", "decidingLabel", "thresholdSliderWidget", "stationTableView", "ruleSetComboBox",
-             "overrideComboBox")
+             "overrideComboBox", "nodesLabel", "nodeTableView")
     widget.ui = SimpleNamespace(**{n: StandinWidget() for n in names})
     widget.demoBannerLabel, widget.warningsLabel = StandinWidget(), StandinWidget()  # made by setup, not the .ui
     widget.logic = module.LymphNodeStagingLogic()
@@ -355,10 +361,57 @@ def test_apply_runs_in_a_child_process_polled_by_the_widget_timer(module, phanto
         [titles[c] for c in mrml_columns()]
     assert not widget.ui.cancelButton.enabled and not widget.ui.progressBar.visible
     assert any("TNM 9" in line for line in widget.ui.logTextEdit.lines)
+    # no node model (and none bundled): no node table
+    if widget.logic.result.nodes is None:
+        assert nodes.node_table is None and nodes.node_segmentation is None and not widget.ui.nodeTableView.visible
+        assert widget.ui.nodesLabel.text.startswith("Lymph nodes: no node model was run")
     # a user model and a station map of unknown atlases: no demo banner
     assert widget.logic.result.provenance["model"] == "user" and not widget.demoBannerLabel.visible
     # the temporary inputs are removed
     assert not process.slicerContext["workDir"].exists()
+
+
+def test_apply_with_a_node_model_shows_the_nodes_and_rows_jump_to_them(module, phantom_files, trained_snet,
+                                                                      monkeypatch):
+    """The node model goes to the child, the child's nodes.nii.gz comes back as the "Lymph nodes" segmentation, the
+    node table fills the node table view, and a click on a row centres the views on that node."""
+    from LymphNodeStagingLib.slicer import mrml
+    from LymphNodeStagingLib.staging.colors import station_color
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child's torch: one thread on a busy shared machine
+    widget = _widget(module)
+    checkpoint = str(trained_snet[1].checkpoint)
+    process = _start(module, widget, phantom_files, nodeModelPath=checkpoint)
+    assert process.job.node_model == checkpoint
+    _drive(widget)
+    assert process.returncode == 0
+    result, nodes = widget.logic.result, widget.logic.nodes
+    assert result.nodes, "the tiny node model found no node"
+    assert widget.logic.nodeMap is not None
+    table = widget.ui.nodeTableView.tableNode
+    assert table is nodes.node_table and widget.ui.nodeTableView.visible
+    assert table.GetNumberOfRows() == len(result.nodes) and table.GetLocked()
+    titles = module.LymphNodeStagingLogic.nodeColumnTitles()
+    assert [table.GetColumnTitle(table.GetColumnName(c)) for c in range(table.GetNumberOfColumns())] == \
+        [titles[c] for c in mrml.NODE_TABLE_COLUMNS]
+    assert widget.ui.nodesLabel.text.startswith(f"Lymph nodes: {len(result.nodes)} found")
+    segmentation = nodes.node_segmentation.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(result.nodes)
+    for record in result.nodes[:5]:
+        segment = segmentation.GetSegment(f"node-{record['id']}")
+        assert segment.GetName() == mrml.node_segment_name(record)
+        assert segment.GetColor() == pytest.approx(station_color(record["station"]))
+    assert any("Lymph nodes:" in line for line in widget.ui.logTextEdit.lines)
+    # a click on a row of the node table: every slice view and the crosshair move to the node's centre
+    crosshair = headless_slicer.slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    row = len(result.nodes) - 1
+    widget.onNodeClicked(SimpleNamespace(row=lambda: row))
+    assert crosshair.GetCrosshairRAS() == pytest.approx(mrml.lps_to_ras(result.nodes[row]["centre_mm"]))
+    assert widget.logic.result.station("4R").override is None  # a node click is not a station click
+    # re-staging keeps the nodes
+    widget.logic.restage(threshold=0.9)
+    widget.updateResults()
+    assert widget.ui.nodeTableView.tableNode is table and segmentation.GetNumberOfSegments() == len(result.nodes)
 
 
 def mrml_columns() -> tuple[str, ...]:

@@ -62,3 +62,27 @@ def test_json_and_csv_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(LNSError, match="case result"):
         CaseResult.read_json(tmp_path / "bad.json")
+
+
+def test_lymph_nodes_round_trip_and_per_station_counts(tmp_path):
+    r = example()
+    assert r.nodes is None and r.station_nodes() == {} and r.csv_columns == CaseResult.CSV_COLUMNS
+    node = {"id": 1, "station": "4R", "centre_mm": [-20.0, 10.0, 100.0], "short_axis_mm": 12.5, "long_axis_mm": 18.0,
+            "volume_ml": 1.2, "mean_hu": 35.0, "score": 0.9, "voxels": 400, "suv_max": 7.1, "suv_mean": 4.0,
+            "suv_peak": 6.2}
+    r.nodes = [node, {**node, "id": 2, "short_axis_mm": 6.0}, {**node, "id": 3, "station": None}]
+    counts = r.station_nodes()
+    assert counts["4R"] == (2, 12.5) and counts["7"] == (0, None) and sum(c for c, _ in counts.values()) == 2
+    back = CaseResult.read_json(r.write_json(tmp_path / "result.json"))
+    assert back == r and back.nodes == r.nodes
+    rows = list(csv.DictReader(io.StringIO(r.to_csv())))
+    assert list(rows[0])[-2:] == ["n_nodes", "max_short_axis_mm"]
+    assert (rows[7]["n_nodes"], rows[7]["max_short_axis_mm"]) == ("2", "12.5") and rows[0]["n_nodes"] == "0"
+    line = next(x for x in r.text_table().splitlines() if x.startswith("4R "))
+    assert line.split()[-2:] == ["2", "12.5"]
+    assert r.restage(threshold=0.9).nodes == r.nodes  # re-staging keeps the nodes
+    old = r.to_dict()
+    del old["nodes"]  # a result written before node detection existed
+    assert CaseResult.from_dict(old).nodes is None
+    with pytest.raises(LNSError, match="'nodes' must be a list"):
+        CaseResult.from_dict({**r.to_dict(), "nodes": {"1": node}})

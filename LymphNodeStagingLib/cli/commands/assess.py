@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "assess",
         help="assess one PET/CT: station probabilities and N-stage",
         description="Map the 17 stations onto the CT, classify each from its CT+PET patch, derive the N-stage and "
-        "write result.json, result.csv, stations.nii.gz and overview.png into --out.",
+        "write result.json, result.csv, stations.nii.gz and overview.png into --out. With a node model (--node-model, "
+        "or a bundled one) the lymph nodes are found and measured too: result.json lists them, result.csv counts them "
+        "per station, nodes.nii.gz holds their instance map.",
     )
     p.add_argument("--ct", required=True, help="CT: NIfTI/NRRD/MHA file or DICOM folder")
     p.add_argument("--pet", required=True, help="PET: DICOM folder (SUV computed from the header) or an SUV image "
@@ -20,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_side(p)
     p.add_argument("--anatomy", help="precomputed anatomy labels (file or folder); default: run TotalSegmentator")
     options.add_model(p)
+    p.add_argument("--node-model", metavar="CHECKPOINT", help="node model (best.pt of lnstaging train-nodes) to find "
+                   "and measure the lymph nodes (default: the bundled node model when there is one, else no node "
+                   "detection)")
     options.add_atlases(p)
     options.add_rules(p)
     p.add_argument("--threshold", type=options.probability, help="probability threshold, 0..1 (default: the model's)")
@@ -39,12 +44,16 @@ def run(args: argparse.Namespace) -> int:
     options.check_out(args)
     options.apply_runtime(args)
     show = options.progress_printer(args)
-    res = assess_case(args.ct, args.pet, args.side, anatomy=args.anatomy, model=args.model, atlases=args.atlases,
+    res = assess_case(args.ct, args.pet, args.side, anatomy=args.anatomy, model=args.model,
+                      node_model=args.node_model, atlases=args.atlases,
                       rules=args.rules, device=args.device, pet_is_suv=args.pet_is_suv, suv_mode=args.suv_mode,
                       threshold=args.threshold, tta=args.tta, case_id=args.case_id, out_dir=args.out, progress=show)
     r = res.result
     out = {**r.to_dict(), "files": {k: str(v) for k, v in res.files.items()}}
     lines = [r.text_table(), r.explanation]
+    if r.nodes is not None:
+        large = [n for n in r.nodes if (n.get("short_axis_mm") or 0.0) >= 10.0]
+        lines.append(f"lymph nodes: {len(r.nodes)} found, {len(large)} with a short axis of 10 mm or more")
     statement = (r.provenance or {}).get("statement")
     lines += [f"warning: {w}" for w in r.warnings if w != statement]
     lines.append(f"files in {args.out}: {', '.join(p.name for p in res.files.values())}")
