@@ -20,16 +20,15 @@ demo: $(STAMP)
 	$(BIN)/lnstaging demo --out demo-out
 
 # Reproduce the bundled demo model (LymphNodeStagingLib/resources/models/demo_ts1.pt): a 200-patient phantom
-# cohort, TS1 with the small network as a multiple-instance model (4 patches per station, max pooling) with the
-# hybrid head and batch normalisation, calibrated on a held-out 100-patient cohort. About 15 min for the station
-# maps, 20 min of training and 5 min of calibration on 2 CPU cores.
+# cohort, TS1 with the small network and the hybrid head (SUVmax, SUVpeak, volume), calibrated on a held-out
+# 100-patient cohort. About 15 min for the station maps, 5 min of training and 2 min of calibration on 2 CPU cores.
 DEMO_ATLASES = $(shell $(BIN)/python -c "from LymphNodeStagingLib.paths import demo_atlas_set_path as p; print(p())")
 
 demo-model: $(STAMP)
 	$(BIN)/lnstaging phantom --demo-atlases
 	$(BIN)/lnstaging phantom --out build/demo-cohort --patients 200 --seed 2026
 	LNSTAGING_ATLASES=$(DEMO_ATLASES) $(BIN)/lnstaging train build/demo-cohort/cohort.csv --strategy ts1 --small --epochs 20 \
-		--max-steps-per-epoch 40 --batch-size 8 --instances 4 --pooling max --hybrid --norm batch --lr 2e-3 \
+		--max-steps-per-epoch 40 --batch-size 32 --hybrid --lr 2e-3 \
 		--seed 1 --out build/demo-model
 	$(BIN)/lnstaging phantom --out build/calib-cohort --patients 100 --seed 2027
 	LNSTAGING_ATLASES=$(DEMO_ATLASES) $(BIN)/lnstaging calibrate build/calib-cohort/cohort.csv --model build/demo-model/best.pt \
