@@ -39,6 +39,7 @@ DEMO_MODEL = Path("models") / "demo_ts1.pt"
 #: new or retrained bundled model must update its entry here (Testing/classifier/test_bundled_models.py checks it).
 BUNDLED_MODELS: dict[str, str] = {
     "demo_ts1.pt": "e8e58cbab7c9ab560613bb1ee1b3a9f44b69c540cd527c3268fe9102e3913058",
+    "nodes_demo.pt": "8a64a749d9c65836fb9c6d1251816dcc0bb3112cec7d131e87eb0510fad4dea1",
 }
 
 

@@ -171,7 +171,7 @@ def resolve_node_model(model: str | Path | None, required: bool = True) -> Path 
     if bundled is None:
         if not required:
             return None
-        raise UsageError("no node model: LymphNodeStaging bundles none yet. Train one with `lnstaging train-nodes "
+        raise UsageError("no node model: none given and the bundled one is missing. Train one with `lnstaging train-nodes "
                          "COHORT.csv --arch snet --out DIR` (the cohort needs a nodes_path column) and pass "
                          "--model DIR/best.pt")
     return bundled

@@ -67,11 +67,15 @@ def test_nodes_text_output(capsys, trained_snet, first_row, tmp_path):
     assert data is None
 
 
-def test_nodes_refusals(capsys, trained_snet, first_row, tmp_path):
+def test_nodes_refusals(capsys, trained_snet, first_row, tmp_path, monkeypatch):
+    from LymphNodeStagingLib import paths
+
     _, result = trained_snet
     out = tmp_path / "never"
-    # no model and none bundled: a usage error that says how to get one
+    # no model and the bundled one missing (an installation without it): a usage error that says how to get one
+    monkeypatch.setattr(paths, "bundled_models_dir", lambda: tmp_path / "no-bundled-models")
     code, _, err = run(capsys, "nodes", "--ct", str(first_row.ct_path), "--out", str(out))
+    monkeypatch.undo()
     assert code == 2 and "train-nodes" in err
     # a missing CT: bad input, named
     code, _, err = run(capsys, "nodes", "--ct", str(tmp_path / "absent.nii.gz"), "--model", str(result.checkpoint),
