@@ -307,8 +307,9 @@ def make_case(case_id: str, ct: sitk.Image, nodes: sitk.Image, config: NodeDataC
     return NodeCase(case_id, patient_id or case_id, image, truth, grid, box, split)
 
 
-def case_from_row(row: CohortRow, config: NodeDataConfig) -> NodeCase:
-    """The training case of a cohort row with a ``nodes_path`` (the station map, else the anatomy, sets the crop)."""
+def row_images(row: CohortRow) -> tuple[sitk.Image, sitk.Image, sitk.Image | None, sitk.Image | None]:
+    """CT, node map, station map (None without ``stations_path``) and anatomy (read only when there is no station
+    map) of a cohort row with a ``nodes_path``; an InputError names the row."""
     where = f"line {row.line} ({row.scan_id})"
     if row.nodes_path is None:
         raise InputError(f"{where}: nodes_path is empty")
@@ -323,6 +324,17 @@ def case_from_row(row: CohortRow, config: NodeDataConfig) -> NodeCase:
             from ..anatomy.vocabulary import load_anatomy
 
             anatomy = load_anatomy(row.anatomy_path, reference=ct)
+    except InputError as exc:
+        text = str(exc)
+        raise InputError(text if text.startswith(where) else f"{where}: {text}") from None
+    return ct, nodes, stations, anatomy
+
+
+def case_from_row(row: CohortRow, config: NodeDataConfig) -> NodeCase:
+    """The training case of a cohort row with a ``nodes_path`` (the station map, else the anatomy, sets the crop)."""
+    ct, nodes, stations, anatomy = row_images(row)
+    where = f"line {row.line} ({row.scan_id})"
+    try:
         return make_case(row.scan_id, ct, nodes, config, anatomy=anatomy, stations=stations,
                          patient_id=row.patient_id, split=row.split)
     except InputError as exc:

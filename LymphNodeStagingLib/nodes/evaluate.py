@@ -20,9 +20,8 @@ import SimpleITK as sitk
 from ..cohort.table import read_cohort
 from ..errors import InputError
 from ..io.files import write_figure, write_json, write_text
-from ..io.images import load_ct
 from ..runtime import Progress, ProgressCallback
-from .data import node_instances, read_node_map, read_station_map
+from .data import node_instances, row_images
 from .infer import segment
 from .metrics import DetectionMetrics, DetectionReport, evaluate_detection
 from .model import NodeModel, load_node_model
@@ -169,18 +168,7 @@ def evaluate_nodes(cohort_csv: str | Path, model: NodeModel | str | Path, out_di
     truths, probs, spacings, scans = [], [], [], []
     for i, row in enumerate(with_nodes):
         where = f"line {row.line} ({row.scan_id})"
-        try:
-            ct, _, _ = load_ct(row.ct_path)
-            nodes = read_node_map(row.nodes_path)
-            stations = read_station_map(row.stations_path, "stations_path") if row.stations_path else None
-            anatomy = None
-            if stations is None and row.anatomy_path is not None:
-                from ..anatomy.vocabulary import load_anatomy
-
-                anatomy = load_anatomy(row.anatomy_path, reference=ct)
-        except InputError as exc:
-            text = str(exc)
-            raise InputError(text if text.startswith(where) else f"{where}: {text}") from None
+        ct, nodes, stations, anatomy = row_images(row)
         seg = segment(ct, model, anatomy, stations, device)
         truth_img = sitk.Resample(node_instances(nodes, f"{where}: nodes_path"), ct, sitk.Transform(),
                                   sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32)

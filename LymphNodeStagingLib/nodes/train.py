@@ -20,13 +20,12 @@ at that threshold are stored in its manifest. Mixed precision only on CUDA; CPU 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from ..classifier.checkpoint import environment_versions, load_checkpoint, model
 from ..cohort.table import read_cohort
 from ..errors import InputError, UsageError
 from ..io.files import write_json
-from ..runtime import Progress, ProgressCallback, parse_device
+from ..runtime import Progress, ProgressCallback, parse_device, torch_threads
 from .data import NodeCase, NodeDataConfig, data_fingerprint, load_node_cases, split_by_patient
 from .infer import predict_volume
 from .losses import adaptive_bce, snet_loss
@@ -306,19 +305,6 @@ def validation_metrics(cases: Sequence[NodeCase], probs: Sequence[np.ndarray], t
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _resume_key(mconfig: NodeModelConfig, dconfig: NodeDataConfig, tconfig: NodeTrainConfig, train_fp: str,
                 val_fp: str) -> str:
     cfg = tconfig.to_dict()
@@ -408,7 +394,7 @@ def train_node_network(train_cases: Sequence[NodeCase], val_cases: Sequence[Node
     window = tuple(-(-p // mconfig.divisor) * mconfig.divisor for p in tconfig.patch)
     inference = InferenceConfig(window=window, overlap=tconfig.overlap)
 
-    with _torch_threads(tconfig.num_threads):
+    with torch_threads(tconfig.num_threads):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tconfig.seed)
             network = build_node_network(mconfig)

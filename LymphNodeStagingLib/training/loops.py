@@ -14,14 +14,13 @@ CT noise) is applied while resampling the patch from the source images, so no bo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from ..classifier.metrics import balanced_accuracy, binary_metrics, tune_thresho
 from ..classifier.model import ModelConfig, StagingModel, StationClassifier, build_model, station_classifier_of
 from ..classifier.patches import DEFAULT_PATCH_SPACING, StationSampler, crop_to_box, extract_patches
 from ..errors import InputError, UsageError
-from ..runtime import Progress, ProgressCallback
+from ..runtime import Progress, ProgressCallback, torch_threads
 from ..staging.rules import UNKNOWN, load_rules, parse_n_stage, parse_side, pseudo_labels
 from ..staging.stations import NUM_STATIONS, STATION_NAMES
 from .losses import LossWeights, masked_bce, stage_class_weights, staging_loss
@@ -491,19 +490,6 @@ def evaluate_staging(model: StagingModel, cases: Sequence[CaseSample], patch_siz
 # The loop
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _init_model(strategy: str, mconfig: ModelConfig, seed: int, init: str | Path | None) -> tuple[nn.Module, dict]:
     """Build the model of a strategy (weights seeded), optionally initialised from a checkpoint."""
     kind = "station" if strategy == "ts1" else "staging"
@@ -580,7 +566,7 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
                             "of present stations; TS2/TS3 need an N-stage or station labels)")
 
     fingerprint, val_fp = data_fingerprint(train_cases), data_fingerprint(val_cases)
-    with _torch_threads(tconfig.num_threads):
+    with torch_threads(tconfig.num_threads):
         model, init_info = _init_model(strategy, mconfig, tconfig.seed, init)
         model.to(device)
         if strategy == "ts3":
