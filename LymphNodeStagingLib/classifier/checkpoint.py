@@ -438,3 +438,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model = model_from_checkpoint(ckpt).to(device)
     model.eval()
     return model, ckpt.manifest
+
+
+def resume_training(path: str | Path, key: str, model: nn.Module, optimizer: Any, scheduler: Any,
+                    run: str, kinds: Sequence[str] = MODEL_KINDS) -> dict:
+    """Load an interrupted run's ``last.pt`` into ``model``, ``optimizer`` and ``scheduler`` and return its loop
+    state. A file of another run (its ``resume_key`` differs from ``key``) is refused with a UsageError that names
+    the file and ``run`` (what differs, in words)."""
+    from ..errors import UsageError
+
+    ckpt = load_checkpoint(path, map_location="cpu", kinds=kinds)
+    if ckpt.manifest.get("resume_key") != key or not ckpt.training_state:
+        raise UsageError(f"{path} belongs to another {run}; use another --out folder or remove it")
+    model.load_state_dict(ckpt.state_dict)
+    optimizer.load_state_dict(ckpt.training_state["optimizer"])
+    scheduler.load_state_dict(ckpt.training_state["scheduler"])
+    return ckpt.training_state["loop"]

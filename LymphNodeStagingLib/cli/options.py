@@ -32,14 +32,34 @@ def _device(value: str) -> Device:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
 
 
-def _threads(value: str) -> int:
+def _number(value: str, cast, ok, expected: str):
+    """An argparse type check: ``cast(value)`` when ``ok`` of it, else an error naming what was expected."""
     try:
-        n = int(value)
+        x = cast(value)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number of threads, 1 or more")
-    return n
+        x = None
+    if x is None or not ok(x):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected {expected}")
+    return x
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number, 1 or more."""
+    return _number(value, int, lambda n: n >= 1, "a whole number, 1 or more")
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a number > 0."""
+    return _number(value, float, lambda x: x > 0, "a number > 0")
+
+
+def fraction(value: str) -> float:
+    """An argparse type: a fraction in [0, 1)."""
+    return _number(value, float, lambda x: 0.0 <= x < 1.0, "a fraction in [0, 1)")
+
+
+def _threads(value: str) -> int:
+    return _number(value, int, lambda n: n >= 1, "a whole number of threads, 1 or more")
 
 
 def probability(value: str) -> float:

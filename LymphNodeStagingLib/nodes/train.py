@@ -34,7 +34,13 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ..classifier.checkpoint import environment_versions, load_checkpoint, model_from_checkpoint, save_checkpoint
+from ..classifier.checkpoint import (
+    environment_versions,
+    load_checkpoint,
+    model_from_checkpoint,
+    resume_training,
+    save_checkpoint,
+)
 from ..cohort.table import read_cohort
 from ..errors import InputError, UsageError
 from ..io.files import write_json
@@ -418,14 +424,8 @@ def train_node_network(train_cases: Sequence[NodeCase], val_cases: Sequence[Node
         best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
         resumed_from = None
         if resume and last_path.is_file():
-            ckpt = load_checkpoint(last_path, kinds=(NODE_KIND,))
-            if ckpt.manifest.get("resume_key") != key or not ckpt.training_state:
-                raise UsageError(f"{last_path} belongs to another node training run (different network, settings or "
-                                 "data); use another --out folder or remove it")
-            network.load_state_dict(ckpt.state_dict)
-            optimizer.load_state_dict(ckpt.training_state["optimizer"])
-            scheduler.load_state_dict(ckpt.training_state["scheduler"])
-            state = ckpt.training_state["loop"]
+            state = resume_training(last_path, key, network, optimizer, scheduler,
+                                    "node training run (different network, settings or data)", kinds=(NODE_KIND,))
             resumed_from = state["epoch"]
             log.info("resuming node training from epoch %d in %s", state["epoch"] + 1, out_dir)
 

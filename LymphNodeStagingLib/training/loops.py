@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..classifier.checkpoint import environment_versions, load_checkpoint, save_checkpoint
+from ..classifier.checkpoint import environment_versions, load_checkpoint, resume_training, save_checkpoint
 from ..classifier.metrics import balanced_accuracy, binary_metrics, tune_threshold
 from ..classifier.model import ModelConfig, StagingModel, StationClassifier, build_model, station_classifier_of
 from ..classifier.patches import DEFAULT_PATCH_SPACING, StationSampler, crop_to_box, extract_patches
@@ -591,14 +591,8 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
         best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
         resumed_from = None
         if resume and last_path.is_file():
-            ckpt = load_checkpoint(last_path, map_location="cpu")
-            if ckpt.manifest.get("resume_key") != key or not ckpt.training_state:
-                raise UsageError(f"{last_path} belongs to another training run (different strategy, configuration "
-                                    "or data); use another --out folder or remove it")
-            model.load_state_dict(ckpt.state_dict)
-            optimizer.load_state_dict(ckpt.training_state["optimizer"])
-            scheduler.load_state_dict(ckpt.training_state["scheduler"])
-            state = ckpt.training_state["loop"]
+            state = resume_training(last_path, key, model, optimizer, scheduler,
+                                    "training run (different strategy, configuration or data)")
             resumed_from = state["epoch"]
             log.info("resuming %s from epoch %d in %s", strategy, state["epoch"] + 1, out_dir)
 

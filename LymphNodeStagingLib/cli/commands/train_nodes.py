@@ -8,36 +8,6 @@ from pathlib import Path
 from .. import options
 
 
-def _positive_float(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a number > 0")
-    return x
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number, 1 or more")
-    return n
-
-
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not 0.0 <= x < 1.0:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a fraction in [0, 1)")
-    return x
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-nodes",
@@ -53,23 +23,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", required=True, choices=["snet", "unet3d"],
                    help="snet: 2D S-Net on axial slices; unet3d: 3D residual U-Net on patches")
     options.add_out(p, help="output folder (best.pt, last.pt, history.json)")
-    p.add_argument("--epochs", type=_positive_int, default=150, help="at most this many epochs (default 150)")
+    p.add_argument("--epochs", type=options.positive_int, default=150, help="at most this many epochs (default 150)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the weights (default 0)")
-    p.add_argument("--lr", type=_positive_float, help="learning rate (default 5e-5 for snet, 1e-3 for unet3d)")
-    p.add_argument("--val-fraction", type=_fraction, default=0.2,
+    p.add_argument("--lr", type=options.positive_float, help="learning rate (default 5e-5 for snet, 1e-3 for unet3d)")
+    p.add_argument("--val-fraction", type=options.fraction, default=0.2,
                    help="share of the patients for validation when the cohort has no split column (default 0.2)")
-    p.add_argument("--batch-size", type=_positive_int, help="slices (snet, default 16) or patches (unet3d, default 2)")
-    p.add_argument("--width", type=_positive_float, default=1.0,
+    p.add_argument("--batch-size", type=options.positive_int, help="slices (snet, default 16) or patches (unet3d, default 2)")
+    p.add_argument("--width", type=options.positive_float, default=1.0,
                    help="scale of every channel count (default 1: the published network; 0.25: a quick CPU network)")
-    p.add_argument("--spacing", type=_positive_float, nargs=3, metavar=("X", "Y", "Z"),
+    p.add_argument("--spacing", type=options.positive_float, nargs=3, metavar=("X", "Y", "Z"),
                    help="working spacing in mm (default 2 2 4)")
-    p.add_argument("--min-inplane", type=_positive_int, default=128,
+    p.add_argument("--min-inplane", type=options.positive_int, default=128,
                    help="smallest in-plane size of the crop in voxels (default 128)")
-    p.add_argument("--patch", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
+    p.add_argument("--patch", type=options.positive_int, nargs=3, metavar=("Z", "Y", "X"),
                    help="unet3d training patch and sliding window in voxels (default 32 96 96)")
-    p.add_argument("--patience", type=_positive_int, default=30,
+    p.add_argument("--patience", type=options.positive_int, default=30,
                    help="stop after this many epochs without a better validation Dice (default 30)")
-    p.add_argument("--max-steps-per-epoch", type=_positive_int, help="cap the batches of an epoch")
+    p.add_argument("--max-steps-per-epoch", type=options.positive_int, help="cap the batches of an epoch")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="mixed precision on a GPU (default on; no effect on a CPU)")
     options.add_compute_options(p)
