@@ -91,6 +91,8 @@ class LymphNodeStagingParameterNode:
     atlasSet: str = ""
     ruleSet: Annotated[str, Choice(available_rule_sets())] = DEFAULT_RULES
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    stationMethod: Annotated[str, Choice(["atlas", "network", "both"])] = "atlas"  # stationnet/method.py
+    stationModelPath: str = ""
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     resultSegmentation: vtkMRMLSegmentationNode
 
@@ -221,11 +223,13 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        if p and p.ctVolume and p.petVolume:
-            self.ui.applyButton.toolTip = _("Assess the stations and stage the case.")
+        if p and p.ctVolume:
+            self.ui.applyButton.toolTip = (_("Assess the stations and stage the case.") if p.petVolume else
+                                           _("Assess the stations and stage the case from the CT alone (no PET "
+                                             "selected: a CT-only model, no SUV)."))
             self.ui.applyButton.enabled = self._process is None
         else:
-            self.ui.applyButton.toolTip = _("Select a CT volume and a PET volume.")
+            self.ui.applyButton.toolTip = _("Select a CT volume (and the PET volume of a PET/CT).")
             self.ui.applyButton.enabled = False
         self.ui.exportButton.enabled = self.logic.result is not None
 
@@ -277,7 +281,8 @@ class LymphNodeStagingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._process = self.logic.startBackgroundProcess(
                 p.ctVolume, p.petVolume, p.tumourSide, petIsSuv=p.petIsSuv, anatomy=p.anatomy,
                 modelPath=p.modelPath, nodeModelPath=p.nodeModelPath, atlasSet=p.atlasSet, rules=p.ruleSet,
-                device=p.device, threshold=p.threshold)
+                device=p.device, threshold=p.threshold, stationMethod=p.stationMethod,
+                stationModelPath=p.stationModelPath)
         if self._process is None:
             self._setRunning(False)
             return
@@ -439,14 +444,15 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         """Translated titles of the station table's columns (LymphNodeStagingLib.slicer.mrml.TABLE_COLUMNS)."""
         return {"Station": _("Station"), "Probability": _("Probability"), "Status": _("Status"),
                 "Override": _("Override"), "SUVmax": _("SUVmax"), "SUVpeak": _("SUVpeak"),
-                "Agreement": _("Atlas agreement"), "Group": _("N group")}
+                "Agreement": _("Atlas agreement"), "Group": _("N group"), "TopNode": _("Top node"),
+                "NodeProbability": _("Probability from nodes")}
 
     @staticmethod
     def nodeColumnTitles() -> dict:
         """Translated titles of the node table's columns (LymphNodeStagingLib.slicer.mrml.NODE_TABLE_COLUMNS)."""
         return {"ID": _("ID"), "Station": _("Station"), "ShortAxis": _("Short axis (mm)"),
                 "LongAxis": _("Long axis (mm)"), "Volume": _("Volume (ml)"), "SUVmax": _("SUVmax"),
-                "Score": _("Score")}
+                "Score": _("Score"), "Probability": _("Probability")}
 
     def nodesSummary(self) -> str:
         """One line about the lymph nodes of the current result, for the Results section."""
@@ -570,11 +576,12 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
     def checkInputs(self, ctVolume, petVolume, petIsSuv: bool = False, petDicomFolder: str = "",
                     fileForInstance=None) -> list:
         """Refuse what cannot be assessed, before any work; returns the PET's DICOM files ([] for a PET from an
-        image file, which must be declared SUV: its SUV cannot be computed without a DICOM header)."""
+        image file, which must be declared SUV: its SUV cannot be computed without a DICOM header; [] without a PET:
+        the CT is assessed alone)."""
         if ctVolume is None:
             raise ValueError(_("Select a CT volume."))
         if petVolume is None and not petDicomFolder:
-            raise ValueError(_("Select a PET volume."))
+            return []  # CT-only mode
         if petDicomFolder:
             return []
         files = self.petDicomFiles(petVolume, fileForInstance)
@@ -600,9 +607,12 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         return folder
 
     def _petSource(self, petVolume, petIsSuv: bool, petDicomFolder: str, dicomFiles: list, workDir: Path):
-        """(PET for the library, PET is SUV): a DICOM folder (SUV from its header) or the volume's image."""
+        """(PET for the library, PET is SUV): a DICOM folder (SUV from its header), the volume's image, or None
+        without a PET (the CT alone)."""
         from LymphNodeStagingLib.slicer import mrml
 
+        if petVolume is None and not petDicomFolder:
+            return None, False
         if petDicomFolder:
             return str(petDicomFolder), False
         if dicomFiles:
@@ -612,7 +622,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
     def process(self, ctVolume, petVolume=None, side: str = "R", *, petIsSuv: bool = False, petDicomFolder: str = "",
                 anatomy=None, modelPath: str = "", nodeModelPath: str = "", atlasSet: str = "",
                 rules: str = DEFAULT_RULES, device: str = "auto", threshold: float = 0.5, progress=None, cancel=None,
-                outDir: str | None = None, fileForInstance=None):
+                outDir: str | None = None, fileForInstance=None, stationMethod: str = "atlas",
+                stationModelPath: str = ""):
         """Assess one PET/CT given as volume nodes in this process and show the result.
 
         Blocks until done (scripts, batch, tests); the widget uses startBackgroundProcess instead.
@@ -636,7 +647,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
             assessment = assess_case(
                 mrml.image_from_volume_node(ctVolume), pet, side, anatomy=anatomyImage, model=modelPath or None,
                 node_model=nodeModelPath or None, atlases=atlasSet or None, rules=rules, device=dev,
-                pet_is_suv=petIsSuv, out_dir=outDir, progress=progress, cancel=cancel)
+                pet_is_suv=petIsSuv, out_dir=outDir, progress=progress, cancel=cancel, method=stationMethod,
+                station_model=stationModelPath or None)
         finally:
             shutil.rmtree(workDir, ignore_errors=True)
         suvImage = assessment.pet if isinstance(pet, str) else None  # SUV computed from the DICOM header
@@ -650,13 +662,14 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
                                petDicomFolder: str = "", anatomy=None, modelPath: str = "", nodeModelPath: str = "",
                                atlasSet: str = "", rules: str = DEFAULT_RULES, device: str = "auto",
                                threshold: float = 0.5, stationMapping: str = "", python: str | None = None,
-                               fileForInstance=None):
+                               fileForInstance=None, stationMethod: str = "atlas", stationModelPath: str = ""):
         """Start the assessment in a child process and return it (an AssessmentProcess: poll(), cancel()).
 
         The inputs are written to a temporary folder (a PET from DICOM as its DICOM files, so that SUV is
         computed from the header); call finishBackgroundProcess(process) once ``process.finished`` to show the
         result. ``stationMapping``: a station mapping folder written before (e.g. by a cohort run), which skips
-        the registration.
+        the registration. ``stationMethod``: atlas, network (from the CT alone) or both; ``stationModelPath``: the
+        station network (empty: the bundled one).
         """
         import shutil
         import tempfile
@@ -672,14 +685,15 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
         dev = parse_device(device, name="device")
         # the volumes' images are checked here (grid, CT in HU, PET in SUV) so that a bad volume is refused at once
         ctImage = mrml.image_from_volume_node(ctVolume)
-        petImage = mrml.image_from_volume_node(petVolume) if not (dicomFiles or petDicomFolder) else None
+        fromImage = petVolume is not None and not (dicomFiles or petDicomFolder)
+        petImage = mrml.image_from_volume_node(petVolume) if fromImage else None
         check_images(ctImage, petImage, names={"CT": ctVolume.GetName(),
                                                "PET": petVolume.GetName() if petVolume is not None else ""})
         workDir = Path(tempfile.mkdtemp(prefix="LymphNodeStaging-"))
         try:
             ctFile = write_image(ctImage, workDir / "ct.nrrd", compress=False)
             pet, petIsSuv = self._petSource(petVolume, petIsSuv, petDicomFolder, dicomFiles, workDir)
-            if not isinstance(pet, str):
+            if pet is not None and not isinstance(pet, str):
                 pet = str(write_image(pet, workDir / "pet.nrrd", compress=False))
             anatomyFile = None
             if anatomy is not None:
@@ -688,7 +702,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
                 ct=str(ctFile), pet=pet, side=side, out_dir=str(workDir / "out"),
                 anatomy=str(anatomyFile) if anatomyFile else None, model=modelPath or None,
                 node_model=nodeModelPath or None, atlases=atlasSet or None, rules=rules, device=dev.torch,
-                pet_is_suv=petIsSuv, case_id=ctVolume.GetName(), station_mapping=stationMapping or None)
+                pet_is_suv=petIsSuv, case_id=ctVolume.GetName(), station_mapping=stationMapping or None,
+                method=stationMethod, station_model=stationModelPath or None)
             process = AssessmentProcess(job, python=python or self.pythonExecutable()).start()
         except Exception:
             shutil.rmtree(workDir, ignore_errors=True)
@@ -731,7 +746,7 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
 
         if abs(result.threshold - threshold) > 1e-9:
             result = result.restage(threshold=threshold)
-        if suvImage is not None or petVolume is None:
+        if suvImage is not None:
             petVolume = mrml.volume_node_from_image(slicer.mrmlScene, suvImage, _("PET (SUV)"))
         self.dicomSources = dict(dicomSources or {})
         self.showAssessment(result, stationMap, ctVolume, petVolume, nodeMap=nodeMap)
@@ -739,6 +754,8 @@ class LymphNodeStagingLogic(ScriptedLoadableModuleLogic):
             self.log(self.nodesSummary())
         if result.demo_banner:
             self.log(result.demo_banner)
+        if result.modality == "ct":
+            self.log(_("CT only (no PET): station probabilities from a CT-only model, no SUV figures"))
         self.log(_("{stage} (TNM 9 {tnm9}) in {seconds:.1f} s").format(
             stage=result.n_stage, tnm9=result.tnm9, seconds=time.time() - start))
 

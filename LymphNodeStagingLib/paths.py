@@ -33,13 +33,20 @@ DEMO_ATLAS_COUNT = 5
 
 #: The bundled demo classifier (trained on a synthetic phantom cohort), relative to the resources folder.
 DEMO_MODEL = Path("models") / "demo_ts1.pt"
+#: The bundled CT-only demo classifier (the CT alone, no PET: what ``assess`` uses for a CT without PET when no model
+#: is given), relative to the resources folder.
+DEMO_CT_MODEL = Path("models") / "demo_ts1_ct.pt"
 
 #: SHA-256 of every bundled model file (by file name in the bundled models folder), pinned in the code. A checkpoint
 #: that is, or claims to be, a bundled model loads only when its file has this hash (classifier/checkpoint.py), so a
 #: new or retrained bundled model must update its entry here (Testing/classifier/test_bundled_models.py checks it).
 BUNDLED_MODELS: dict[str, str] = {
     "demo_ts1.pt": "e8e58cbab7c9ab560613bb1ee1b3a9f44b69c540cd527c3268fe9102e3913058",
+    "demo_ts1_ct.pt": "bbf0d28bba3f8497985d10712ff3486e5e116f1a1106a71297079f67559715e8",
+    "node_classifier_ct_demo.pt": "8190f149cb5fa05de02db07987feaa538c8e6c5e3bae89b2339a1700cb5e2993",
+    "node_classifier_demo.pt": "c37e24737fa79b01bbb287cde2be7f68143516986ec1907ac989c099dc0cb8b3",
     "nodes_demo.pt": "8a64a749d9c65836fb9c6d1251816dcc0bb3112cec7d131e87eb0510fad4dea1",
+    "stations_net.pt": "7ada6ed5fdb58b5b3b317fb57c7ea72df9f84741d287fcc27b50451426872c62",
 }
 
 
@@ -70,6 +77,11 @@ def bundled_models_dir() -> Path:
 def demo_model_path() -> Path:
     """The bundled demo classifier checkpoint."""
     return resources_dir() / DEMO_MODEL
+
+
+def demo_ct_model_path() -> Path:
+    """The bundled CT-only demo classifier checkpoint (for a CT assessed without PET)."""
+    return resources_dir() / DEMO_CT_MODEL
 
 
 def cache_root() -> Path:

@@ -83,3 +83,18 @@ def sphere_nodes(ct: sitk.Image, pet: sitk.Image | None, stations: sitk.Image | 
     image.CopyInformation(ct)
     instances, nodes = find_nodes(image, ct, pet=pet, stations=stations)
     return instances, [n.to_dict() for n in nodes]
+
+
+def tiny_node_classifier(path: Path, modality: str = "petct", seed: int = 0) -> Path:
+    """An untrained tiny node classifier checkpoint (seeded weights, identity calibration, prior 0.05, threshold
+    0.5): real network code and checkpoint format, probabilities without meaning."""
+    import torch
+
+    from LymphNodeStagingLib.classifier.checkpoint import save_checkpoint
+    from LymphNodeStagingLib.nodes.malignancy import NODE_CLASSIFIER_KIND, NodeClassifier, NodeClassifierConfig
+
+    torch.manual_seed(seed)
+    cfg = NodeClassifierConfig(modality, patch_mm=16.0, patch_spacing=2.0, channels=(2, 4, 4, 4))
+    manifest = {"kind": NODE_CLASSIFIER_KIND, "model_config": cfg.to_dict(), "prior": [0.05] * 17,
+                "pooling": "max", "threshold": 0.5, "calibration": {"method": "identity"}}
+    return save_checkpoint(path, NodeClassifier(cfg).eval(), manifest)

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("mapping",),
     ("classifier",),
     ("nodes",),
+    ("stationnet",),
     ("preflight",),
     ("training",),
     ("assessment",),

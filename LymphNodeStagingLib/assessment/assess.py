@@ -1,5 +1,5 @@
-"""Assessment of one PET/CT: load, anatomy, station mapping, patches, classifier, SUV figures, lymph nodes (with a node
-model), staging, reports.
+"""Assessment of one PET/CT (or of a CT alone, with a CT-only model): load, anatomy, station mapping, patches,
+classifier, SUV figures, lymph nodes (with a node model), staging, reports.
 
 ``assess_case`` is the one function behind ``lnstaging assess``, the Slicer module's Apply and the cohort runs.
 """
@@ -21,23 +21,32 @@ from .. import __version__
 from ..errors import Cancelled
 from ..io.files import write_image
 from ..mapping.crop import check_pet_covers, mediastinal_crop
-from ..paths import BUNDLED_MODELS, DEMO_MODEL
+from ..paths import BUNDLED_MODELS, DEMO_CT_MODEL, DEMO_MODEL
 from ..preflight.case import check_case
 from ..preflight.memory import check_memory, estimate_memory
 from ..preflight.parameters import (
     check_device,
     check_model,
+    check_node_classifier,
     check_node_model,
     check_out,
     check_rules,
     check_threshold,
     check_tta,
+    model_modality,
 )
 from ..runtime import Device, ProgressCallback, progress_part, reporter
-from ..staging.result import CaseResult, make_case_result
+from ..staging.result import (
+    CT_ONLY_MODEL_NOTE,
+    CT_ONLY_NOTE,
+    MODALITY_CT,
+    MODALITY_PETCT,
+    CaseResult,
+    make_case_result,
+)
 from ..staging.rules import DEFAULT_RULES, parse_side
 from ..staging.stations import STATIONS
-from ..suv.statistics import station_feature_array, station_suv_stats
+from ..suv.statistics import station_feature_array, station_suv_stats, station_volume_stats
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,7 @@ class Assessment:
     result: CaseResult
     station_map: sitk.Image  # fused station labels 1..17 on (a crop of) the CT grid
     ct: sitk.Image  # HU
-    pet: sitk.Image  # SUV
+    pet: sitk.Image | None  # SUV; None: a CT assessed without PET
     mapping: Any = None  # mapping.StationMapping
     inputs_from_dicom: bool = False
     dicom_sources: dict[str, str] = field(default_factory=dict)
@@ -62,12 +71,13 @@ class Assessment:
 
 def assess_case(
     ct: str | Path | sitk.Image,
-    pet: str | Path | sitk.Image,
-    side: str,
+    pet: str | Path | sitk.Image | None = None,
+    side: str | None = None,
     *,
     anatomy: str | Path | sitk.Image | None = None,
     model: str | Path | None = None,
     node_model: str | Path | None = None,
+    node_classifier: str | Path | None = None,
     atlases=None,
     rules: str = DEFAULT_RULES,
     device: str | Device = "cpu",
@@ -79,19 +89,31 @@ def assess_case(
     case_id: str | None = None,
     out_dir: str | Path | None = None,
     station_mapping=None,
+    method: str = "atlas",
+    station_model: str | Path | None = None,
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> Assessment:
     """Assess one PET/CT. ``ct``/``pet`` are files, DICOM folders or SimpleITK images (PET images are SUV).
 
+    ``pet`` None: the CT alone (``result.modality`` "ct"): no SUV figures (station volumes still), no PET checks, a
+    CT-only ``model`` (None: the bundled CT-only demo model; a model that reads the PET is a UsageError before the
+    anatomy and the mapping). ``side``: the tumour side, R or L (required).
+
     ``anatomy``: precomputed label map (file, folder of masks or image); None runs TotalSegmentator.
     ``model``: checkpoint (None: the bundled demo model). ``node_model``: node model checkpoint (None: the bundled
     node model when there is one, else no node detection); with one, the lymph nodes are found in the mediastinal crop
-    of the station map and measured (``result.nodes``, ``nodes.nii.gz``). ``atlases``: atlas set folder or a loaded
+    of the station map and measured (``result.nodes``, ``nodes.nii.gz``). ``node_classifier``: node classifier
+    checkpoint (None: the bundled one for the case's modality, when there is one); with nodes found, every node gets
+    its malignancy probability and every station its probability from its nodes and its most suspicious node.
+    ``atlases``: atlas set folder or a loaded
     ``AtlasSet`` (reused between cases, it keeps its prepared registration data; None: ``$LNSTAGING_ATLASES`` or the
     synthetic demo set, see ``mapping.atlas.resolve_atlas_set``). ``station_mapping``: a mapping computed before (skips
-    registration). With ``out_dir`` the result JSON, CSV, station map, mapping files, the node instance map and the
-    PNG overview are written there.
+    registration). ``method``: how the stations are mapped, "atlas" (registration guided by the anatomy), "network"
+    (the station network from the CT alone; no anatomy, no TotalSegmentator) or "both" (the atlas map is used, the
+    per-station Dice between the two maps goes into ``result.atlases["agreement_dice"]``); ``station_model``: the
+    station network checkpoint (None: the bundled one). With ``out_dir`` the result JSON, CSV, station map, mapping
+    files, the node instance map and the PNG overview are written there.
     """
     # 0. options and the output folder, before any file is read
     side = parse_side(side, "side")
@@ -100,6 +122,10 @@ def assess_case(
     check_rules(rules, "rules")
     tta = check_tta(tta, "tta")
     check_out(out_dir, "out_dir")
+    from ..stationnet.method import check_method, needs_anatomy, needs_network
+
+    method = check_method(method, "method")
+    atlas_method = needs_anatomy(method) and station_mapping is None
     report = reporter(progress)
     timings: dict[str, float] = {}
 
@@ -111,7 +137,7 @@ def assess_case(
     t0 = time.perf_counter()
     report(0.0, "loading and checking images")
     checked = check_case(ct, pet, anatomy=anatomy, pet_is_suv=pet_is_suv, suv_mode=suv_mode, atlases=atlases,
-                         mapping=station_mapping is None)
+                         mapping=atlas_method, read_anatomy=anatomy is not None and atlas_method)
     ct_img, pet_img, suv_info = checked.ct, checked.pet, checked.suv
     from_dicom, sources = checked.from_dicom, checked.dicom_sources
     timings["load"] = time.perf_counter() - t0
@@ -119,22 +145,46 @@ def assess_case(
 
     # 2. the model, loaded and verified before the anatomy and the station mapping
     t0 = time.perf_counter()
-    net, manifest, model_path = check_model(model, device=dev, parameter="model")
+    net, manifest, model_path = check_model(model, device=dev, parameter="model", pet=pet_img is not None)
     thr = float(threshold if threshold is not None else manifest.get("threshold", 0.5))
     timings["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     node_net = check_node_model(node_model, device=dev, parameter="node_model")  # None: no node model to run
+    node_clf = None
     if node_net is not None:
+        node_clf = check_node_classifier(node_classifier, has_pet=pet_img is not None, device=dev,
+                                         parameter="node_classifier")
         timings["node_model"] = time.perf_counter() - t0
+    station_net = None
+    if needs_network(method) and station_mapping is None:
+        from ..stationnet.model import check_station_model
+
+        t0 = time.perf_counter()
+        station_net = check_station_model(station_model, dev.torch, "station_model")
+        timings["station_model"] = time.perf_counter() - t0
     check_cancel()
 
     # 3. anatomy and station mapping
-    if station_mapping is None:
+    mapping_run = None
+    if station_mapping is None and method == "network":
+        from ..stationnet.method import map_case
+
+        t0 = time.perf_counter()
+        report(0.1, "station network")
+        mapping_run = map_case(ct_img, "network", station_model=station_net, device=dev.torch,
+                               progress=progress_part(progress, 0.1, 0.7), what="CT")
+        station_mapping = mapping_run.mapping
+        timings["mapping"] = time.perf_counter() - t0
+        atlas_info = {"method": "network", "station_network": dict(station_mapping.model)}
+        if pet_img is not None:  # the PET must cover the stations the network found
+            check_pet_covers(pet_img, mediastinal_crop(stations=station_mapping.label_image(), margin_mm=0.0))
+    elif station_mapping is None:
         t0 = time.perf_counter()
         report(0.1, "anatomy")
         anat_img = checked.anatomy if checked.anatomy is not None else _anatomy(anatomy, ct, ct_img, dev)
         timings["anatomy"] = time.perf_counter() - t0
-        check_pet_covers(pet_img, mediastinal_crop(anat_img, clip_to=ct_img))
+        if pet_img is not None:
+            check_pet_covers(pet_img, mediastinal_crop(anat_img, clip_to=ct_img))
         check_cancel()
         from ..mapping.atlas import resolve_atlas_set
         from ..mapping.station_mapping import map_stations
@@ -147,12 +197,21 @@ def assess_case(
         station_mapping = map_stations(ct_img, anat_img, atlas_set, device=dev.torch,
                                        progress=progress_part(progress, 0.2, 0.7))
         timings["mapping"] = time.perf_counter() - t0
-        atlas_info = {"name": atlas_set.name, "atlases": station_mapping.atlas_ids, "path": str(atlas_set.root)}
+        atlas_info = {"name": atlas_set.name, "atlases": station_mapping.atlas_ids, "path": str(atlas_set.root),
+                      "method": method}
+        if method == "both":
+            from ..stationnet.method import map_case
+
+            t0 = time.perf_counter()
+            mapping_run = map_case(ct_img, "both", station_model=station_net, device=dev.torch,
+                                   atlas_mapping=station_mapping, what="CT")
+            timings["mapping_network"] = time.perf_counter() - t0
+            atlas_info.update(station_network=dict(mapping_run.network.model), **mapping_run.to_dict())
     else:
         atlas_info = {"atlases": list(getattr(station_mapping, "atlas_ids", []))}
     check_cancel()
     station_map = station_mapping.label_image()
-    if "mapping" not in timings:  # a mapping given by the caller: the PET must cover its stations
+    if "mapping" not in timings and pet_img is not None:  # a mapping given by the caller: the PET must cover it
         check_pet_covers(pet_img, mediastinal_crop(stations=station_map, margin_mm=0.0))
 
     # 4. classifier
@@ -164,7 +223,8 @@ def assess_case(
     from ..classifier.predict import predict_case
 
     t1 = time.perf_counter()
-    stats = station_suv_stats(pet_img, station_map)  # reported, and the inputs of a hybrid classifier
+    # reported, and the inputs of a hybrid classifier; a CT alone: the volumes only
+    stats = station_suv_stats(pet_img, station_map) if pet_img is not None else station_volume_stats(station_map)
     timings["suv_stats"] = time.perf_counter() - t1
     sampler = StationSampler.from_sparse_maps(station_mapping.weight_maps)
     calibration = calibration_of(manifest, f"model {model_path}")
@@ -183,6 +243,11 @@ def assess_case(
         detection = detect_nodes(ct_img, node_net, pet=pet_img, stations=station_map, device=dev.torch)
         timings["nodes"] = time.perf_counter() - t0
         check_cancel()
+    node_probs = None
+    if detection is not None and node_clf is not None:
+        t0 = time.perf_counter()
+        node_probs = classify_nodes(node_clf, ct_img, pet_img, detection, pred.present)
+        timings["node_classifier"] = time.perf_counter() - t0
 
     # 5. the result
     probs = {st.name: (float(pred.probabilities[st.index]) if pred.present[st.index] else None) for st in STATIONS}
@@ -192,8 +257,8 @@ def assess_case(
                if pred.present[st.index]}
     result = make_case_result(
         case_id or _case_id(ct), side, probs, threshold=thr, rules=rules,
-        suv_max={k: v["suv_max"] for k, v in stats.items()},
-        suv_peak={k: v["suv_peak"] for k, v in stats.items()},
+        suv_max={k: v.get("suv_max") for k, v in stats.items()},
+        suv_peak={k: v.get("suv_peak") for k, v in stats.items()},
         volume_ml={k: v["volume_ml"] for k, v in stats.items()},
         agreement=agreement, centre_mm=centres,
     )
@@ -204,23 +269,41 @@ def assess_case(
             result.warnings.append(f"station {st.name} was not found by the station mapping")
     result.warnings.extend(getattr(station_mapping, "warnings", []))
     model_sha = file_sha256(model_path)
-    demo_model = model_sha == BUNDLED_MODELS[DEMO_MODEL.name]  # a copy or a renamed demo model too
+    # a copy or a renamed demo model too
+    demo_model = model_sha in {BUNDLED_MODELS.get(m.name) for m in (DEMO_MODEL, DEMO_CT_MODEL)}
     synthetic = getattr(station_mapping, "atlas_set", {}).get("synthetic", getattr(atlases, "synthetic", None))
+    if getattr(station_mapping, "method", "atlas") == "network":  # the bundled network learnt from phantoms
+        synthetic = True if station_mapping.model.get("bundled") else None
     result.set_provenance(synthetic, demo_model)
     result.model = {"path": str(model_path), "sha256": model_sha,
                     "kind": manifest.get("kind"), "strategy": manifest.get("strategy"),
                     "threshold": thr, "tta": tta, "calibration": calibration.method,
-                    "calibrated": calibration.method != "identity"}
+                    "calibrated": calibration.method != "identity", "modality": model_modality(net)}
     result.atlases = {**atlas_info, "synthetic": synthetic}
+    result.atlases.pop("timings_s", None)
     result.inputs = {"ct": str(ct) if not isinstance(ct, sitk.Image) else "<image>",
-                     "pet": str(pet) if not isinstance(pet, sitk.Image) else "<image>",
+                     "pet": None if pet is None else (str(pet) if not isinstance(pet, sitk.Image) else "<image>"),
                      "anatomy": str(anatomy) if isinstance(anatomy, (str, Path)) else
-                     ("<image>" if anatomy is not None else "TotalSegmentator")}
+                     ("<image>" if anatomy is not None else
+                      ("not used (station network)" if method == "network" else "TotalSegmentator"))}
     result.suv = suv_info
+    result.modality = MODALITY_PETCT if pet_img is not None else MODALITY_CT
+    if pet_img is None:
+        result.warnings.append(CT_ONLY_NOTE)
+    elif result.model["modality"] == MODALITY_CT:
+        result.warnings.append(CT_ONLY_MODEL_NOTE)
     if detection is not None:
         result.nodes = [n.to_dict() for n in detection.nodes]
         result.model["node_model"] = detection.model
         result.warnings.extend(detection.warnings)
+        if node_probs is not None:
+            for rec, p in zip(result.nodes, node_probs.nodes, strict=True):
+                rec["probability"] = float(p)
+            for st in result.stations:
+                if st.present:
+                    st.node_probability = float(node_probs.stations[st.label - 1])
+            result.model["node_classifier"] = node_clf.info()
+        result = result.restage()  # the explanation names the deciding stations' most suspicious nodes
     result.version = __version__
     timings.update({f"mapping.{k}": v for k, v in getattr(station_mapping, "timings", {}).items()})
     result.timings_s = {k: round(float(v), 4) for k, v in timings.items()}
@@ -232,6 +315,27 @@ def assess_case(
         out.files = write_outputs(out, out_dir)
     report(1.0, f"done: {result.n_stage}")
     return out
+
+
+@dataclass
+class NodeProbabilities:
+    """The node classifier's output for one case: calibrated probability per node (id order) and per station."""
+
+    nodes: np.ndarray  # (N,)
+    stations: np.ndarray  # (17,) from the nodes; the prior where a present station has none; 0 absent
+
+
+def classify_nodes(classifier, ct: sitk.Image, pet: sitk.Image | None, detection, present: np.ndarray
+                   ) -> NodeProbabilities:
+    """Every detected node's malignancy probability and the stations' probabilities from their nodes."""
+    from ..nodes.malignancy import node_patches, station_index_of
+
+    cfg = classifier.config
+    patches = node_patches(ct, detection.instances, detection.nodes, pet if cfg.modality == "petct" else None,
+                           cfg.patch_mm, cfg.patch_spacing)
+    raw = classifier.node_probabilities(patches)
+    stations = classifier.station_probabilities(raw, station_index_of(detection.nodes), present)
+    return NodeProbabilities(classifier.calibration.apply(raw) if raw.size else raw, stations)
 
 
 def _case_id(ct) -> str:

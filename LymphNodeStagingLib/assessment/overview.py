@@ -3,8 +3,9 @@ station table and the N-stage. Axial views in radiological convention (patient r
 
 A result computed with the synthetic demo atlases or the demo model gets a red banner across the top
 (``CaseResult.demo_banner``); stations the station mapping flagged are marked "!" in the table (orange) and the
-mapping warnings are listed under the pictures. With lymph nodes (a node model ran), every view outlines the nodes it
-cuts (labelled with their short axis) and the table gets a "nodes" column: count (largest short axis, mm).
+mapping warnings are listed under the pictures. A CT assessed without PET (``result.modality`` "ct") says "CT only (no
+PET)" in its title and shows the CT without a PET overlay. With lymph nodes (a node model ran), every view outlines the
+nodes it cuts (labelled with their short axis) and the table gets a "nodes" column: count (largest short axis, mm).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..io.files import write_figure
-from ..staging.result import ABSENT, POSITIVE, CaseResult
+from ..staging.result import ABSENT, MODALITY_CT, POSITIVE, CaseResult
 from ..staging.stations import STATION_NAMES
 
 DISPLAY_SPACING_MM = 1.5
@@ -86,10 +87,10 @@ def mapping_notes(result: CaseResult) -> list[str]:
     return [f"{flag}: {', '.join(names)}" for flag, names in by_flag.items()]
 
 
-def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, result: CaseResult,
+def write_overview(ct: sitk.Image, pet: sitk.Image | None, station_map: sitk.Image, result: CaseResult,
                    path: str | Path, node_map: sitk.Image | None = None) -> Path:
     """Write the overview PNG (atomically) and return its path. ``node_map``: the lymph node instance map (ids of
-    ``result.nodes``, 0 = background), outlined in every view."""
+    ``result.nodes``, 0 = background), outlined in every view. ``pet`` None: the CT alone, no PET overlay."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,12 +101,13 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
     grid = _display_grid(station_map, ct)
     ct_d = sitk.GetArrayFromImage(sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0,
                                                 sitk.sitkFloat32))
-    pet_d = sitk.GetArrayFromImage(sitk.Resample(pet, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                 sitk.sitkFloat32))
+    pet_d = None if pet is None else sitk.GetArrayFromImage(sitk.Resample(pet, grid, sitk.Transform(),
+                                                                          sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     st_d = sitk.GetArrayFromImage(sitk.Resample(station_map, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                                 sitk.sitkUInt8))
     nodes_d = None
     short_axis = {int(n["id"]): float(n.get("short_axis_mm") or 0.0) for n in result.nodes or []}
+    node_p = {int(n["id"]): float(n["probability"]) for n in result.nodes or [] if n.get("probability") is not None}
     if node_map is not None:
         nodes_d = sitk.GetArrayFromImage(sitk.Resample(node_map, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                                        sitk.sitkUInt32))
@@ -128,13 +130,15 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
             ax.contour(mask, levels=[0.5], colors=[NODE_OUTLINE], linewidths=1.3)
             if int(v) in short_axis:
                 ys, xs = np.nonzero(mask)
-                ax.text(xs.max() + 2, ys.mean(), f"{short_axis[int(v)]:.0f}", color=NODE_OUTLINE, fontsize=6,
-                        va="center", fontweight="bold")
+                label = f"{short_axis[int(v)]:.0f}" + (f" p{node_p[int(v)]:.2f}" if int(v) in node_p else "")
+                ax.text(xs.max() + 2, ys.mean(), label, color=NODE_OUTLINE, fontsize=6, va="center",
+                        fontweight="bold")
 
     def draw(ax, ct_sl, pet_sl, st_sl, origin: str, title: str, node_sl=None) -> None:
         ax.imshow(np.clip(ct_sl, -160, 240), cmap="gray", origin=origin, interpolation="bilinear")
-        ax.imshow(np.ma.masked_less(pet_sl, PET_SHOWN_FROM_SUV), cmap="hot", vmin=PET_SHOWN_FROM_SUV,
-                  vmax=PET_SATURATED_SUV, alpha=0.6, origin=origin, interpolation="bilinear")
+        if pet_sl is not None:
+            ax.imshow(np.ma.masked_less(pet_sl, PET_SHOWN_FROM_SUV), cmap="hot", vmin=PET_SHOWN_FROM_SUV,
+                      vmax=PET_SATURATED_SUV, alpha=0.6, origin=origin, interpolation="bilinear")
         ax.imshow(lut[st_sl], origin=origin, interpolation="nearest")
         for v in np.unique(st_sl):
             if v == 0:
@@ -166,19 +170,21 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
         panels.append((gs[k // 2, k % 2], z, caption))
     for spec, z, caption in panels:
         ax = fig.add_subplot(spec)
-        draw(ax, ct_d[z], pet_d[z], st_d[z], "upper", f"axial, {caption}  (R | L)",
+        draw(ax, ct_d[z], None if pet_d is None else pet_d[z], st_d[z], "upper", f"axial, {caption}  (R | L)",
              None if nodes_d is None else nodes_d[z])
     # hilar level in the second row
     s10 = by_name.get("10R") if by_name.get("10R") and by_name["10R"].centre_mm else by_name.get("10L")
     idx = _index_of(grid, s10.centre_mm if s10 is not None and s10.centre_mm else None)
     z = idx[2] if idx is not None else grid.GetSize()[2] // 2
-    draw(fig.add_subplot(gs[1, 1]), ct_d[z], pet_d[z], st_d[z], "upper", "axial, hilar (10R/10L)  (R | L)",
+    draw(fig.add_subplot(gs[1, 1]), ct_d[z], None if pet_d is None else pet_d[z], st_d[z], "upper",
+         "axial, hilar (10R/10L)  (R | L)",
          None if nodes_d is None else nodes_d[z])
     # coronal through the subcarinal station (or the middle)
     s7 = by_name.get("7")
     idx = _index_of(grid, s7.centre_mm if s7 is not None and s7.centre_mm else None)
     y = idx[1] if idx is not None else grid.GetSize()[1] // 2
-    draw(fig.add_subplot(gs[:, 2]), ct_d[:, y, :], pet_d[:, y, :], st_d[:, y, :], "lower", "coronal  (R | L)",
+    draw(fig.add_subplot(gs[:, 2]), ct_d[:, y, :], None if pet_d is None else pet_d[:, y, :], st_d[:, y, :], "lower",
+         "coronal  (R | L)",
          None if nodes_d is None else nodes_d[:, y, :])
 
     # table and stage
@@ -193,11 +199,15 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
                      else ""), "-" if s.suv_max is None else f"{s.suv_max:.1f}",
                      "-" if s.agreement is None else f"{s.agreement:.2f}"])
     widths = [0.16, 0.14, 0.3, 0.18, 0.16]
+    top = result.top_nodes()
     if per_station:
         rows[0].append("nodes")
         for row, s in zip(rows[1:], result.stations, strict=True):
             count, largest = per_station[s.name]
-            row.append(f"{count} ({largest:.0f})" if count and largest is not None else str(count))
+            text = f"{count} ({largest:.0f})" if count and largest is not None else str(count)
+            if s.name in top and s.node_probability is not None:  # the most suspicious node and the nodes' p
+                text = f"{count} #{top[s.name]['id']} {s.node_probability:.2f}"
+            row.append(text)
         widths = [0.14, 0.12, 0.26, 0.15, 0.13, 0.17]
     table = ax.table(cellText=rows, loc="upper center", cellLoc="center", colWidths=widths)
     table.auto_set_font_size(False)
@@ -220,17 +230,30 @@ def write_overview(ct: sitk.Image, pet: sitk.Image, station_map: sitk.Image, res
     deciding = ", ".join(result.deciding_stations) or "none"
     banner = banner_text(result)
     top = 0.95 if banner is None else 0.88
-    fig.suptitle(f"{result.case_id}: {result.n_stage} (TNM9 {result.tnm9}) - {result.rules} rules, tumour side "
-                 f"{result.side}; deciding stations: {deciding}", fontsize=13, fontweight="bold",
+    ct_only = result.modality == MODALITY_CT or pet is None
+    fig.suptitle(f"{'CT only (no PET) - ' if ct_only else ''}{result.case_id}: {result.n_stage} (TNM9 {result.tnm9}) - "
+                 f"{result.rules} rules, tumour side {result.side}; deciding stations: {deciding}", fontsize=13,
+                 fontweight="bold",
                  y=0.985 if banner is None else top + 0.03)
     notes = mapping_notes(result)
     footer = ["! station map implausible or repaired, check these stations:"] + [f"    {n}" for n in notes] if notes \
         else []
     if result.nodes is not None:
-        footer.append(f"Cyan outline: lymph node found by the node model ({len(result.nodes)} in all), labelled with "
-                      "its short axis (mm); table column 'nodes': count in the station (largest short axis, mm).")
-    footer.append(f"Red outline: positive station. PET over CT from SUV {PET_SHOWN_FROM_SUV:g} (hot, saturated at SUV "
-                  f"{PET_SATURATED_SUV:g}; blood pool and liver lie below it). Research software, not a medical device.")
+        if node_p:
+            footer.append(f"Cyan outline: lymph node found by the node model ({len(result.nodes)} in all), labelled "
+                          "with its short axis (mm) and its malignancy probability; table column 'nodes': count in "
+                          "the station, #id of its most suspicious node, the station's probability from its nodes.")
+        else:
+            footer.append(f"Cyan outline: lymph node found by the node model ({len(result.nodes)} in all), labelled "
+                          "with its short axis (mm); table column 'nodes': count in the station (largest short "
+                          "axis, mm).")
+    if ct_only:
+        footer.append("Red outline: positive station. CT only (no PET): no PET overlay, no SUV; station probabilities "
+                      "from a CT-only model. Research software, not a medical device.")
+    else:
+        footer.append(f"Red outline: positive station. PET over CT from SUV {PET_SHOWN_FROM_SUV:g} (hot, saturated "
+                      f"at SUV {PET_SATURATED_SUV:g}; blood pool and liver lie below it). Research software, not a "
+                      "medical device.")
     fig.text(0.01, 0.005, "\n".join(footer), fontsize=8, color="black", linespacing=1.4)
     bottom = 0.02 + 0.022 * (len(footer) - 1)
     if banner is not None:

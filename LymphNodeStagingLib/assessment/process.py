@@ -49,7 +49,7 @@ class AssessmentJob:
     """What the child assesses: ``assess_case``'s arguments as plain values (files, not images)."""
 
     ct: str
-    pet: str
+    pet: str | None  # None: the CT alone (CT-only mode)
     side: str
     out_dir: str
     anatomy: str | None = None
@@ -63,6 +63,8 @@ class AssessmentJob:
     threshold: float | None = None
     case_id: str | None = None
     station_mapping: str | None = None  # folder written by mapping.write_station_mapping (skips registration)
+    method: str = "atlas"  # station mapping: atlas | network | both (stationnet/method.py)
+    station_model: str | None = None  # station network checkpoint (None: the bundled one)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,7 +73,8 @@ class AssessmentJob:
     def from_dict(cls, data: dict[str, Any], source: str = "job") -> AssessmentJob:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(k for k in ("ct", "pet", "side", "out_dir") if not data.get(k))
+        missing = sorted(k for k in ("ct", "side", "out_dir") if not data.get(k))
+        data = {"pet": None, **data}  # no PET: a CT alone
         if unknown or missing:
             raise ProcessingError(f"{source}: unknown keys {unknown}, missing keys {missing}; expected "
                                   f"keys among {sorted(known)}")
@@ -348,7 +351,7 @@ def _run_job(job: AssessmentJob) -> int:
         job.ct, job.pet, job.side, anatomy=job.anatomy, model=job.model, node_model=job.node_model,
         atlases=job.atlases, rules=job.rules,
         device=job.device, pet_is_suv=job.pet_is_suv, suv_mode=job.suv_mode, threshold=job.threshold,
-        case_id=job.case_id, station_mapping=mapping,
+        case_id=job.case_id, station_mapping=mapping, method=job.method, station_model=job.station_model,
         progress=lambda p: _emit("progress", fraction=round(0.95 * p.fraction, 4), message=p.message),
         cancel=cancel_file.exists)
     _emit("progress", fraction=0.95, message="writing outputs")

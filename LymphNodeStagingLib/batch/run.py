@@ -6,7 +6,9 @@ Steps (each cached per case, see ``case_cache``):
             see suv.inputs.decide_pet_is_suv) -> pet_suv.nii.gz (+ ct.nii.gz for a DICOM CT), suv.json
   anatomy   the cohort's anatomy_path (loaded into the TotalSegmentator vocabulary) or a TotalSegmentator run
             -> anatomy.nii.gz
-  stations  multi-atlas station mapping -> stations.nii.gz, vote_fractions.nii.gz, centroids.json, mapping.json
+  stations  station mapping (--method atlas: multi-atlas registration; network: the station network from the CT,
+            no anatomy step; both: the atlas map, the network map in network/ and agreement.json)
+            -> stations.nii.gz, vote_fractions.nii.gz, centroids.json, mapping.json
   assess    patches, classifier, SUV figures, staging -> result.json, result.csv, stations.nii.gz, overview.png
 
 Output folder::
@@ -100,6 +102,9 @@ class BatchOptions:
     atlas_fingerprint: dict | None = None
     map_store: str | None = None  # the shared station-map store (None: the default in the user cache)
     model_fingerprint: dict | None = None
+    method: str = "atlas"  # station mapping: atlas | network | both
+    station_model: str | None = None  # station network checkpoint (method network/both)
+    station_model_fingerprint: dict | None = None
 
 
 @dataclass
@@ -157,11 +162,18 @@ def case_specs(row: dict[str, Any], options: BatchOptions) -> dict[str, StepSpec
     else:
         specs["anatomy"] = StepSpec("anatomy", STEP_VERSIONS["anatomy"], {"source": "totalsegmentator", "fast": True},
                                     ct_dep_inputs, ct_dep_upstream)
-    specs["stations"] = StepSpec(
-        "stations", STEP_VERSIONS["stations"],
-        {"registration": options.registration},
-        {"atlases": options.atlas_fingerprint, **ct_dep_inputs},
-        {"anatomy": specs["anatomy"].key, **ct_dep_upstream})
+    if options.method == "network":  # from the CT alone: no anatomy, no atlases
+        specs["stations"] = StepSpec(
+            "stations", STEP_VERSIONS["stations"], {"method": "network"},
+            {"station_model": options.station_model_fingerprint, **ct_dep_inputs}, ct_dep_upstream)
+    else:  # the parameters of an atlas run are those of earlier versions, so their caches stay valid
+        extra = {} if options.method == "atlas" else {"method": options.method,
+                                                      "station_model": options.station_model_fingerprint}
+        specs["stations"] = StepSpec(
+            "stations", STEP_VERSIONS["stations"],
+            {"registration": options.registration, **extra},
+            {"atlases": options.atlas_fingerprint, **ct_dep_inputs},
+            {"anatomy": specs["anatomy"].key, **ct_dep_upstream})
     specs["assess"] = StepSpec(
         "assess", STEP_VERSIONS["assess"], {"rules": options.rules, "model": options.model_fingerprint},
         {}, {"suv": specs["suv"].key, "anatomy": specs["anatomy"].key, "stations": specs["stations"].key})
@@ -212,6 +224,19 @@ def _atlas_set(path: str):
 
         _ATLAS_SETS[path] = load_atlas_set(path, allow_missing_stations=True)
     return _ATLAS_SETS[path]
+
+
+_STATION_MODELS: dict[str, Any] = {}
+
+
+def _station_model(path: str | None, device: str):
+    """The station network of this worker process, loaded once."""
+    key = f"{path}|{device}"
+    if key not in _STATION_MODELS:
+        from ..stationnet.model import load_station_model
+
+        _STATION_MODELS[key] = load_station_model(path, device)
+    return _STATION_MODELS[key]
 
 
 class _CaseRun:
@@ -285,7 +310,17 @@ class _CaseRun:
         training or evaluation), else registered and filed there."""
         from ..mapping.station_mapping import map_stations, write_station_mapping
         from ..mapping.store import StationMapStore, station_map_key
+        from ..runtime import torch_threads
+        from ..stationnet.method import map_case
 
+        if self.opt.method == "network":
+            with torch_threads(self.opt.threads):
+                run_ = map_case(self.ct(), "network", station_model=_station_model(self.opt.station_model,
+                                                                                   self.opt.device),
+                                device=self.opt.device, what=f"CT {self.ct_file()}")
+            write_station_mapping(run_.mapping, out)
+            return {"method": "network", "stations_mapped": len(run_.mapping.weight_maps),
+                    "flags": {k: v for k, v in run_.mapping.flags.items() if v != "ok"}}
         anatomy_file = self.row.get("anatomy_path") or self.cache.step_dir("anatomy") / "anatomy.nii.gz"
         key = station_map_key(self.row["ct_path"], anatomy_file, self.opt.atlas_fingerprint or self.opt.atlases,
                               self.opt.registration)
@@ -299,14 +334,27 @@ class _CaseRun:
             store.put(key, mapping)
         write_station_mapping(mapping, out)
         present = sorted(mapping.weight_maps)
-        return {"stations_mapped": len(present), "flags": {k: v for k, v in mapping.flags.items() if v != "ok"},
+        done = {"stations_mapped": len(present), "flags": {k: v for k, v in mapping.flags.items() if v != "ok"},
                 "from_store": reused}
+        if self.opt.method == "both":
+            from ..io.files import write_json
+
+            with torch_threads(self.opt.threads):
+                run_ = map_case(self.ct(), "both", station_model=_station_model(self.opt.station_model,
+                                                                                self.opt.device),
+                                device=self.opt.device, atlas_mapping=mapping, what=f"CT {self.ct_file()}")
+            write_station_mapping(run_.network, out / "network")
+            agreement = run_.to_dict()
+            write_json(out / "agreement.json", agreement)
+            done.update(method="both", agreement_dice_mean=agreement.get("agreement_dice_mean"))
+        return done
 
     def assess(self, out: Path) -> dict:
         from ..assessment.assess import assess_case
         from ..mapping.station_mapping import read_station_mapping
 
-        a = assess_case(self.ct(), self.pet(), self.row["tumour_side"], anatomy=self.anatomy(),
+        anatomy = self.anatomy() if "anatomy" in self.opt.steps else None  # none with --method network
+        a = assess_case(self.ct(), self.pet(), self.row["tumour_side"], anatomy=anatomy,
                         model=self.opt.model, atlases=self.opt.atlases, rules=self.opt.rules, device=self.opt.device,
                         case_id=self.task.scan_id, out_dir=out,
                         station_mapping=read_station_mapping(self.cache.step_dir("stations")))
@@ -322,7 +370,7 @@ class _CaseRun:
             return
         spec = self.task.spec("suv")
         self.checked = check_row(self.row, pet_is_suv=spec.params["pet_is_suv"], suv_mode=spec.params["suv_mode"],
-                                 atlases=self.opt.atlases, mapping="stations" in todo)
+                                 atlases=self.opt.atlases, mapping="stations" in todo and self.opt.method != "network")
 
     def run(self) -> dict:
         """Run or reuse every step; write and return the case manifest (status ok or failed)."""
@@ -495,6 +543,8 @@ def run_batch(
     suv_mode: str = "qiba",
     registration: dict | None = None,
     map_store: str | Path | None = None,
+    method: str = "atlas",
+    station_model: str | Path | None = None,
 ) -> BatchSummary:
     """Run the pipeline steps for every row of a cohort CSV; resumable, parallel, one folder per case.
 
@@ -504,6 +554,9 @@ def run_batch(
     the current parameters is reused; a failed case is kept as failed unless ``retry_failed`` or its parameters
     changed. ``registration``: RegistrationConfig field overrides, e.g. {"iterations": [60, 40]}. ``map_store``:
     the station-map store shared with training and evaluation (None: the default in the user cache).
+    ``method``: station mapping by "atlas" (registration, default), "network" (the station network from the CT
+    alone; the anatomy step is left out) or "both" (the atlas map is used; the network map and the per-station
+    agreement are kept in the stations step); ``station_model``: its checkpoint (None: the bundled one).
     ``pet_is_suv`` (or "declared", "yes", "no"): None lets the cohort's pet_is_suv column decide per row; a row
     without it has its DICOM PET converted to SUV and its PET image file refused (a failed case naming the file:
     an image file has no header to compute SUV from). True takes every PET as SUV; False takes none (DICOM PET is
@@ -514,10 +567,14 @@ def run_batch(
     from ..cohort.table import read_cohort
     from ..io.files import check_output
     from ..preflight.parameters import check_model, check_rules
+    from ..stationnet.method import check_method, needs_network
 
     t_start = time.perf_counter()
     report = reporter(progress)
+    method = check_method(method, "method")
     step_list = parse_steps(steps)
+    if method == "network":  # the network maps from the CT alone: no anatomy (no TotalSegmentator run)
+        step_list = [s for s in step_list if s != "anatomy"]
     tdev = parse_device(device).torch
     check_rules(rules, "rules")  # fails early for an unknown rule set
     check_output(out_dir, folder=True, parameter="out_dir")
@@ -537,8 +594,16 @@ def run_batch(
             importlib.import_module("..assessment.assess", __package__)
         except ImportError as exc:
             raise UsageError(f"the assess step is not available ({exc}); run --steps suv,anatomy,stations") from None
+    station_model_used: str | None = None
+    station_fp = None
+    if "stations" in step_list and needs_network(method):
+        from ..stationnet.model import check_station_model
+
+        net = check_station_model(station_model, tdev, "station_model")  # loaded and verified before any case
+        station_model_used = str(Path(net.path).resolve())
+        station_fp = fingerprint(net.path)
     atlas_path: str | None = None
-    if "stations" in step_list:
+    if "stations" in step_list and method != "network":
         from ..mapping.atlas import resolve_atlas_set
 
         atlas_path = str(Path(resolve_atlas_set(atlases, validate=False).root).resolve())
@@ -559,12 +624,14 @@ def run_batch(
                         registration=_check_registration(registration),
                         threads=int(threads_per_worker),
                         atlas_fingerprint=atlas_set_identity(atlas_path) if atlas_path else None,
-                        model_fingerprint=model_fp, map_store=str(map_store) if map_store else None)
+                        model_fingerprint=model_fp, map_store=str(map_store) if map_store else None,
+                        method=method, station_model=station_model_used, station_model_fingerprint=station_fp)
 
     cohort = read_cohort(cohort_csv, rules=rules)
     out = Path(out_dir)
     parameters = {"cohort": str(Path(cohort_csv).resolve()), "steps": step_list, "device": tdev,
-                  "model": model_used, "atlases": atlas_path, "rules": rules,
+                  "model": model_used, "atlases": atlas_path, "rules": rules, "method": method,
+                  "station_model": station_model_used,
                   "pet_is_suv": pet_is_suv_name(opts.pet_is_suv),
                   "suv_mode": suv_mode, "registration": opts.registration,
                   "workers": workers, "threads_per_worker": opts.threads,

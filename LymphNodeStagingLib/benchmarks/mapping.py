@@ -1,9 +1,20 @@
 """Benchmark of station mapping: a full-size phantom patient and a 5-atlas phantom set (different seeds).
 
-Reports wall time per stage and peak memory, the quality figures (anatomy Dice per structure, station Dice per
-station against the phantom's true stations, node-to-station assignment accuracy, every 3-of-N atlas subset against
-all N) and, for reference, one atlas-patient pair registered with SimpleITK's FastSymmetricForcesDemons at the same
-resolution and iteration count as the deformable stage.
+``--method atlas`` (default) reports wall time per stage and peak memory, the quality figures (anatomy Dice per
+structure, station Dice per station against the phantom's true stations, node-to-station assignment accuracy, every
+3-of-N atlas subset against all N) and, for reference, one atlas-patient pair registered with SimpleITK's
+FastSymmetricForcesDemons at the same resolution and iteration count as the deformable stage.
+
+``--method network`` times the station network on the same patient from the CT alone (model load, first and warm
+mapping) with the same quality figures; ``--method both`` runs both and adds their per-station agreement (Dice).
+Timings are given with the anatomy excluded (the atlas registration with the anatomy given) and included (plus a
+TotalSegmentator run when it is installed, ``--totalsegmentator``); the network needs no anatomy, so both are its
+mapping time.
+
+``--cohort COHORT.csv`` evaluates the methods on every row of a phantom cohort instead (rows need ct_path,
+anatomy_path for the atlases, stations_path and the truth_path of the phantom's truth.json): per method the
+node-to-station assignment accuracy (pooled over the cohort's nodes) and the Dice of every station against the true
+map on the CT grid (mean per station over the cases, and the mean over the stations), and the time per case.
 """
 
 from __future__ import annotations
@@ -30,6 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-demons", action="store_true", help="skip the SimpleITK demons reference")
     parser.add_argument("--work", default=None, help="folder for generated data (default: a temporary folder)")
+    parser.add_argument("--method", default="atlas", choices=("atlas", "network", "both"),
+                        help="atlas registration (default), the station network from the CT alone, or both")
+    parser.add_argument("--station-model", default=None, metavar="CHECKPOINT",
+                        help="station network (default: the bundled one)")
+    parser.add_argument("--cohort", default=None, metavar="COHORT.csv",
+                        help="evaluate on every row of a phantom cohort (quality and time per case) instead")
+    parser.add_argument("--totalsegmentator", action="store_true",
+                        help="time a TotalSegmentator run for the 'anatomy included' figure of the atlases")
 
 
 def _cores() -> int:
@@ -37,12 +56,32 @@ def _cores() -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    method = getattr(args, "method", "atlas")
+    if getattr(args, "cohort", None):
+        return run_cohort(args)
+    network = _network_section(args) if method in ("network", "both") else None
+    if method == "network":
+        return network
+    out = run_atlas(args)
+    out["method"] = method
+    out["anatomy_included"] = _anatomy_included(args, out["mapping_wall_s"])
+    if network is not None:
+        out["network"] = network
+        from ..stationnet.method import station_agreement
 
+        dice = station_agreement(args._atlas_mapping, args._network_mapping)
+        out["agreement_dice"] = {k: round(v, 4) for k, v in dice.items() if v is not None}
+    return out
+
+
+def run_atlas(args: argparse.Namespace) -> dict:
+    """The atlas registration benchmark (see the module docstring)."""
     from ..errors import LNSError
     from ..io.files import peak_memory_mb
-    from ..mapping.atlas import DEFAULT_ATLAS_SEED, load_atlas_set
+    from ..mapping.atlas import load_atlas_set
     from ..mapping.registration import RegistrationConfig
     from ..mapping.station_mapping import map_stations
+    from ..paths import DEMO_ATLAS_SEED as DEFAULT_ATLAS_SEED
 
     try:
         from ..phantom import generate_atlas_set, generate_patient
@@ -82,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
 
     quality = _quality(m, patient)
     subsets = _subsets(m, patient)
+    args._atlas_mapping = m
     out = {
         "data": {"patient_seed": args.seed, "atlas_seed": atlas_seed, "atlases": len(aset), "size": args.size,
                  "ct_size": list(patient.ct.GetSize()), "ct_spacing": [round(s, 3) for s in patient.ct.GetSpacing()],
@@ -221,3 +261,197 @@ def _demons_reference(m, aset, patient, cfg) -> dict:
             "ours_deformable_batch_s": round(ours_batch, 3), "atlases_in_batch": res.n_atlases,
             "ours_per_atlas_s": round(ours_batch / res.n_atlases, 3),
             "ratio_demons_pair_to_ours_per_atlas": round(pair / (ours_batch / res.n_atlases), 2)}
+
+
+# -- the station network ---------------------------------------------------------------------------------------------
+
+
+def _anatomy_included(args: argparse.Namespace, mapping_s: float) -> dict:
+    """The atlas mapping with the anatomy step: a TotalSegmentator run when asked for and installed."""
+    out: dict = {"mapping_s": round(mapping_s, 3), "anatomy_s": None}
+    if not getattr(args, "totalsegmentator", False):
+        out["note"] = "anatomy given (phantom); pass --totalsegmentator to time a TotalSegmentator run"
+        return out
+    import SimpleITK as sitk
+
+    from ..anatomy.totalsegmentator import run_totalsegmentator
+    from ..errors import LNSError
+    from ..phantom import generate_patient
+
+    patient = generate_patient(args.seed, size=args.size)
+    with tempfile.TemporaryDirectory(prefix="lns-bench-ts-") as tmp:
+        ct_path = Path(tmp) / "ct.nii.gz"
+        sitk.WriteImage(patient.ct, str(ct_path))
+        t0 = time.perf_counter()
+        try:
+            run_totalsegmentator(ct_path, Path(tmp) / "anatomy.nii.gz", device=args.device)
+        except LNSError as exc:
+            out["note"] = f"TotalSegmentator did not run: {exc}"
+            return out
+        out["anatomy_s"] = round(time.perf_counter() - t0, 3)
+    out["total_s"] = round(out["anatomy_s"] + mapping_s, 3)
+    return out
+
+
+def _network_section(args: argparse.Namespace) -> dict:
+    """Station network on the benchmark patient, from the CT alone: model load, first and warm mapping, quality."""
+    from ..errors import LNSError
+    from ..io.files import peak_memory_mb
+    from ..runtime import torch_threads
+    from ..stationnet.infer import map_stations_network
+    from ..stationnet.model import load_station_model
+
+    try:
+        from ..phantom import generate_patient
+    except ImportError as exc:
+        raise LNSError(f"the mapping benchmark needs the phantom generator ({exc})") from None
+    threads = args.threads or _cores()
+    patient = generate_patient(args.seed, size=args.size)
+    with torch_threads(threads):
+        t0 = time.perf_counter()
+        model = load_station_model(args.station_model, args.device)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        map_stations_network(patient.ct, model, args.device)
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m = map_stations_network(patient.ct, model, args.device)
+        warm = time.perf_counter() - t0
+    out = {"method": "network", "data": {"patient_seed": args.seed, "size": args.size,
+                                         "ct_size": list(patient.ct.GetSize()), "output_grid": list(m.geometry.shape)},
+           "threads": threads, "device": args.device, "model": m.model,
+           "model_load_s": round(load_s, 3), "mapping_wall_s": round(warm, 3), "mapping_cold_wall_s": round(cold, 3),
+           "anatomy_excluded_s": round(warm, 3), "anatomy_included_s": round(warm, 3),
+           "note": "the network maps from the CT alone: no anatomy step", "stages_s":
+           {k: round(v, 3) for k, v in m.timings.items()}, **_quality(m, patient)}
+    out["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    if args.method == "both":
+        args._network_mapping = m
+    return out
+
+
+# -- a phantom cohort ------------------------------------------------------------------------------------------------
+
+
+def _on_ct(mapping, ct) -> np.ndarray:
+    """The mapping's labels on the whole CT grid (0 outside its crop)."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.Resample(mapping.label_image(), ct, sitk.Transform(),
+                                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+
+
+def case_quality(mapping, ct, truth_stations, nodes: list[tuple[str, np.ndarray]]) -> dict:
+    """Station Dice against the true map on the whole CT grid and node-to-station assignment of one case."""
+    import SimpleITK as sitk
+
+    from ..mapping.weightmap import assign_points
+    from ..staging.stations import STATION_NAMES
+
+    pred = _on_ct(mapping, ct)
+    truth = sitk.GetArrayViewFromImage(truth_stations)
+    dice = {}
+    for lab, name in enumerate(STATION_NAMES, 1):
+        t, f = truth == lab, pred == lab
+        if t.any():
+            dice[name] = float(2 * (t & f).sum() / (t.sum() + f.sum()))
+    got = assign_points(np.array([c for _, c in nodes]), mapping.weight_maps) if nodes else []
+    errors = [(s, a) for a, (s, _) in zip(got, nodes, strict=True) if a != s]
+    return {"dice": dice, "nodes": len(nodes), "correct": len(nodes) - len(errors),
+            "unassigned": int(sum(a is None for a in got)), "errors": errors}
+
+
+def _summary(rows: list[dict], seconds: list[float]) -> dict:
+    from ..staging.stations import STATION_NAMES
+
+    n = sum(r["nodes"] for r in rows)
+    correct = sum(r["correct"] for r in rows)
+    per_station = {}
+    for name in STATION_NAMES:
+        vals = [r["dice"][name] for r in rows if name in r["dice"]]
+        if vals:
+            per_station[name] = round(float(np.mean(vals)), 4)
+    confusions: dict[str, int] = {}
+    for r in rows:
+        for s, a in r["errors"]:
+            key = f"{s}->{a}"
+            confusions[key] = confusions.get(key, 0) + 1
+    return {"node_assignment": {"nodes": n, "correct": correct, "accuracy": round(correct / n, 4) if n else None,
+                                "unassigned": sum(r["unassigned"] for r in rows),
+                                "per_case_mean": round(float(np.mean([r["correct"] / r["nodes"] for r in rows
+                                                                      if r["nodes"]])), 4)},
+            "station_dice_mean": round(float(np.mean(list(per_station.values()))), 4) if per_station else None,
+            "station_dice": per_station,
+            "errors": dict(sorted(confusions.items(), key=lambda kv: -kv[1])[:15]),
+            "seconds_per_case": {"mean": round(float(np.mean(seconds)), 3), "max": round(float(np.max(seconds)), 3)}}
+
+
+def run_cohort(args: argparse.Namespace) -> dict:
+    """Quality and time per case of the chosen method(s) on every row of a phantom cohort."""
+    import json
+
+    import SimpleITK as sitk
+
+    from ..anatomy.vocabulary import load_anatomy
+    from ..cohort.table import read_cohort
+    from ..errors import InputError
+    from ..io.images import load_ct
+    from ..mapping.atlas import resolve_atlas_set
+    from ..mapping.registration import RegistrationConfig
+    from ..runtime import torch_threads
+    from ..stationnet.method import map_case, station_agreement
+    from ..stationnet.model import load_station_model
+
+    methods = {"atlas": ["atlas"], "network": ["network"], "both": ["atlas", "network"]}[args.method]
+    threads = args.threads or _cores()
+    cohort = Path(args.cohort)
+    rows = read_cohort(cohort).require_valid().usable_rows()
+    for row in rows:
+        if row.stations_path is None or not row.extra.get("truth_path"):
+            raise InputError(f"--cohort {cohort}, line {row.line}: the evaluation needs stations_path and truth_path "
+                             "(a phantom cohort)")
+        if "atlas" in methods and row.anatomy_path is None:
+            raise InputError(f"--cohort {cohort}, line {row.line}: --method {args.method} needs anatomy_path")
+    model = load_station_model(args.station_model, args.device) if "network" in methods else None
+    atlas_set = resolve_atlas_set(args.atlases) if "atlas" in methods else None
+    cfg = RegistrationConfig(threads=threads)
+    per: dict[str, list[dict]] = {m: [] for m in methods}
+    secs: dict[str, list[float]] = {m: [] for m in methods}
+    agreement: list[dict] = []
+    cases = []
+    with torch_threads(threads):
+        for row in rows:
+            truth_path = Path(row.extra["truth_path"])
+            truth_path = truth_path if truth_path.is_absolute() else cohort.parent / truth_path
+            nodes = _nodes(json.loads(truth_path.read_text(encoding="utf-8")))
+            t0 = time.perf_counter()
+            ct, _, _ = load_ct(row.ct_path)
+            load_s = time.perf_counter() - t0
+            truth = sitk.ReadImage(str(row.stations_path))
+            maps = {}
+            for m in methods:
+                t0 = time.perf_counter()
+                anatomy = load_anatomy(row.anatomy_path, reference=ct) if m == "atlas" else None
+                run_ = map_case(ct, m, anatomy=anatomy, atlas_set=atlas_set, station_model=model,
+                                device=args.device, config=cfg)
+                secs[m].append(time.perf_counter() - t0 + load_s)
+                maps[m] = run_.mapping
+                q = case_quality(run_.mapping, ct, truth, nodes)
+                per[m].append(q)
+            row_out = {"case": row.scan_id, "nodes": len(nodes),
+                       **{f"{m}_accuracy": round(per[m][-1]["correct"] / max(1, len(nodes)), 4) for m in methods},
+                       **{f"{m}_dice_mean": round(float(np.mean(list(per[m][-1]["dice"].values()))), 4)
+                          for m in methods}}
+            if len(methods) == 2:
+                agreement.append(station_agreement(maps["atlas"], maps["network"]))
+            cases.append(row_out)
+    out = {"method": args.method, "cohort": str(cohort), "cases": len(rows), "threads": threads,
+           "timing_note": "seconds per case: CT read + (anatomy read, registration with the anatomy given) for the "
+                          "atlases; CT read + station network from the CT alone for the network",
+           **{m: _summary(per[m], secs[m]) for m in methods}, "per_case": cases}
+    if model is not None:
+        out["station_model"] = model.info()
+    if agreement:
+        out["agreement_dice"] = {name: round(float(np.mean([a[name] for a in agreement if a[name] is not None])), 4)
+                                 for name in agreement[0] if any(a[name] is not None for a in agreement)}
+    return out

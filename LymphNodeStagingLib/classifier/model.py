@@ -36,7 +36,7 @@ HYBRID_REFERENCE = (2.5, 2.5, 10.0)
 class ModelConfig:
     """Architecture of the station classifier and the staging head. Defaults: the paper's reference network."""
 
-    in_channels: int = 2
+    in_channels: int = 2  # 2: CT + PET; 1: CT alone (CT-only mode)
     patch_size: int = 64
     patch_spacing: float = 1.0  # mm per patch voxel: the network sees patch_size * patch_spacing mm
     channels: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
@@ -63,8 +63,8 @@ class ModelConfig:
         if self.patch_size < 2 ** len(self.channels):
             raise UsageError(f"patch_size {self.patch_size} is too small for {len(self.channels)} blocks "
                              f"(each halves the size; need >= {2 ** len(self.channels)})")
-        if self.in_channels < 1 or self.station_embedding_dim < 0 or self.head_hidden < 1:
-            raise UsageError(f"invalid model configuration {self}")
+        if self.in_channels not in (1, 2) or self.station_embedding_dim < 0 or self.head_hidden < 1:
+            raise UsageError(f"invalid model configuration {self} (in_channels: 2 for CT + PET, 1 for CT alone)")
         self.instances = int(self.instances)
         self.hybrid = bool(self.hybrid)
         if not 1 <= self.instances <= 64:
@@ -73,6 +73,19 @@ class ModelConfig:
             raise UsageError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.norm not in NORMS:
             raise UsageError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.hybrid and not self.uses_pet:
+            raise UsageError("a CT-only station classifier (in_channels 1) cannot be hybrid: its SUV features "
+                             "need the PET")
+
+    @property
+    def uses_pet(self) -> bool:
+        """Whether the network reads a PET channel (False: CT-only mode)."""
+        return self.in_channels == 2
+
+    @property
+    def modality(self) -> str:
+        """"petct" or "ct"."""
+        return "petct" if self.uses_pet else "ct"
 
     def to_dict(self) -> dict:
         d = asdict(self)

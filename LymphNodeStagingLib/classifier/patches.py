@@ -86,16 +86,18 @@ def resample_patch(image: sitk.Image, centre_mm: Sequence[float], size: int = DE
     return sitk.GetArrayFromImage(out)
 
 
-def extract_patches(ct: sitk.Image, pet: sitk.Image, centres_mm: np.ndarray, size: int = DEFAULT_PATCH_SIZE,
-                    spacing: float = DEFAULT_PATCH_SPACING,
+def extract_patches(ct: sitk.Image, pet: sitk.Image | None, centres_mm: np.ndarray,
+                    size: int = DEFAULT_PATCH_SIZE, spacing: float = DEFAULT_PATCH_SPACING,
                     transforms: Sequence[sitk.Transform | None] | None = None) -> np.ndarray:
-    """Normalised CT+PET patches (S, 2, size, size, size) float32 around S physical points (S, 3) in mm (LPS).
+    """Normalised CT+PET patches (S, 2, size, size, size) float32 around S physical points (S, 3) in mm (LPS); CT
+    patches alone (S, 1, size, size, size) when ``pet`` is None (CT-only models).
 
     CT and PET may have different grids (same frame of reference); each patch is resampled from both directly.
     ``transforms`` (one per centre, or None) deform the sampling grid for augmentation.
     """
     _check_image(ct, "ct")
-    _check_image(pet, "pet")
+    if pet is not None:
+        _check_image(pet, "pet")
     centres = np.asarray(centres_mm, dtype=np.float64)
     if centres.ndim == 1:
         centres = centres[None]
@@ -103,12 +105,13 @@ def extract_patches(ct: sitk.Image, pet: sitk.Image, centres_mm: np.ndarray, siz
         raise InputError(f"centres_mm must have shape (S, 3) (physical points in mm), got {centres.shape}")
     if transforms is not None and len(transforms) != len(centres):
         raise InputError(f"transforms must have one entry per centre ({len(centres)}), got {len(transforms)}")
-    ct_f, pet_f = _as_float(ct), _as_float(pet)
-    out = np.empty((len(centres), 2, size, size, size), dtype=np.float32)
+    ct_f, pet_f = _as_float(ct), (None if pet is None else _as_float(pet))
+    out = np.empty((len(centres), 1 if pet_f is None else 2, size, size, size), dtype=np.float32)
     for i, c in enumerate(centres):
         tx = transforms[i] if transforms is not None else None
         out[i, 0] = normalise_ct(resample_patch(ct_f, c, size, spacing, tx, CT_OUTSIDE_HU))
-        out[i, 1] = normalise_pet(resample_patch(pet_f, c, size, spacing, tx, PET_OUTSIDE_SUV))
+        if pet_f is not None:
+            out[i, 1] = normalise_pet(resample_patch(pet_f, c, size, spacing, tx, PET_OUTSIDE_SUV))
     return out
 
 

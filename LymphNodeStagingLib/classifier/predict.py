@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 from torch import nn
 
+from ..errors import UsageError
 from ..staging.stations import NUM_STATIONS
 from .calibration import Calibration
 from .model import predict_stations, station_classifier_of
@@ -32,7 +33,7 @@ class StationPrediction:
         return self.present & (np.nan_to_num(self.probabilities, nan=0.0) >= self.threshold)
 
 
-def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image, sampler: StationSampler, *,
+def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image | None, sampler: StationSampler, *,
                  threshold: float = 0.5, tta: int = 0, seed: int = 0, spacing: float | None = None,
                  batch_size: int = 17, calibration: Calibration | None = None,
                  features: np.ndarray | None = None) -> StationPrediction:
@@ -44,9 +45,15 @@ def predict_case(model: nn.Module, ct: sitk.Image, pet: sitk.Image, sampler: Sta
     drawn from the station's weight map (seeded; for a multiple-instance model ``tta`` further bags) and the
     probabilities are averaged. ``calibration``
     (the checkpoint's, see :func:`~LymphNodeStagingLib.classifier.calibration.calibration_of`) maps the averaged
-    probabilities to calibrated ones; ``threshold`` is on that scale.
+    probabilities to calibrated ones; ``threshold`` is on that scale. A CT-only model ignores ``pet``; a PET/CT
+    model needs it.
     """
     clf = station_classifier_of(model)
+    if not clf.config.uses_pet:
+        pet = None
+    elif pet is None:
+        raise UsageError("this station classifier reads CT and PET; without a PET use a CT-only model "
+                         "(trained with --modality ct)")
     present = sampler.present
     idx = np.flatnonzero(present)
     centres = sampler.centroids()

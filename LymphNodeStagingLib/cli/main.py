@@ -22,7 +22,7 @@ from . import commands as commands_pkg
 #: Order of the subcommands in --help; every module in ``commands/`` with a ``register`` function is a subcommand.
 COMMAND_ORDER: tuple[str, ...] = (
     "demo", "stage", "validate_cohort", "phantom", "suv", "anatomy", "map", "assess", "nodes",
-    "train", "train_nodes", "calibrate", "evaluate", "evaluate_nodes", "batch", "bench",
+    "train", "train_nodes", "train_node_classifier", "train_stations", "calibrate", "evaluate", "evaluate_nodes", "batch", "bench",
 )
 
 

@@ -150,6 +150,16 @@ def add_atlases(p: argparse.ArgumentParser) -> None:
                    help="atlas set folder (default: $LNSTAGING_ATLASES, else the synthetic demo atlas set)")
 
 
+def add_station_method(p: argparse.ArgumentParser) -> None:
+    """--method and --station-model: how the stations are mapped (stationnet/method.py)."""
+    p.add_argument("--method", default="atlas", choices=("atlas", "network", "both"),
+                   help="station mapping: atlas (registration guided by the anatomy, default), network (the station "
+                        "network, from the CT alone) or both (the atlas map is used; per-station Dice between the two)")
+    p.add_argument("--station-model", default=None, metavar="CHECKPOINT",
+                   help="station network for --method network/both (best.pt of lnstaging train-stations; default: "
+                        "the bundled one)")
+
+
 def add_map_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="station-map store shared by batch, train and evaluate: a case mapped once with the same CT, "
@@ -187,6 +197,23 @@ def add_classifier_options(p: argparse.ArgumentParser) -> None:
 def classifier_options(args: argparse.Namespace) -> dict:
     """ModelConfig options from :func:`add_classifier_options`."""
     return {"instances": args.instances, "pooling": args.pooling, "hybrid": args.hybrid, "norm": args.norm}
+
+
+def add_modality(p: argparse.ArgumentParser) -> None:
+    """--modality of a station classifier to train: PET/CT (two input channels) or the CT alone (one)."""
+    p.add_argument("--modality", choices=["petct", "ct"], default="petct",
+                   help="what the station classifier reads: petct (CT and PET, default) or ct (the CT alone: a "
+                        "CT-only model, for assessing a CT without PET; not with --hybrid)")
+
+
+def modality_options(args: argparse.Namespace) -> dict:
+    """ModelConfig options from :func:`add_modality` (in_channels 1 for ct); ct with --hybrid is a UsageError."""
+    if args.modality == "petct":
+        return {}
+    if getattr(args, "hybrid", False):
+        raise UsageError("--modality ct with --hybrid: the hybrid head reads the PET's SUV figures; drop --hybrid "
+                         "for a CT-only model")
+    return {"in_channels": 1}
 
 
 def add_compute_options(p: argparse.ArgumentParser) -> None:

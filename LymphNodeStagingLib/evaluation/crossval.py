@@ -28,6 +28,7 @@ same stations.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,17 +44,23 @@ from ..io.files import write_json
 from ..runtime import Progress, ProgressCallback, parse_device, progress_part, reporter
 from ..staging.rules import DEFAULT_RULES, UNKNOWN, available_rule_sets, load_rules, parse_n_stage
 from ..staging.stations import NUM_STATIONS
+from .node_methods import NODE_SUVMAX, SHORT_AXIS_MM
 
 log = logging.getLogger(__name__)
 
-BASE_METHODS: tuple[str, ...] = ("ts1", "ts2", "ts3", "threshold", "lesion")
+BASE_METHODS: tuple[str, ...] = ("ts1", "ts2", "ts3", "threshold", "lesion", "nodes-mil", "fusion", "short-axis",
+                                  "node-suvmax", "node-combined")
+#: Methods that need the PET (left out of a CT-only run) and those that read the detected nodes.
+PET_METHODS: tuple[str, ...] = ("threshold", "lesion", "node-suvmax", "node-combined")
+NODE_KINDS: tuple[str, ...] = ("nodes-mil", "fusion", "node-rule")
+MODALITIES: tuple[str, ...] = ("petct", "ct")
 ABLATIONS: tuple[str, ...] = ("centroid", "no-pseudo", "rules", "atlases=K", "mil-max", "mil-noisy-or",
                               "mil-attention", "hybrid", "batchnorm")
 #: Station-classifier variants (ModelConfig options), combinable with "+".
 VARIANTS: dict[str, dict] = {"mil-max": {"pooling": "max"}, "mil-noisy-or": {"pooling": "noisy_or"},
                              "mil-attention": {"pooling": "attention"}, "hybrid": {"hybrid": True},
                              "batchnorm": {"norm": "batch"}}
-PREDICTIONS_VERSION = 1
+PREDICTIONS_VERSION = 3
 
 
 @dataclass
@@ -85,10 +92,18 @@ class EvaluationConfig:
     overlap_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
     model: dict = field(default_factory=dict)  # ModelConfig options of every learned method (instances, ...)
     mil_instances: int = 4  # K of the mil-* variants
+    modalities: tuple[str, ...] = ("petct",)  # "petct" and/or "ct" (CT-only: learned methods without the PET)
+    node_model: str | None = None  # node segmentation checkpoint of the node methods (None: the bundled one)
+    node_epochs: int = 20
+    node_patch_spacing: float = 2.0  # mm; node patches are 32 mm cubes
+    node_pos_weight: float = 10.0
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
         self.ablations = tuple(self.ablations)
+        self.modalities = tuple(self.modalities)
+        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
+            raise UsageError(f"--modality must be petct, ct or both, got {','.join(self.modalities)!r}")
         if self.reference not in ("labels", "truth"):
             raise UsageError(f"reference must be 'labels' or 'truth', got {self.reference!r}")
         for m in self.methods:
@@ -106,6 +121,10 @@ class EvaluationConfig:
         keys = ("epochs", "ts23_epochs", "batch_size", "max_steps_per_epoch", "ts23_batch_size", "ts23_max_steps",
                 "augment", "lr", "small", "patch_spacing", "seed", "model")
         return {k: getattr(self, k) for k in keys}
+
+    def node_training_dict(self) -> dict:
+        return {"node_epochs": self.node_epochs, "node_patch_spacing": self.node_patch_spacing,
+                "node_pos_weight": self.node_pos_weight, "seed": self.seed, "node_model": self.node_model}
 
 
 def variant_options(ablation: str, instances: int = 4) -> dict:
@@ -131,8 +150,8 @@ def _atlas_count(ablation: str) -> int | None:
     return None
 
 
-#: Methods whose station score is not a probability (SUVmax, lesion overlap): no calibration metrics.
-SCORE_KINDS = ("threshold", "lesion")
+#: Methods whose station score is not a probability (SUVmax, lesion overlap, node rules): no calibration metrics.
+SCORE_KINDS = ("threshold", "lesion", "node-rule")
 
 
 @dataclass
@@ -140,19 +159,24 @@ class MethodSpec:
     """One row of the report: how its predictions are made."""
 
     name: str
-    kind: str  # ts1 | ts2 | ts3 | threshold | lesion | restage
+    kind: str  # ts1 | ts2 | ts3 | threshold | lesion | restage | nodes-mil | fusion | node-rule
     sampling: str = "weight_map"
     pseudo_loss: bool = True
     rules: str = DEFAULT_RULES
     atlases: int | None = None  # first K atlases of the set (None: all)
     depends_on: str | None = None  # the method whose model (init) or predictions (restage) it uses
     model: dict = field(default_factory=dict)  # ModelConfig options on top of the run's
+    modality: str = "petct"  # "ct": trained and predicted without the PET
+    node_rule: str | None = None  # kind node-rule: short-axis | node-suvmax | node-combined
+    fusion_of: tuple[str, str] | None = None  # kind fusion: (station CNN method, node classifier method)
 
     def key(self, config: EvaluationConfig) -> dict:
         d = asdict(self)
-        if self.kind in ("ts1", "ts2", "ts3"):
+        if self.kind in ("ts1", "ts2", "ts3", "fusion"):
             d["training"] = config.training_dict()
-        elif self.kind == "threshold":
+        if self.kind in ("nodes-mil", "fusion", "node-rule"):
+            d["nodes"] = config.node_training_dict()
+        if self.kind == "threshold":
             d["candidates"] = list(config.suv_thresholds)
         elif self.kind == "lesion":
             d["candidates"] = list(config.overlap_thresholds)
@@ -160,19 +184,40 @@ class MethodSpec:
 
 
 def method_specs(config: EvaluationConfig) -> list[MethodSpec]:
-    """The methods of a run in report order (dependencies first): requested methods, then ablations."""
+    """The methods of a run in report order (dependencies first): requested methods per modality, then ablations.
+
+    In a CT-only run (modality "ct") the learned methods are named with "-ct" (ts1-ct, nodes-mil-ct, fusion-ct) and
+    the methods that need the PET are left out; ``short-axis`` reads the CT in either modality and appears once."""
     rules = config.rules
     specs: dict[str, MethodSpec] = {}
-    needs_ts1 = any(m in ("ts1", "ts2", "ts3") for m in config.methods) or any(
-        a in ("no-pseudo", "rules") for a in config.ablations)
-    if needs_ts1:
-        specs["ts1"] = MethodSpec("ts1", "ts1", rules=rules)
-    for m in config.methods:
-        if m in ("ts2", "ts3"):
-            specs[m] = MethodSpec(m, m, rules=rules, depends_on="ts1")
-        elif m in ("threshold", "lesion"):
-            specs[m] = MethodSpec(m, m, rules=rules)
+    for modality in config.modalities:
+        suffix = "" if modality == "petct" else "-ct"
+        ct_only = {"in_channels": 1, "hybrid": False} if modality == "ct" else {}
+        methods = [m for m in config.methods if modality == "petct" or m not in PET_METHODS]
+        ts1 = f"ts1{suffix}"
+        needs_ts1 = any(m in ("ts1", "ts2", "ts3", "fusion") for m in methods)
+        if needs_ts1:
+            specs[ts1] = MethodSpec(ts1, "ts1", rules=rules, model=dict(ct_only), modality=modality)
+        if "fusion" in methods and "nodes-mil" not in methods:
+            methods.insert(methods.index("fusion"), "nodes-mil")
+        for m in methods:
+            name = f"{m}{suffix}"
+            if m in ("ts2", "ts3"):
+                specs[name] = MethodSpec(name, m, rules=rules, depends_on=ts1, model=dict(ct_only), modality=modality)
+            elif m in ("threshold", "lesion"):
+                specs[m] = MethodSpec(m, m, rules=rules)
+            elif m == "nodes-mil":
+                specs[name] = MethodSpec(name, "nodes-mil", rules=rules, modality=modality)
+            elif m == "fusion":
+                specs[name] = MethodSpec(name, "fusion", rules=rules, modality=modality,
+                                         fusion_of=(ts1, f"nodes-mil{suffix}"))
+            elif m == "short-axis":
+                specs[m] = MethodSpec(m, "node-rule", rules=rules, modality="ct", node_rule=m)
+            elif m in ("node-suvmax", "node-combined"):
+                specs[m] = MethodSpec(m, "node-rule", rules=rules, node_rule=m)
     for a in config.ablations:
+        if a in ("no-pseudo", "rules") and "ts1" not in specs:
+            specs["ts1"] = MethodSpec("ts1", "ts1", rules=rules)
         if a == "centroid":
             specs["ts1-centroid"] = MethodSpec("ts1-centroid", "ts1", sampling="centroid", rules=rules)
         elif a == "no-pseudo":
@@ -204,6 +249,7 @@ class EvalCase:
     ref_n: int  # reference N-stage (0..3, -1 unknown)
     suv_max: np.ndarray  # (17,) SUVmax per station, NaN where absent (also column 0 of sample.features)
     lesions: object | None  # baselines.LesionOverlap, None without a lesion mask
+    nodes: object | None = None  # training.node_cases.NodeEvalData: the detected nodes (node methods only)
 
     @property
     def patient_id(self) -> str:
@@ -231,8 +277,9 @@ def reference_labels(row, reference: str) -> tuple[np.ndarray, int]:
 
 
 def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path | None, config: EvaluationConfig, need_lesions: bool,
-                  progress: ProgressCallback | None = None) -> list[EvalCase]:
-    """Images, cached station maps, samplers and baseline features of every row."""
+                  progress: ProgressCallback | None = None, nodes: tuple | None = None) -> list[EvalCase]:
+    """Images, cached station maps, samplers and baseline features of every row; with ``nodes`` = (node model,
+    node cache folder, cohort folder) also the detected nodes (``training.node_cases.prepare_node_data``)."""
     from ..training.cases import prepare_case
     from ..training.loops import CaseSample
     from .baselines import lesion_overlap
@@ -257,7 +304,14 @@ def prepare_cases(rows: Sequence, atlas_set, cache_dir: Path | None, config: Eva
 
             lesions = lesion_overlap(read_image_file(row.lesion_path, sitk.sitkUInt8), prep.station_map)
         ref_labels, ref_n = reference_labels(row, config.reference)
-        out.append(EvalCase(row, sample.cropped(), ref_labels, ref_n, features[:, 0].astype(float), lesions))
+        node_data = None
+        if nodes is not None:
+            from ..training.node_cases import prepare_node_data
+
+            node_data = prepare_node_data(row, prep, nodes[0], nodes[1], nodes[2],
+                                          patch_spacing=config.node_patch_spacing, device=config.device)
+        out.append(EvalCase(row, sample.cropped(), ref_labels, ref_n, features[:, 0].astype(float), lesions,
+                            node_data))
     return out
 
 
@@ -278,20 +332,24 @@ class FoldPredictions:
     n_prob: np.ndarray | None  # (S, 4) for TS2/TS3
     params: dict = field(default_factory=dict)  # chosen threshold / cut-off, training summary
     seconds: float = 0.0
+    node_score: list[np.ndarray] | None = None  # per scan, a score for every detected node (node methods' runs)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "fold": self.fold, "scan_ids": self.scan_ids,
                 "station_score": self.station_score.tolist(), "station_pred": self.station_pred.astype(int).tolist(),
                 "n_pred": self.n_pred.astype(int).tolist(),
                 "n_prob": None if self.n_prob is None else self.n_prob.tolist(), "params": self.params,
-                "seconds": self.seconds}
+                "seconds": self.seconds,
+                "node_score": None if self.node_score is None else [np.asarray(a, float).tolist()
+                                                                    for a in self.node_score]}
 
     @classmethod
     def from_dict(cls, d: dict) -> FoldPredictions:
+        ns = d.get("node_score")
         return cls(d["method"], int(d["fold"]), list(d["scan_ids"]), np.asarray(d["station_score"], float),
                    np.asarray(d["station_pred"], bool), np.asarray(d["n_pred"], int),
                    None if d["n_prob"] is None else np.asarray(d["n_prob"], float), d.get("params", {}),
-                   float(d.get("seconds", 0.0)))
+                   float(d.get("seconds", 0.0)), None if ns is None else [np.asarray(a, float) for a in ns])
 
 
 def _stage(rules_name: str, decisions: np.ndarray, sides: Sequence[str]) -> np.ndarray:
@@ -387,6 +445,8 @@ def predict_model(checkpoint: Path, test: Sequence[EvalCase], rules_name: str | 
     model, manifest = load_model(checkpoint, device=device)
     clf = station_classifier_of(model)
     size, spacing = clf.config.patch_size, clf.config.patch_spacing
+    if not clf.config.uses_pet:
+        test = [dataclasses.replace(c, sample=c.sample.without_pet()) for c in test]
     thr = float(manifest.get("threshold", 0.5))
     probs = np.zeros((len(test), NUM_STATIONS))
     n_prob = np.zeros((len(test), 4)) if isinstance(model, StagingModel) else None
@@ -422,6 +482,84 @@ def predict_model(checkpoint: Path, test: Sequence[EvalCase], rules_name: str | 
                                          "validation": manifest.get("metrics", {}), "calibration": calibration.method}
 
 
+def _train_nodes_mil(spec: MethodSpec, fold_dir: Path, train: Sequence[EvalCase], val: Sequence[EvalCase],
+                     config: EvaluationConfig, progress: ProgressCallback | None):
+    from ..nodes.malignancy import NodeClassifierConfig
+    from ..training.node_mil import NodeTrainConfig, train_node_classifier
+
+    mconfig = NodeClassifierConfig(modality=spec.modality, patch_spacing=config.node_patch_spacing)
+    tconfig = NodeTrainConfig(epochs=config.node_epochs, pos_weight=config.node_pos_weight, seed=config.seed,
+                              device=config.device, rules=spec.rules)
+    return train_node_classifier([c.nodes.bag for c in train], [c.nodes.bag for c in val], fold_dir / spec.name,
+                                 mconfig, tconfig, progress)
+
+
+def _thresholds(val: Sequence[EvalCase], val_scores: np.ndarray, rules: str) -> dict:
+    """The operating thresholds of a probability method, both tuned on the validation patients: ``threshold`` for
+    the N-stage (the rules applied to the station decisions, as TS1's checkpoint threshold) and ``station_threshold``
+    for the station balanced accuracy (reported beside, see ``station_operating_points``)."""
+    from ..classifier.metrics import tune_threshold
+    from ..training.loops import tune_stage_threshold
+
+    scores = np.nan_to_num(np.asarray(val_scores, float), nan=0.0)
+    stage_t, _ = tune_stage_threshold([c.sample for c in val], scores, load_rules(rules))
+    labels = np.array([np.where(c.sample.present, c.sample.station_labels, UNKNOWN) for c in val])
+    return {"threshold": stage_t, "station_threshold": tune_threshold(labels.ravel(), scores.ravel())[0]}
+
+
+def predict_nodes_mil(spec: MethodSpec, fold_dir: Path, cases: dict[str, Sequence[EvalCase]], config: EvaluationConfig,
+                      progress: ProgressCallback | None) -> tuple:
+    from .node_methods import node_classifier_predictions
+
+    result = _train_nodes_mil(spec, fold_dir, cases["train"], cases["validation"], config, progress)
+    test, val = cases["test"], cases["validation"]
+    probs, node_p, _, model = node_classifier_predictions(result.checkpoint, test, config.device)
+    thresholds = _thresholds(val, node_classifier_predictions(result.checkpoint, val, config.device)[0], spec.rules)
+    pred = probs >= thresholds["threshold"]
+    params = {**thresholds, "calibration": model.calibration.method, "pooling": model.pooling,
+              "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "validation": result.metrics}
+    return probs, pred, _stage(spec.rules, pred, [c.sample.side for c in test]), node_p, params
+
+
+def predict_fusion(spec: MethodSpec, fold_dir: Path, cases: dict[str, Sequence[EvalCase]], config: EvaluationConfig,
+                   done: dict[str, FoldPredictions]) -> tuple:
+    """The logistic fusion of the station CNN, the node classifier and the nodes' measurements (largest short axis;
+    largest node SUVmax with the PET) of the same fold, fitted on the validation patients' predictions."""
+    from ..nodes.fusion import fit_fusion
+    from .node_methods import node_classifier_predictions
+
+    pet = spec.modality == "petct"
+
+    def measurements(group: Sequence[EvalCase]) -> dict:
+        return {"short_axis": np.array([c.nodes.station_max(c.nodes.short_axis_mm) for c in group]),
+                "suv_max": np.array([c.nodes.station_max(c.nodes.suv_max) for c in group]) if pet else None}
+
+    cnn, nod = spec.fusion_of
+    val, test = cases["validation"], cases["test"]
+    p_cnn_val = predict_model(fold_dir / cnn / "best.pt", val, spec.rules, config.device)[0]
+    p_nod_val = node_classifier_predictions(fold_dir / nod / "best.pt", val, config.device)[0]
+    has_val = np.array([c.nodes.bag.has_node() for c in val])
+    labels = np.array([np.where(c.sample.present, c.sample.station_labels, UNKNOWN) for c in val])
+    fusion = fit_fusion(p_cnn_val, p_nod_val, has_val, labels, **measurements(val))
+    present_val = np.array([c.sample.present for c in val])
+    fused_val = fusion.predict(p_cnn_val, p_nod_val, has_val, **measurements(val)) * present_val
+    thresholds = _thresholds(val, fused_val, spec.rules)
+    present = np.array([c.sample.present for c in test])
+    has = np.array([c.nodes.bag.has_node() for c in test])
+    p_cnn, p_nod = done[cnn].station_score, done[nod].station_score
+    fused = fusion.predict(p_cnn, p_nod, has, **measurements(test)) * present
+    pred = (fused >= thresholds["threshold"]) & present
+    node_scores = []
+    for i, c in enumerate(test):  # a node: its station's CNN probability, its own probability and measurements
+        st = c.nodes.bag.node_station
+        own = np.asarray(done[nod].node_score[i], float)
+        cnn_of_node = np.where(st >= 0, p_cnn[i][np.clip(st, 0, None)], 0.0)
+        node_scores.append(fusion.predict(cnn_of_node, own, np.ones(len(own)), c.nodes.short_axis_mm,
+                                          c.nodes.suv_max if pet else None) if len(own) else own)
+    return fused, pred, _stage(spec.rules, pred, [c.sample.side for c in test]), node_scores, {
+        "fusion": fusion.to_dict(), **thresholds}
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -439,9 +577,10 @@ def run_fold_method(spec: MethodSpec, fold: int, fold_dir: Path, cases: dict[str
             return FoldPredictions.from_dict(data)
     t0 = time.perf_counter()
     test = cases["test"]
-    n_prob = None
+    n_prob, node_score = None, None
     if spec.kind == "threshold":
         score, pred, n_pred, params = predict_threshold(spec, [*cases["train"], *cases["validation"]], test, config)
+        params["station_threshold"] = params["suv_threshold"]
     elif spec.kind == "lesion":
         score, pred, n_pred, params = predict_lesion(spec, [*cases["train"], *cases["validation"]], test, config)
     elif spec.kind == "restage":
@@ -449,12 +588,26 @@ def run_fold_method(spec: MethodSpec, fold: int, fold_dir: Path, cases: dict[str
         score, pred = base.station_score, base.station_pred
         n_pred = _stage(spec.rules, pred, [c.sample.side for c in test])
         params = {"restaged_from": spec.depends_on, **base.params}
+    elif spec.kind == "node-rule":
+        from .node_methods import predict_node_rule
+
+        score, pred, node_score, params = predict_node_rule(spec.node_rule, test)
+        params["station_threshold"] = {"short-axis": SHORT_AXIS_MM, "node-suvmax": NODE_SUVMAX}.get(spec.node_rule, 1.0)
+        n_pred = _stage(spec.rules, pred, [c.sample.side for c in test])
+    elif spec.kind == "nodes-mil":
+        score, pred, n_pred, node_score, params = predict_nodes_mil(spec, fold_dir, cases, config, progress)
+    elif spec.kind == "fusion":
+        score, pred, n_pred, node_score, params = predict_fusion(spec, fold_dir, cases, config, done)
     else:
         result = _train_method(spec, fold_dir, cases["train"], cases["validation"], config, progress)
         score, pred, n_pred, n_prob, params = predict_model(result.checkpoint, test, spec.rules, config.device)
-        params.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch)
+        val_scores = predict_model(result.checkpoint, cases["validation"], spec.rules, config.device)[0]
+        params.update(epochs_run=result.epochs_run, best_epoch=result.best_epoch,
+                      station_threshold=_thresholds(cases["validation"], val_scores, spec.rules)["station_threshold"])
+    if node_score is None and test and all(c.nodes is not None for c in test):
+        node_score = [c.nodes.node_scores_of(score[i]) for i, c in enumerate(test)]  # a station method's nodes
     fp = FoldPredictions(spec.name, fold, [c.scan_id for c in test], score, pred, n_pred, n_prob, params,
-                         round(time.perf_counter() - t0, 2))
+                         round(time.perf_counter() - t0, 2), node_score)
     write_json(pred_file, {"key": key, **fp.to_dict()})
     return fp
 
@@ -477,6 +630,8 @@ class EvaluationRun:
     n_patients: int
     n_scans: int
     calibration: dict = field(default_factory=dict)  # method -> metrics.calibration_summary (probability methods)
+    node_level: dict = field(default_factory=dict)  # method -> node-level AUC against the node truth (node runs)
+    station_points: dict = field(default_factory=dict)  # method -> station_operating_points
 
     def to_frame(self, level: str = "patient"):
         """Methods x metrics (mean and sd over the folds) at ``level`` ("patient" or "scan") as a pandas DataFrame:
@@ -499,7 +654,59 @@ class EvaluationRun:
                             for m, r in self.results.items()},
                 "comparisons": [c.to_dict() for c in self.comparisons],
                 "calibration": {m: {k: v for k, v in c.items() if k != "curve"} for m, c in self.calibration.items()},
+                "node_level": self.node_level, "station_operating_points": self.station_points,
                 "files": {k: str(v) for k, v in self.files.items()}}
+
+
+def station_operating_points(predictions: dict[str, list[FoldPredictions]],
+                             cases_by_scan: dict[str, EvalCase]) -> dict:
+    """Per method with a ``station_threshold`` (tuned for the station balanced accuracy; the clinic's cut-offs for the
+    node rules): the test stations' balanced accuracy at that threshold, all folds pooled and mean +- sd over folds.
+    The main table's decisions use each method's operating threshold (for the learned methods the one tuned for the
+    N-stage); this is the station-level operating point beside it."""
+    from ..classifier.metrics import balanced_accuracy
+    from .metrics import mean_sd
+
+    out = {}
+    for method, folds in predictions.items():
+        if not folds or any(fp.params.get("station_threshold") is None for fp in folds):
+            continue
+        ys, ps, per_fold = [], [], []
+        for fp in folds:
+            y = np.stack([cases_by_scan[sid].ref_labels for sid in fp.scan_ids])
+            known = y != UNKNOWN
+            pred = np.asarray(fp.station_score, float) >= float(fp.params["station_threshold"])
+            per_fold.append(balanced_accuracy(y[known], pred[known]))
+            ys.append(y[known])
+            ps.append(pred[known])
+        out[method] = {"balanced_accuracy": balanced_accuracy(np.concatenate(ys), np.concatenate(ps)),
+                       "folds": mean_sd(per_fold).to_dict(),
+                       "thresholds": [float(fp.params["station_threshold"]) for fp in folds]}
+    return out
+
+
+def node_level(predictions: dict[str, list[FoldPredictions]], cases_by_scan: dict[str, EvalCase]) -> dict:
+    """Per method: ROC AUC of the detected nodes' scores against the node truth, all folds pooled and mean +- sd
+    over folds (scans without node truth left out)."""
+    from .metrics import mean_sd
+    from .node_methods import node_auc
+
+    out = {}
+    for method, folds in predictions.items():
+        if any(fp.node_score is None for fp in folds):
+            continue
+        scores, truth, per_fold = [], [], []
+        for fp in folds:
+            t = [cases_by_scan[sid].nodes.truth for sid in fp.scan_ids]
+            per_fold.append(node_auc(fp.node_score, t)[0])
+            scores += list(fp.node_score)
+            truth += t
+        auc, n_mal, n_ben = node_auc(scores, truth)
+        if n_mal + n_ben == 0:
+            continue
+        out[method] = {"auc": auc, "folds": mean_sd(per_fold).to_dict(), "malignant_nodes": n_mal,
+                       "benign_nodes": n_ben}
+    return out
 
 
 def scan_predictions(preds: Sequence[FoldPredictions], cases_by_scan: dict[str, EvalCase]) -> list:
@@ -543,10 +750,18 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     atlas_set = resolve_atlas_set(atlases)
     cache = Path(cache_dir) if cache_dir else None
     need_lesions = any(s.kind == "lesion" for s in specs)
+    nodes = None
+    if any(s.kind in NODE_KINDS for s in specs):
+        from ..preflight.parameters import check_node_model
+
+        node_model = check_node_model(config.node_model, device=config.device, parameter="--node-model")
+        if node_model is None:
+            raise UsageError("the node methods need a node model: give --node-model (`lnstaging train-nodes`)")
+        nodes = (node_model, out_dir / "nodes", Path(cohort_csv).resolve().parent)
     report(0.0, f"preparing {len(rows)} scans")
     case_sets: dict[int | None, list[EvalCase]] = {
         None: prepare_cases(rows, atlas_set, cache, config, need_lesions,
-                            progress_part(progress, 0.0, 0.1))}
+                            progress_part(progress, 0.0, 0.1), nodes=nodes)}
     for k in sorted({s.atlases for s in specs if s.atlases}):
         if k > len(atlas_set):
             raise UsageError(f"--ablation atlases={k}: the atlas set has only {len(atlas_set)} atlases")
@@ -582,7 +797,7 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
     for spec in specs:
         scans = scan_predictions(predictions[spec.name], cases_by_scan)
         scans_of[spec.name] = scans
-        by_rules = spec.kind in ("ts1", "threshold", "lesion", "restage") or all(
+        by_rules = spec.kind in ("ts1", "threshold", "lesion", "restage", *NODE_KINDS) or all(
             fp.params.get("n_stage_from") == "rules" for fp in predictions[spec.name])
         stage_fn = _rule_stage_fn(spec.rules, sides) if by_rules else None
         results[spec.name] = evaluate_method(spec.name, scans, stage_fn=stage_fn, n_boot=config.n_boot,
@@ -598,7 +813,9 @@ def run_evaluation(cohort_csv: str | Path, out_dir: str | Path, config: Evaluati
                                                seed=config.seed, n_boot=config.n_boot))
     calibration = {s.name: calibration_summary(scans_of[s.name]) for s in specs if s.kind not in SCORE_KINDS}
     run = EvaluationRun(out_dir, [s.name for s in specs], results, comparisons, predictions, {},
-                        time.perf_counter() - t_start, len({r.patient_id for r in rows}), len(rows), calibration)
+                        time.perf_counter() - t_start, len({r.patient_id for r in rows}), len(rows), calibration,
+                        node_level(predictions, cases_by_scan) if nodes is not None else {},
+                        station_operating_points(predictions, cases_by_scan))
     from .report import write_report
 
     run.files = write_report(run, config, split, cohort_csv)

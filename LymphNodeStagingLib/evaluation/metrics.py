@@ -212,8 +212,15 @@ class ScanPrediction:
     station_pred: np.ndarray | None = None  # (17,) bool
     n_prob: np.ndarray | None = None  # (4,)
     fold: int | None = None
+    n_score: float | None = None  # score of N+ against N0 (None: 1 - P(N0) from n_prob, else the top station score)
 
     def __post_init__(self) -> None:
+        if self.n_score is None:
+            if self.n_prob is not None:
+                self.n_score = float(1.0 - np.asarray(self.n_prob, dtype=float)[0])
+            else:
+                sp = np.nan_to_num(np.asarray(self.station_prob, dtype=float), nan=0.0)
+                self.n_score = float(sp.max()) if sp.size else 0.0
         self.station_true = np.asarray(self.station_true, dtype=np.int64)
         self.station_prob = np.asarray(self.station_prob, dtype=float)
         if self.station_pred is not None:
@@ -284,7 +291,8 @@ def aggregate_per_patient(scans: Sequence[ScanPrediction], threshold: float = 0.
         folds = {s.fold for s in items}
         out.append(ScanPrediction(pid, "+".join(s.scan_id for s in items), st_true, prob, n_true.pop(), n_pred,
                                   station_pred=st_pred, n_prob=n_prob,
-                                  fold=folds.pop() if len(folds) == 1 else None))
+                                  fold=folds.pop() if len(folds) == 1 else None,
+                                  n_score=float(np.mean([s.n_score for s in items]))))
     return out
 
 
@@ -316,17 +324,19 @@ class Evaluation:
     stage: StageMetrics
     ci: dict[str, Interval] = field(default_factory=dict)  # "station.auc", "stage.qwk", ...
     bootstrap: dict[str, Any] = field(default_factory=dict)
+    n_auc: float = float("nan")  # ROC AUC of N+ against N0 from the scans' n_score
 
     def values(self) -> dict[str, float]:
-        """Flat {"station.accuracy": ..., "stage.qwk": ...} of the headline metrics."""
+        """Flat {"station.accuracy": ..., "stage.qwk": ..., "stage.n_auc": ...} of the headline metrics."""
         out = {f"station.{k}": getattr(self.station, k) for k in STATION_METRICS}
         out.update({f"stage.{k}": getattr(self.stage, k) for k in STAGE_METRICS})
+        out["stage.n_auc"] = self.n_auc
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "level": self.level, "n_scans": self.n_scans, "n_patients": self.n_patients,
-            "station": self.station.to_dict(), "stage": self.stage.to_dict(),
+            "station": self.station.to_dict(), "stage": {**self.stage.to_dict(), "n_auc": _clean(self.n_auc)},
             "ci": {k: v.to_dict() for k, v in self.ci.items()}, "bootstrap": _clean(self.bootstrap),
         }
 
@@ -348,6 +358,7 @@ def _arrays(scans: Sequence[ScanPrediction], threshold: float) -> dict[str, np.n
         "scan_patient": scan_patient,
         "n_true": np.array([s.n_true for s in scans]),
         "n_pred": np.array([s.n_pred for s in scans]),
+        "n_score": np.array([s.n_score for s in scans], dtype=float),
         "st_true": st_true[known].astype(bool),
         "st_prob": st_prob[known],
         "st_pred": st_pred[known],
@@ -380,7 +391,8 @@ def evaluate_scans(
                     int(np.isnan(a["st_prob"]).sum()))
     st = station_metrics(a["st_true"].astype(int), a["st_prob"] if has_prob else None, a["st_pred"])
     sg = stage_metrics(a["n_true"], a["n_pred"])
-    ev = Evaluation(level=level, n_scans=n_scans, n_patients=int(a["n_patients"]), station=st, stage=sg)
+    ev = Evaluation(level=level, n_scans=n_scans, n_patients=int(a["n_patients"]), station=st, stage=sg,
+                    n_auc=float(roc_auc(a["n_true"] > 0, a["n_score"])))
     if n_boot > 0:
         ev.ci, ev.bootstrap = _bootstrap(a, ev, n_boot=n_boot, seed=seed, ci_level=ci_level, with_auc=has_prob)
     return ev
@@ -407,6 +419,9 @@ def _bootstrap(a: dict[str, np.ndarray], ev: Evaluation, n_boot: int, seed: int,
     if with_auc:
         aucs = [roc_auc(t, a["st_prob"], draws[i:i + chunk][:, sp]) for i in range(0, n_boot, chunk)]
         values["station.auc"] = np.concatenate(aucs)
+    n_pos, scan_draws = a["n_true"] > 0, draws[:, a["scan_patient"]]
+    values["stage.n_auc"] = np.concatenate([roc_auc(n_pos, a["n_score"], scan_draws[i:i + chunk])
+                                            for i in range(0, n_boot, chunk)])
     sm = stage_from_confusion((draws @ conf_pp).reshape(n_boot, N_CLASSES, N_CLASSES))
     for k in STAGE_METRICS:
         values[f"stage.{k}"] = sm[k]
@@ -513,7 +528,7 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("station.accuracy", "LNS Acc"), ("station.balanced_accuracy", "LNS BalAcc"),
     ("station.sensitivity", "LNS Sens"), ("station.specificity", "LNS Spec"), ("station.auc", "LNS AUC"),
     ("stage.accuracy", "N Acc"), ("stage.macro_sensitivity", "N Sens"), ("stage.macro_specificity", "N Spec"),
-    ("stage.qwk", "N QWK"), ("stage.severe_error_rate", "N err>=2"),
+    ("stage.qwk", "N QWK"), ("stage.severe_error_rate", "N err>=2"), ("stage.n_auc", "N+ AUC"),
 )
 
 

@@ -14,7 +14,7 @@ from .metrics import markdown_table
 
 CI_METRICS: tuple[tuple[str, str], ...] = (
     ("station.balanced_accuracy", "LNS BalAcc"), ("station.auc", "LNS AUC"), ("stage.accuracy", "N Acc"),
-    ("stage.balanced_accuracy", "N BalAcc"), ("stage.qwk", "N QWK"),
+    ("stage.balanced_accuracy", "N BalAcc"), ("stage.qwk", "N QWK"), ("stage.n_auc", "N+ AUC"),
 )
 
 
@@ -130,18 +130,53 @@ def write_report(run, config, split, cohort_csv, model: Path | None = None) -> d
         strata = ", ".join(f"{k} {v}" for k, v in split.stratum_counts().items())
         md.append(f"Patient-level stratified {split.n_folds}-fold split (seed {split.seed}, validation share "
                   f"{split.val_fraction:g} of the non-test patients; file `split.json`). Strata: {strata}.")
-        trained = [n for n in run.methods if not n.startswith(("threshold", "lesion"))]
+        trained = [n for n in run.methods if n.startswith(("ts", "fusion"))]
         if trained:
             t = config.training_dict()
             md.append(f"Training: {'small network (32^3 patches at 2 mm)' if config.small else 'reference network'}"
                       f", {t['epochs']} epochs (TS2/TS3 {t['ts23_epochs'] or t['epochs']}), "
                       f"{t['max_steps_per_epoch'] or 'all'} steps per epoch, batch {t['batch_size'] or 'default'}, "
                       f"lr {t['lr']}, seed {t['seed']}; best epoch by validation balanced accuracy.")
+        if any(n.startswith(("nodes-mil", "fusion")) for n in run.methods):
+            md.append(f"Node classifier: {config.node_epochs} epochs, 32 mm patches at {config.node_patch_spacing:g} "
+                      f"mm, malignant bags weighted x{config.node_pos_weight:g}; best epoch by validation station "
+                      "AUC; nodes detected with the node model in the fused station map.")
+        if "ct" in getattr(config, "modalities", ()):
+            md.append("Methods ending in `-ct` are trained and tested on the CT alone (no PET channel, no SUV "
+                      "features); `short-axis` reads only the CT.")
     md += ["", f"## Results {level_note}: mean ± sd over folds", "", markdown_table(list(run.results.values()),
                                                                                       "patient")]
     md += ["LNS = lymph node station level (stations of the test patients pooled); N = N-stage level. "
            "Sens/Spec at N-stage level are the macro one-vs-rest values; N err>=2 is the rate of errors of two or "
-           "more stages. Stations absent from a scan's station map count as negative for every method.", ""]
+           "more stages; N+ AUC is the ROC AUC of N+ against N0 from the patient's score (1 - P(N0) with a staging "
+           "head, else the highest station score). Stations absent from a scan's station map count as negative "
+           "for every method.", ""]
+    points = getattr(run, "station_points", {}) or {}
+    if points:
+        md += ["## Station decisions at the station-tuned threshold", "",
+               "| method | LNS BalAcc (pooled) | mean ± sd over folds | threshold per fold |", "|---|---|---|---|"]
+        for m, d in points.items():
+            f = d["folds"]
+            sd = "n/a" if f.get("sd") is None else f"{f['sd']:.2f}"
+            md.append(f"| {m} | {_fmt(d['balanced_accuracy'])} | {_fmt(f.get('mean'))} ± {sd} | "
+                      + ", ".join(f"{t:.2f}" for t in d["thresholds"]) + " |")
+        md += ["", "The tables above use each method's operating threshold: for the learned methods the one tuned on "
+               "the validation patients for the N-stage (the rules applied to the station decisions). Here every "
+               "method's stations are decided at the threshold tuned on the validation patients for the station "
+               "balanced accuracy instead (the SUVmax threshold: on the training and validation patients; the "
+               "node rules: their fixed cut-offs).", ""]
+    node_level = getattr(run, "node_level", {}) or {}
+    if node_level:
+        md += ["## Node level: detected nodes against the node truth", "",
+               "| method | node AUC (pooled) | mean ± sd over folds | malignant | benign |", "|---|---|---|---|---|"]
+        for m, d in node_level.items():
+            f = d["folds"]
+            sd = "n/a" if f.get("sd") is None else f"{f['sd']:.2f}"
+            md.append(f"| {m} | {_fmt(d['auc'])} | {_fmt(f.get('mean'))} ± {sd} | {d['malignant_nodes']} | "
+                      f"{d['benign_nodes']} |")
+        md += ["", "Each detected node is malignant when the truth node it overlaps most is malignant (a detection "
+               "overlapping no truth node is benign). Node classifiers and the fusion score each node; station "
+               "methods give a node its station's score; the rules their own measurement.", ""]
     if run.n_scans != run.n_patients:
         md += ["## Results per scan: mean ± sd over folds", "", markdown_table(list(run.results.values()), "scan")]
     md += ["## All folds pooled, with 95 % bootstrap confidence intervals (patients resampled)", "",

@@ -77,6 +77,9 @@ class StationMapping:
     warped: np.ndarray | None = field(default=None, repr=False)  # (N, z, y, x) warped atlas station maps
     warnings: list[str] = field(default_factory=list)  # case-level plausibility warnings
     atlas_set: dict = field(default_factory=dict)  # name and "synthetic" of the atlas set mapped with ({}: unknown)
+    #: "atlas" (registration + fusion) or "network" (stationnet: votes are probabilities in 1 / n_atlases steps)
+    method: str = "atlas"
+    model: dict = field(default_factory=dict)  # the station network that made a "network" map ({} for atlases)
 
     def station_flags(self, name: str) -> list[str]:
         """The flags of one station (fusion fallback, plausibility); [] when it is "ok"."""
@@ -116,6 +119,9 @@ class StationMapping:
                         "origin": [float(s) for s in self.geometry.origin]}}
         out["warnings"] = list(self.warnings)
         out["atlas_set"] = dict(self.atlas_set)
+        out["method"] = self.method
+        if self.model:
+            out["model"] = dict(self.model)
         if self.anatomy_dice is not None:
             out["anatomy_dice"] = self.anatomy_dice
         return out
@@ -404,7 +410,8 @@ def write_overlay(ct: sitk.Image, mapping: StationMapping, path: str | Path) -> 
                 ax.text(c[axis[ha]] + 1, c[axis[va]], name, color="white", fontsize=8)
         ax.set_title(title)
         ax.set_axis_off()
-    fig.suptitle(f"Fused station map ({mapping.n_atlases} atlases)")
+    fig.suptitle("Station map of the station network" if mapping.method == "network" else
+                 f"Fused station map ({mapping.n_atlases} atlases)")
     fig.tight_layout()
     return write_figure(fig, path, dpi=90)
 
@@ -422,7 +429,8 @@ def write_station_mapping(mapping, folder: str | Path) -> None:
         "flags": dict(mapping.flags), "voxels": {k: int(v) for k, v in mapping.voxels.items()},
         "atlas_loss": {k: float(v) for k, v in mapping.atlas_loss.items()},
         "timings": {k: float(v) for k, v in mapping.timings.items()},
-        "warnings": list(mapping.warnings), "atlas_set": dict(mapping.atlas_set)})
+        "warnings": list(mapping.warnings), "atlas_set": dict(mapping.atlas_set), "method": mapping.method,
+        "model": dict(mapping.model)})
 
 
 def read_station_mapping(folder: str | Path):
@@ -442,4 +450,5 @@ def read_station_mapping(folder: str | Path):
     return StationMapping(labels, votes, n, geom, agreement, dict(info["flags"]),
                           {k: int(v) for k, v in info["voxels"].items()}, maps, list(info["atlas_ids"]),
                           {k: float(v) for k, v in info["atlas_loss"].items()}, dict(info.get("timings", {})),
-                          warnings=list(info.get("warnings", [])), atlas_set=dict(info.get("atlas_set", {})))
+                          warnings=list(info.get("warnings", [])), atlas_set=dict(info.get("atlas_set", {})),
+                          method=str(info.get("method", "atlas")), model=dict(info.get("model", {})))

@@ -28,7 +28,7 @@ from .networks import SNet, SNetConfig, UNet3D, UNet3DConfig
 
 NODE_KIND = "nodes"
 ARCHS = ("snet", "unet3d")
-#: File name a bundled node model would have in the bundled models folder (none is bundled yet).
+#: File name of the bundled node model in the bundled models folder.
 BUNDLED_NODE_MODEL = "nodes_demo.pt"
 #: Default U-Net training patch and sliding window (z, y, x) in voxels of the working grid.
 DEFAULT_PATCH = (32, 96, 96)

@@ -10,6 +10,7 @@ anatomy's registration box. Bounds: ``preflight.image_values`` and ``preflight.m
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,14 @@ log = logging.getLogger(__name__)
 ImageInput = str | Path | sitk.Image
 
 
+#: The SUV information of a case assessed from the CT alone (``CheckedCase.suv`` when no PET was given).
+CT_ONLY_SUV: dict[str, Any] = {"mode": "none", "decisions": ["CT only: no PET given, no SUV"], "warnings": []}
+
+
 @dataclass
 class CheckedCase:
-    """The checked inputs of one case: CT in HU and PET in SUV (float32) with their provenance, the anatomy label map
-    when it was read, and the memory estimate it passed."""
+    """The checked inputs of one case: CT in HU and PET in SUV (float32; None for a CT alone) with their provenance,
+    the anatomy label map when it was read, and the memory estimate it passed."""
 
     case: Case
     anatomy: sitk.Image | None = None
@@ -45,8 +50,13 @@ class CheckedCase:
         return self.case.ct
 
     @property
-    def pet(self) -> sitk.Image:
+    def pet(self) -> sitk.Image | None:
         return self.case.pet
+
+    @property
+    def ct_only(self) -> bool:
+        """No PET was given: the case is assessed from the CT alone."""
+        return self.case.pet is None
 
     @property
     def suv(self) -> dict:
@@ -101,26 +111,28 @@ def _check_anatomy_files(value: ImageInput, what: str) -> None:
     check_image_file(path, "anatomy", what)
 
 
-def check_case(ct: ImageInput, pet: ImageInput, *, anatomy: ImageInput | None = None,
+def check_case(ct: ImageInput, pet: ImageInput | None, *, anatomy: ImageInput | None = None,
                pet_is_suv: bool | str | None = None, suv_mode: str = "qiba", atlases: Any = None,
                read_anatomy: bool = True, mapping: bool = True, where: str = "",
                names: dict[str, str] | None = None) -> CheckedCase:
     """Check and load the inputs of one case before any heavy step; InputError naming the file and the reason.
 
-    ``ct``/``pet``: image files, DICOM folders or SimpleITK images (a PET image holds SUV). ``anatomy``: a label map
+    ``ct``/``pet``: image files, DICOM folders or SimpleITK images (a PET image holds SUV); ``pet`` None: a CT alone
+    (no SUV rule, no PET check; the case's pet is None and its suv is ``CT_ONLY_SUV``). ``anatomy``: a label map
     file, folder of masks or image (None: TotalSegmentator will make one); with ``read_anatomy`` it is read onto the
     CT grid and returned, else only its files are checked. ``atlases``: the atlas set the mapping will use (for the
     memory estimate, which is checked only when the station ``mapping`` will run). ``where`` prefixes every message
     (e.g. the cohort line); ``names`` names in-memory images by role ("CT", "PET", "anatomy")."""
-    ct_what, pet_what = _what(ct, "CT", where, names), _what(pet, "PET", where, names)
-    if isinstance(pet, sitk.Image):
+    ct_what = _what(ct, "CT", where, names)
+    pet_what = _what(pet, "PET", where, names) if pet is not None else ""
+    if pet is None or isinstance(pet, sitk.Image):
         declared = True
     else:
         declared = decide_pet_is_suv(pet, flag=parse_pet_is_suv(pet_is_suv), where=where)
 
     # 1. files, before any voxel is read
     ct_header = check_image_file(ct, "CT", ct_what)
-    pet_header = check_image_file(pet, "PET", pet_what)
+    pet_header = check_image_file(pet, "PET", pet_what) if pet is not None else None
     anatomy_what = _what(anatomy, "anatomy", where, names) if anatomy is not None else ""
     if anatomy is not None:
         _check_anatomy_files(anatomy, anatomy_what)
@@ -133,15 +145,17 @@ def check_case(ct: ImageInput, pet: ImageInput, *, anatomy: ImageInput | None = 
                      ct_what, [_grid_text(grid)])
 
     # 2. the voxels
-    case = _load(ct, pet, declared, suv_mode, ct_what, pet_what)
-    from_dicom = any(not isinstance(v, sitk.Image) and Path(v).is_dir() for v in (ct, pet))
-    sources = {k: str(v) for k, v in (("ct", ct), ("pet", pet)) if not isinstance(v, sitk.Image) and Path(v).is_dir()}
+    case = _load(ct, pet, declared, suv_mode, ct_what, pet_what) if pet is not None else _load_ct_only(ct)
+    given = [(k, v) for k, v in (("ct", ct), ("pet", pet)) if v is not None and not isinstance(v, sitk.Image)]
+    from_dicom = any(Path(v).is_dir() for _, v in given)
+    sources = {k: str(v) for k, v in given if Path(v).is_dir()}
     if ct_header is None:
         check_image_grid(case.ct, ct_what)
-    if pet_header is None:
+    if pet is not None and pet_header is None:
         check_image_grid(case.pet, pet_what)
     check_ct_values(case.ct, ct_what)
-    check_pet_values(case.pet, pet_what)
+    if pet is not None:
+        check_pet_values(case.pet, pet_what)
 
     # 3. the anatomy and the memory with its registration box
     anatomy_img = None
@@ -166,6 +180,17 @@ def _grid_text(grid) -> str:
 
 def _float32(image: sitk.Image) -> sitk.Image:
     return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+
+
+def _load_ct_only(ct: ImageInput) -> Case:
+    """The CT (HU, float32) of a case without PET: its pet is None, its suv ``CT_ONLY_SUV``."""
+    if isinstance(ct, sitk.Image):
+        ct_img, ct_uid, ct_for = ct, None, None
+    else:
+        ct_img, ct_uid, ct_for = load_ct(ct)
+    return Case(ct=_float32(ct_img), pet=None, suv=copy.deepcopy(CT_ONLY_SUV),
+                ct_path="" if isinstance(ct, sitk.Image) else str(ct), ct_series_uid=ct_uid,
+                frame_of_reference_uid=ct_for)
 
 
 def _load(ct: ImageInput, pet: ImageInput, declared: bool, suv_mode: str, ct_what: str, pet_what: str) -> Case:

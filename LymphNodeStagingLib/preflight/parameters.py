@@ -53,22 +53,35 @@ def check_device(device: str | Device | None, parameter: str = "--device") -> De
     return parse_device(device, name=parameter)
 
 
-def check_model(model: str | Path | None, device: str | Device = "cpu", parameter: str = "--model"):
+def check_model(model: str | Path | None, device: str | Device = "cpu", parameter: str = "--model", *,
+                pet: bool = True):
     """Load and verify the classifier checkpoint (None: the bundled demo model); returns (network, manifest, path).
 
     Loading is the check: a missing, truncated, tampered or other-architecture checkpoint is a ModelError naming
-    the file, before any heavy step."""
+    the file, before any heavy step. ``pet`` False: the case has no PET, so the default is the bundled CT-only demo
+    model and a model that reads the PET is a UsageError naming the parameter."""
     from ..classifier.checkpoint import load_model
     from ..errors import ModelError
-    from ..paths import demo_model_path
+    from ..paths import demo_ct_model_path, demo_model_path
 
-    path = Path(model) if model else demo_model_path()
+    path = Path(model) if model else (demo_model_path() if pet else demo_ct_model_path())
     if not path.is_file():
         raise ModelError(f"{parameter} {path}: the checkpoint does not exist; pass a checkpoint made by "
-                         "`lnstaging train`")
+                         "`lnstaging train`" + ("" if pet else " --modality ct"))
     dev = device.torch if isinstance(device, Device) else str(device)
     net, manifest = load_model(path, device=dev)
+    if not pet and model_modality(net) != "ct":
+        raise UsageError(f"{parameter} {path}: this station classifier reads the PET as well as the CT, but no PET "
+                         "was given; give the PET, or a CT-only model as --model (made by `lnstaging train "
+                         "--modality ct`; without --model the bundled CT-only demo model is used)")
     return net, manifest, path
+
+
+def model_modality(net) -> str:
+    """What a loaded classifier reads: "petct" (CT and PET) or "ct" (the CT alone)."""
+    from ..classifier.model import station_classifier_of
+
+    return station_classifier_of(net).config.modality
 
 
 def check_node_model(model: str | Path | None, device: str | Device = "cpu", parameter: str = "--node-model"):
@@ -96,3 +109,27 @@ def check_node_model(model: str | Path | None, device: str | Device = "cpu", par
 def check_out(out: str | Path | None, parameter: str = "--out") -> Path | None:
     """An output folder that can be created and written (None: nothing is written)."""
     return None if out is None else check_output(out, folder=True, parameter=parameter)
+
+
+def check_node_classifier(model: str | Path | None, has_pet: bool = True, device: str | Device = "cpu",
+                          parameter: str = "--node-classifier"):
+    """Load and verify the node classifier (``model``, else the bundled one for the case's modality); returns the
+    NodeClassifierModel, or None when there is none. A classifier that reads the PET given for a case without PET,
+    or a file of another kind, is refused naming the parameter and the file, before any heavy step."""
+    from ..errors import ModelError
+    from ..nodes.malignancy import load_node_classifier, resolve_node_classifier
+
+    path = resolve_node_classifier(model, "petct" if has_pet else "ct")
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ModelError(f"{parameter} {path}: file not found (expected a node classifier checkpoint made by "
+                         "`lnstaging train-node-classifier`)")
+    try:
+        clf = load_node_classifier(path, device=parse_device(device).torch)
+    except ModelError as exc:
+        raise ModelError(f"{parameter}: {exc}") from None
+    if clf.config.modality == "petct" and not has_pet:
+        raise UsageError(f"{parameter} {path}: this node classifier reads the PET, but no PET was given; give a "
+                         "CT-only node classifier (`lnstaging train-node-classifier --modality ct`)")
+    return clf

@@ -76,9 +76,10 @@ LEGEND_DEMO_LINE = "DEMO - not for patients"
 LEGEND_DEMO_COLOR = (1.0, 0.3, 0.25)
 #: Column names of the station table (the names stay English: scripts read columns by name; the titles shown in
 #: the table view can be translated, see ``set_column_titles``).
-TABLE_COLUMNS = ("Station", "Probability", "Status", "Override", "SUVmax", "SUVpeak", "Agreement", "Group")
+TABLE_COLUMNS = ("Station", "Probability", "Status", "Override", "SUVmax", "SUVpeak", "Agreement", "Group",
+                 "TopNode", "NodeProbability")
 #: Column names of the lymph node table (one row per node, in id order); the same rule for names and titles.
-NODE_TABLE_COLUMNS = ("ID", "Station", "ShortAxis", "LongAxis", "Volume", "SUVmax", "Score")
+NODE_TABLE_COLUMNS = ("ID", "Station", "ShortAxis", "LongAxis", "Volume", "SUVmax", "Score", "Probability")
 #: Name of the lymph node segmentation (after the case id).
 NODES_NAME = "Lymph nodes"
 
@@ -430,11 +431,12 @@ def _show_nodes(scene, nodes: ResultNodes, result: CaseResult, node_map: sitk.Im
         nodes.node_table.SetAttribute(ATTR_ROLE, "node-table")
     rows = [{"ID": str(int(n["id"])), "Station": n.get("station") or "", "ShortAxis": n.get("short_axis_mm"),
              "LongAxis": n.get("long_axis_mm"), "Volume": n.get("volume_ml"), "SUVmax": n.get("suv_max"),
-             "Score": n.get("score")} for n in result.nodes]
+             "Score": n.get("score"), "Probability": n.get("probability")} for n in result.nodes]
     _fill_table(nodes.node_table, NODE_TABLE_COLUMNS, {"ID", "Station"}, rows, {
         "ID": "lymph node id (its label in nodes.nii.gz)", "Station": "station the node lies in (empty: none)",
         "ShortAxis": "short axis in mm (axial slice of largest area)", "LongAxis": "long axis in mm",
-        "Volume": "volume in ml", "SUVmax": "maximum SUV in the node", "Score": "detection score (0..1)"})
+        "Volume": "volume in ml", "SUVmax": "maximum SUV in the node", "Score": "detection score (0..1)",
+        "Probability": "malignancy probability of the node (node classifier; empty when none ran)"})
     for col, unit in (("ShortAxis", "mm"), ("LongAxis", "mm"), ("Volume", "ml")):
         nodes.node_table.SetColumnUnitLabel(col, unit)
 
@@ -486,7 +488,7 @@ def update_result(nodes: ResultNodes, result: CaseResult) -> None:
         for st in result.stations:
             # absent stations (empty segments) are hidden
             display.SetSegmentVisibility(st.name, st.status != ABSENT)
-    _fill_table(nodes.table, TABLE_COLUMNS, {"Station", "Status", "Override", "Group"}, _station_rows(result),
+    _fill_table(nodes.table, TABLE_COLUMNS, {"Station", "Status", "Override", "Group", "TopNode"}, _station_rows(result),
                 STATION_DESCRIPTIONS)
     nodes.text.SetText(report_text(result))
     for node in (nodes.table, nodes.text):
@@ -531,14 +533,19 @@ class _modify:
 
 
 def _station_rows(result: CaseResult) -> list[dict]:
+    top = result.top_nodes()
     return [{"Station": st.name, "Probability": st.probability, "Status": st.status, "Override": st.override or "",
              "SUVmax": st.suv_max, "SUVpeak": st.suv_peak, "Agreement": st.agreement,
-             "Group": result.groups.get(st.name, "")} for st in result.stations]
+             "Group": result.groups.get(st.name, ""),
+             "TopNode": str(int(top[st.name]["id"])) if st.name in top else "",
+             "NodeProbability": st.node_probability} for st in result.stations]
 
 
 STATION_DESCRIPTIONS = {"Probability": "malignancy probability (0..1)", "SUVmax": "maximum SUV in the station",
                         "SUVpeak": "mean SUV in a 1 cm^3 sphere at the hottest voxel",
-                        "Agreement": "atlas agreement (mean pairwise Dice)", "Group": "N group of a positive station"}
+                        "Agreement": "atlas agreement (mean pairwise Dice)", "Group": "N group of a positive station",
+                        "TopNode": "most suspicious lymph node of the station (its id in the node table)",
+                        "NodeProbability": "the station's malignancy probability from its nodes (node classifier)"}
 
 
 def _fill_table(table_node, columns: tuple[str, ...], string_columns: set[str], rows: list[dict],

@@ -29,6 +29,13 @@ DEMO_MODEL, USER_MODEL = "demo", "user"
 _ATLAS_ADVICE = "an atlas set such as the Lynch et al. atlases"
 _MODEL_ADVICE = "a model trained on clinical data"
 
+#: What a case was assessed from (``CaseResult.modality``): PET/CT, or the CT alone (CT-only mode, no PET).
+MODALITY_PETCT, MODALITY_CT = "petct", "ct"
+MODALITIES = (MODALITY_PETCT, MODALITY_CT)
+#: The warning of a result assessed from the CT alone, and of a PET/CT assessed with a CT-only model.
+CT_ONLY_NOTE = "CT only: no PET; station probabilities from a CT-only model, no SUV figures"
+CT_ONLY_MODEL_NOTE = "CT-only model: the station probabilities do not use the PET (its SUV figures are reported)"
+
 
 def make_provenance(synthetic_atlases: bool | None, demo_model: bool) -> dict[str, Any]:
     """What the result was computed with, and whether that makes it invalid for patients.
@@ -70,6 +77,7 @@ class StationResult:
     volume_ml: float | None = None
     override: str | None = None  # POSITIVE | NEGATIVE set by a reader; None = model decides
     flags: list[str] = field(default_factory=list)  # e.g. "fallback:best_atlas"
+    node_probability: float | None = None  # the station's probability from its nodes (node classifier), if it ran
 
     def model_status(self, threshold: float) -> str:
         if not self.present or self.probability is None:
@@ -95,18 +103,24 @@ class CaseResult:
     learned_n_probabilities: list[float] | None = None
     model: dict[str, Any] = field(default_factory=dict)  # name, version, fingerprint of the checkpoint
     atlases: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str | None] = field(default_factory=dict)  # "pet" None: a CT assessed alone
     suv: dict[str, Any] = field(default_factory=dict)  # SUV provenance
     timings_s: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     version: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)  # make_provenance: synthetic atlases, demo model
     #: lymph nodes found by a node model (``NodeInstance.to_dict``: id, station, centre_mm, short/long axis, volume,
-    #: mean HU, SUVmax/mean/peak, score), in id order; None when no node model ran
+    #: mean HU, SUVmax/mean/peak, score, and "probability" of malignancy when a node classifier ran), in id order;
+    #: None when no node model ran
     nodes: list[dict[str, Any]] | None = None
+    #: what the case was assessed from: MODALITY_PETCT, or MODALITY_CT for a CT without PET (no SUV figures)
+    modality: str = MODALITY_PETCT
 
     def __post_init__(self) -> None:
         self.side = parse_side(self.side)
+        if self.modality not in MODALITIES:
+            raise LNSError(f"case result {self.case_id}: 'modality' must be one of {', '.join(MODALITIES)}, got "
+                           f"{self.modality!r}")
         if self.nodes is not None and (not isinstance(self.nodes, list)
                                        or not all(isinstance(n, dict) for n in self.nodes)):
             raise LNSError(f"case result {self.case_id}: 'nodes' must be a list of node records or null, got "
@@ -156,6 +170,35 @@ class CaseResult:
             out[name] = (count + 1, largest)
         return out
 
+    def top_nodes(self) -> dict[str, dict[str, Any]]:
+        """Per station with nodes: its most suspicious node (the highest ``probability`` when a node classifier
+        ran, else the largest short axis)."""
+        out: dict[str, dict[str, Any]] = {}
+
+        def rank(n: dict[str, Any]) -> tuple[float, float]:
+            p = n.get("probability")
+            return (-1.0 if p is None else float(p), float(n.get("short_axis_mm") or 0.0))
+
+        for n in self.nodes or []:
+            name = n.get("station")
+            if name and (name not in out or rank(n) > rank(out[name])):
+                out[name] = n
+        return out
+
+    def node_explanation(self) -> str:
+        """The nodes that decided the N-stage: the most suspicious node of every deciding station ("" without
+        nodes)."""
+        top = self.top_nodes()
+        parts = []
+        for name in self.deciding_stations:
+            n = top.get(name)
+            if n is None:
+                continue
+            p = n.get("probability")
+            parts.append(f"{name}: node {n['id']} (short axis {float(n.get('short_axis_mm') or 0.0):.1f} mm"
+                         + (f", p {float(p):.2f}" if p is not None else "") + ")")
+        return ("Deciding nodes: " + "; ".join(parts) + ".") if parts else ""
+
     def restage(
         self,
         threshold: float | None = None,
@@ -190,7 +233,7 @@ class CaseResult:
         self.tnm9 = staging.tnm9
         self.deciding_stations = staging.deciding_stations
         self.groups = staging.groups
-        self.explanation = staging.explanation()
+        self.explanation = " ".join(t for t in (staging.explanation(), self.node_explanation()) if t)
 
     # ----- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -224,8 +267,9 @@ class CaseResult:
     CSV_COLUMNS = ("case_id", "station", "label", "present", "probability", "status", "override", "suv_max",
                    "suv_peak", "agreement", "volume_ml", "centre_x_mm", "centre_y_mm", "centre_z_mm", "group",
                    "flags")
-    #: Columns added when a node model ran: lymph nodes in the station and the largest short axis (mm).
-    NODE_CSV_COLUMNS = ("n_nodes", "max_short_axis_mm")
+    #: Columns added when a node model ran: lymph nodes in the station, the largest short axis (mm), the most
+    #: suspicious node's id and the station's probability from its nodes (node classifier).
+    NODE_CSV_COLUMNS = ("n_nodes", "max_short_axis_mm", "top_node", "node_probability")
 
     @property
     def csv_columns(self) -> tuple[str, ...]:
@@ -236,13 +280,14 @@ class CaseResult:
         """One dict per station with the ``csv_columns`` (None where a value is missing)."""
         rows = []
         per_station = self.station_nodes()
+        top = self.top_nodes()
         for s in self.stations:
             c = s.centre_mm or (None, None, None)
             values = (self.case_id, s.name, s.label, int(s.present), s.probability, s.status, s.override,
                       s.suv_max, s.suv_peak, s.agreement, s.volume_ml, c[0], c[1], c[2],
                       self.groups.get(s.name), ";".join(s.flags))
             if self.nodes is not None:
-                values += per_station[s.name]
+                values += (*per_station[s.name], top[s.name]["id"] if s.name in top else None, s.node_probability)
             rows.append(dict(zip(self.csv_columns, values, strict=True)))
         return rows
 
@@ -263,7 +308,8 @@ class CaseResult:
     def text_table(self, truth: list[str] | None = None) -> str:
         """The station table as aligned text (every station; with ``truth``, a column marking true positives).
 
-        A result computed with the synthetic demo atlases or the demo model starts with ``demo_banner``; stations
+        A result computed with the synthetic demo atlases or the demo model starts with ``demo_banner``; a CT
+        assessed without PET (``modality`` "ct") has a "CT only (no PET)" line before the header; stations
         with station-mapping flags get a "mapping" column; with lymph nodes, the columns "nodes" (count) and
         "short" (largest short axis, mm).
         """
@@ -274,13 +320,17 @@ class CaseResult:
                    for st in self.stations}
         head = f"{'station':8s} {'p':>6s} {'status':9s} {'SUVmax':>7s} {'SUVpeak':>7s} {'agree':>6s}"
         per_station = self.station_nodes()
+        top = self.top_nodes()
+        node_probs = any(st.node_probability is not None for st in self.stations)
         if per_station:
-            head += f" {'nodes':>5s} {'short':>5s}"
+            head += f" {'nodes':>5s} {'short':>5s} {'top':>4s}" + (f" {'p_node':>6s}" if node_probs else "")
         if truth is not None:
             head += f"  {'truth':9s}"
         if any(mapping.values()):
             head += "  mapping"
         lines = [self.demo_banner] if self.demo_banner else []
+        if self.modality == MODALITY_CT:
+            lines.append("CT only (no PET): no SUV figures; station probabilities from a CT-only model")
         lines.append(head.rstrip())
         true_set = set(truth or [])
         for st in self.stations:
@@ -288,7 +338,10 @@ class CaseResult:
                     f"{f(st.suv_peak, '7.2f')} {f(st.agreement, '6.2f')}")
             if per_station:
                 count, largest = per_station[st.name]
-                line += f" {count:5d} {f(largest, '.1f'):>5s}"
+                tid = str(top[st.name]["id"]) if st.name in top else "-"
+                line += f" {count:5d} {f(largest, '.1f'):>5s} {tid:>4s}"
+                if node_probs:
+                    line += f" {f(st.node_probability, '6.3f')}"
             if truth is not None:
                 line += f"  {'malignant' if st.name in true_set else '':9s}"
             if mapping[st.name]:

@@ -1,5 +1,6 @@
 """SUV figures of the stations: SUVmax, SUVpeak (mean of the hottest 1 cm^3 sphere) and volume, inside a station map.
-The assessment reports them and the SUVmax-threshold baseline of the evaluation uses them."""
+The assessment reports them and the SUVmax-threshold baseline of the evaluation uses them; a CT assessed without PET
+gets the volumes alone (:func:`station_volume_stats`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from ..staging.stations import NUM_STATIONS, STATION_NAMES
 
 #: Radius of the sphere of 1 cm^3 used for SUVpeak, in mm.
 SUVPEAK_RADIUS_MM = (3.0 / (4.0 * np.pi) * 1000.0) ** (1.0 / 3.0)
+
+
+def station_volume_stats(station_map: sitk.Image) -> dict[str, dict[str, float]]:
+    """Volume in ml of every station present in the map, by station name (``{"4R": {"volume_ml": 3.2}, ...}``): the
+    figures of :func:`station_suv_stats` that need no PET."""
+    labels = sitk.GetArrayViewFromImage(station_map)
+    voxel_ml = float(np.prod(station_map.GetSpacing())) / 1000.0
+    counts = np.bincount(np.clip(labels.ravel(), 0, NUM_STATIONS + 1).astype(np.int64), minlength=NUM_STATIONS + 2)
+    return {STATION_NAMES[v - 1]: {"volume_ml": float(counts[v]) * voxel_ml}
+            for v in range(1, NUM_STATIONS + 1) if counts[v] > 0}
 
 
 def station_suv_stats(pet: sitk.Image, station_map: sitk.Image, *, peak: bool = True) -> dict[str, dict[str, float]]:
@@ -29,7 +40,7 @@ def station_suv_stats(pet: sitk.Image, station_map: sitk.Image, *, peak: bool = 
                              indexing="ij")
     ball = (zz**2 + yy**2 + xx**2) <= SUVPEAK_RADIUS_MM**2
     kernel = ball.astype(np.float32)
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    volumes = station_volume_stats(station_map)
     present = np.unique(labels)
     present = present[(present >= 1) & (present <= NUM_STATIONS)]
     out: dict[str, dict[str, float]] = {}
@@ -47,9 +58,9 @@ def station_suv_stats(pet: sitk.Image, station_map: sitk.Image, *, peak: bool = 
             den = ndimage.convolve(m, kernel, mode="constant")
             mean = np.where(m > 0, num / np.maximum(den, 1e-6), -np.inf)
             peaks.append(float(mean.max()))
-        counts = ndimage.sum(np.ones_like(suv), labels, idx)
-        for k, (v, m, c) in enumerate(zip(idx, maxima, counts, strict=True)):
-            out[STATION_NAMES[v - 1]] = {"suv_max": float(m), "volume_ml": float(c) * voxel_ml}
+        for k, (v, m) in enumerate(zip(idx, maxima, strict=True)):
+            name = STATION_NAMES[v - 1]
+            out[name] = {"suv_max": float(m), "volume_ml": volumes[name]["volume_ml"]}
             if peak:
                 out[STATION_NAMES[v - 1]]["suv_peak"] = peaks[k]
     return out

@@ -70,6 +70,8 @@ def calibrate_model(model: str | Path, cohort_csv: str | Path, out: str | Path, 
     cases = case_samples(rows, resolve_atlas_set(atlases), cache_dir, device=dev.torch, pet_is_suv=pet_is_suv,
                          progress=progress)
     clf = station_classifier_of(net)
+    if not clf.config.uses_pet:  # a CT-only model sees the cases as it was trained: without PET
+        cases = [c.without_pet() for c in cases]
     strategy = str(manifest.get("strategy") or ("ts1" if manifest.get("kind") == "station" else "ts2"))
     rules = str(manifest.get("rules") or manifest.get("model_config", {}).get("rules") or "ajcc8")
     metrics = _evaluate(strategy, net, cases, clf.config.patch_size, clf.config.patch_spacing, rules,

@@ -60,7 +60,7 @@ class CaseSample:
 
     patient_id: str
     ct: sitk.Image
-    pet: sitk.Image
+    pet: sitk.Image | None  # None: CT alone
     sampler: StationSampler
     side: str
     n_stage: int = UNKNOWN
@@ -107,7 +107,12 @@ class CaseSample:
         box = self.sampler.bounding_box_mm(margin_mm)
         if box is None:
             return self
-        return dataclasses.replace(self, ct=crop_to_box(self.ct, *box), pet=crop_to_box(self.pet, *box))
+        return dataclasses.replace(self, ct=crop_to_box(self.ct, *box),
+                                   pet=None if self.pet is None else crop_to_box(self.pet, *box))
+
+    def without_pet(self) -> CaseSample:
+        """The same case as a CT-only model sees it: no PET, no SUV features."""
+        return dataclasses.replace(self, pet=None, features=None)
 
 
 def data_fingerprint(cases: Sequence[CaseSample]) -> str:
@@ -115,7 +120,7 @@ def data_fingerprint(cases: Sequence[CaseSample]) -> str:
     rows = []
     for c in cases:
         rows.append(json.dumps([c.patient_id, c.study, c.side, int(c.n_stage), c.station_labels.tolist(),
-                                c.present.astype(int).tolist(), sitk.Hash(c.ct), sitk.Hash(c.pet)]))
+                                c.present.astype(int).tolist(), sitk.Hash(c.ct), "" if c.pet is None else sitk.Hash(c.pet)]))
     return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
 
 
@@ -189,8 +194,8 @@ def random_transform(centre_mm: np.ndarray, rng: np.random.Generator, cfg: Augme
 def case_patches(case: CaseSample, stations: Sequence[int], rng: np.random.Generator | None, patch_size: int,
                  spacing: float, sampling: str = "weight_map", augment: AugmentConfig | None = None,
                  instances: int = 1) -> np.ndarray:
-    """Patches (len(stations), 2, s, s, s) of present stations, or bags (len(stations), K, 2, s, s, s) with
-    ``instances`` K > 1: weighted random centres (training) or the deterministic ones of ``StationSampler.bag``.
+    """Patches (len(stations), C, s, s, s) of present stations (C = 2, or 1 for a case without PET), or bags
+    (len(stations), K, C, s, s, s) with ``instances`` K > 1: weighted random centres (training) or the deterministic ones of ``StationSampler.bag``.
 
     ``rng`` None means inference: centroid (and spread) patches, no augmentation.
     """
@@ -293,7 +298,7 @@ class CaseDataset(Dataset):
         idx = np.flatnonzero(present)
         s = self.patch_size
         bag = (self.instances,) if self.instances > 1 else ()
-        patches = np.zeros((NUM_STATIONS, *bag, 2, s, s, s), dtype=np.float32)
+        patches = np.zeros((NUM_STATIONS, *bag, 1 if case.pet is None else 2, s, s, s), dtype=np.float32)
         if idx.size:
             patches[idx] = case_patches(case, idx.tolist(), rng, s, self.spacing, self.sampling, self.augment,
                                         self.instances)
@@ -547,6 +552,12 @@ def train(strategy: str, train_cases: Sequence[CaseSample], val_cases: Sequence[
     out_dir = Path(out_dir)
     if not train_cases:
         raise UsageError("no training cases")
+    if not mconfig.uses_pet:  # CT-only mode: the PET and its SUV features stay unseen
+        train_cases = [c.without_pet() for c in train_cases]
+        val_cases = [c.without_pet() for c in val_cases]
+    elif any(c.pet is None for c in (*train_cases, *val_cases)):
+        missing = next(c.patient_id for c in (*train_cases, *val_cases) if c.pet is None)
+        raise UsageError(f"{missing} has no PET: train a CT-only model (modality ct) or give the PET")
     device = _device(tconfig.device)
     batch_size = tconfig.batch_size or (64 if strategy == "ts1" else 16)
     if tconfig.patch_spacing is not None and float(tconfig.patch_spacing) != mconfig.patch_spacing:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from case_fixtures import phantom_case_files
-from node_fixtures import torch_threads
+from node_fixtures import tiny_node_classifier, torch_threads
 
 from LymphNodeStagingLib.assessment.assess import assess_case
 from LymphNodeStagingLib.assessment.overview import NODE_OUTLINE
@@ -26,7 +26,7 @@ from LymphNodeStagingLib.staging.result import CaseResult
 from LymphNodeStagingLib.staging.stations import STATION_NAMES
 
 NODE_KEYS = {"id", "station", "centre_mm", "short_axis_mm", "long_axis_mm", "volume_ml", "mean_hu", "score", "voxels",
-             "suv_max", "suv_mean", "suv_peak"}
+             "suv_max", "suv_mean", "suv_peak", "probability"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,9 @@ def assess(case, out, **kwargs):
 def with_nodes(case, trained_snet, tmp_path_factory):
     out = tmp_path_factory.mktemp("with-nodes")
     seen: list[str] = []
-    res = assess(case, out, node_model=trained_snet[1].checkpoint, progress=lambda p: seen.append(p.message))
+    clf = tiny_node_classifier(out.parent / f"{out.name}-node-classifier.pt")
+    res = assess(case, out, node_model=trained_snet[1].checkpoint, node_classifier=clf,
+                 progress=lambda p: seen.append(p.message))
     return res, out, seen
 
 
@@ -60,6 +62,7 @@ def test_result_lists_the_nodes_and_the_instance_map_holds_them(with_nodes, case
         assert 0 < n["short_axis_mm"] <= n["long_axis_mm"] and n["volume_ml"] > 0 and 0 < n["score"] <= 1
         assert n["station"] is None or n["station"] in STATION_NAMES
         assert n["suv_max"] is not None and n["suv_mean"] <= n["suv_peak"] + 1e-6 <= n["suv_max"] + 2e-6
+        assert 0.0 <= n["probability"] <= 1.0
     assert r.model["node_model"]["path"] == str(trained_snet[1].checkpoint) and r.model["node_model"]["file_sha256"]
     # nodes.nii.gz: instance ids 1..n on the CT grid, each as many voxels as its record says
     ct = sitk.ReadImage(str(case["paths"]["ct"]))
@@ -88,7 +91,7 @@ def test_result_json_and_station_table(with_nodes):
     back = CaseResult.read_json(out / "result.json")
     assert back.nodes == r.nodes and back.station_nodes() == r.station_nodes()
     rows = list(csv.DictReader((out / "result.csv").read_text().splitlines()))
-    assert list(rows[0]) == [*CaseResult.CSV_COLUMNS, "n_nodes", "max_short_axis_mm"]
+    assert list(rows[0]) == [*CaseResult.CSV_COLUMNS, "n_nodes", "max_short_axis_mm", "top_node", "node_probability"]
     for row in rows:
         mine = [n for n in r.nodes if n["station"] == row["station"]]
         assert int(row["n_nodes"]) == len(mine), row["station"]
@@ -100,7 +103,30 @@ def test_result_json_and_station_table(with_nodes):
     assert list(frame.columns) == list(r.csv_columns) and frame["n_nodes"].sum() == sum(1 for n in r.nodes
                                                                                        if n["station"])
     head = next(line for line in r.text_table().splitlines() if line.startswith("station"))
-    assert head.split()[-2:] == ["nodes", "short"]
+    assert head.split()[-4:] == ["nodes", "short", "top", "p_node"]
+
+
+def test_node_probabilities_and_the_most_suspicious_node_of_each_station(with_nodes):
+    res, out, _ = with_nodes
+    r = res.result
+    assert "node_classifier" in r.timings_s and r.model["node_classifier"]["modality"] == "petct"
+    top = r.top_nodes()
+    for st in r.stations:
+        mine = [n for n in r.nodes if n["station"] == st.name]
+        if not st.present:
+            continue
+        assert 0.0 <= st.node_probability <= 1.0
+        if mine:
+            assert top[st.name]["probability"] == max(n["probability"] for n in mine)
+            # a station's probability from its nodes is its most suspicious node's (max pooling, no calibration)
+            assert st.node_probability == pytest.approx(top[st.name]["probability"], abs=1e-6)
+        else:
+            assert st.node_probability == pytest.approx(0.05) and st.name not in top  # the prior
+    rows = {row["station"]: row for row in csv.DictReader((out / "result.csv").read_text().splitlines())}
+    for name, n in top.items():
+        assert rows[name]["top_node"] == str(n["id"])
+    back = CaseResult.read_json(out / "result.json")
+    assert [s.node_probability for s in back.stations] == [s.node_probability for s in r.stations]
 
 
 def test_overview_outlines_the_nodes(with_nodes):

@@ -173,3 +173,86 @@ def test_two_fold_evaluation_end_to_end(tiny_cohort, tmp_path, capsys):
                  "--bootstrap", "20", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["methods"] == ["best.pt"] and (model_out / "report.md").is_file()
+
+
+def test_method_specs_of_node_methods_and_modalities():
+    config = EvaluationConfig(methods=("threshold", "fusion", "short-axis", "node-suvmax"), modalities=("petct", "ct"))
+    specs = method_specs(config)
+    names = [s.name for s in specs]
+    # fusion brings its station CNN and node classifier (dependencies first); CT-only rows end in -ct, PET methods
+    # are left out of the CT-only run and short-axis (CT) appears once
+    assert names == ["ts1", "threshold", "nodes-mil", "fusion", "short-axis", "node-suvmax", "ts1-ct",
+                     "nodes-mil-ct", "fusion-ct"]
+    by = {s.name: s for s in specs}
+    assert by["ts1-ct"].model == {"in_channels": 1, "hybrid": False} and by["ts1-ct"].modality == "ct"
+    assert by["fusion-ct"].fusion_of == ("ts1-ct", "nodes-mil-ct") and by["nodes-mil-ct"].modality == "ct"
+    assert by["short-axis"].kind == "node-rule" and by["short-axis"].node_rule == "short-axis"
+    only_ct = [s.name for s in method_specs(EvaluationConfig(methods=("ts1", "threshold"), modalities=("ct",)))]
+    assert only_ct == ["ts1-ct"]
+    with pytest.raises(UsageError, match="--modality"):
+        EvaluationConfig(modalities=("pet",))
+
+
+def test_node_methods_end_to_end_with_ct_only(tiny_cohort, tmp_path, capsys):
+    out = tmp_path / "eval-nodes"
+    args = ["evaluate", str(tiny_cohort), "--out", str(out), "--folds", "2",
+            "--strategy", "fusion,short-axis,node-combined", "--modality", "both", "--small",
+            "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8", "--node-epochs", "2",
+            "--bootstrap", "20", "--permutations", "50", "--reference", "truth",
+            "--atlases", str(tiny_cohort.parent / "atlases"), "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["methods"] == ["ts1", "nodes-mil", "fusion", "short-axis", "node-combined", "ts1-ct", "nodes-mil-ct",
+                              "fusion-ct"]
+    # N+ against N0 AUC for every method, node-level AUC against the phantom's node truth
+    for m in res["methods"]:
+        assert "stage.n_auc" in res["summary"][m]
+    assert set(res["node_level"]) == set(res["methods"])
+    for d in res["node_level"].values():
+        assert d["malignant_nodes"] + d["benign_nodes"] > 0
+    report = (out / "report.md").read_text()
+    assert "N+ AUC" in report and "## Node level" in report and "| fusion-ct |" in report
+    # probability methods are calibrated (ECE reported), the node rules are scores
+    assert {"nodes-mil", "fusion", "nodes-mil-ct", "fusion-ct", "ts1-ct"} <= set(res["calibration"])
+    assert "short-axis" not in res["calibration"]
+    ct_model = json.loads((out / "folds" / "fold0" / "ts1-ct" / "best.json").read_text())
+    assert ct_model["manifest"]["model_config"]["in_channels"] == 1
+    node_ct = json.loads((out / "folds" / "fold0" / "nodes-mil-ct" / "best.json").read_text())
+    assert node_ct["manifest"]["model_config"]["modality"] == "ct"
+    fusion = json.loads((out / "folds" / "fold0" / "fusion" / "predictions.json").read_text())
+    assert fusion["params"]["fusion"]["features"] == ["station_cnn_logit", "node_logit", "has_node", "log_short_axis",
+                                                      "log_node_suvmax"]
+    assert len(fusion["params"]["fusion"]["weights"]) == 5
+    assert len(fusion["node_score"]) == len(fusion["scan_ids"])
+    # the operating threshold is tuned for the N-stage, the station one for the balanced accuracy (reported beside)
+    assert 0.0 <= fusion["params"]["threshold"] <= 1.0 and 0.0 <= fusion["params"]["station_threshold"] <= 1.0
+    points = res["station_operating_points"]
+    assert set(points) == set(res["methods"]) and points["short-axis"]["thresholds"] == [10.0, 10.0]
+    assert "## Station decisions at the station-tuned threshold" in report
+
+
+def test_train_node_classifier_command(tiny_cohort, tmp_path, capsys):
+    from LymphNodeStagingLib.nodes.malignancy import load_node_classifier
+    from LymphNodeStagingLib.preflight.parameters import check_node_classifier
+
+    out = tmp_path / "node-clf"
+    args = ["train-node-classifier", str(tiny_cohort), "--out", str(out), "--modality", "ct", "--epochs", "2",
+            "--val-fraction", "0.25", "--atlases", str(tiny_cohort.parent / "atlases"), "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["checkpoint"] == str(out / "best.pt") and res["epochs_run"] == 2
+    clf = load_node_classifier(out / "best.pt")
+    assert clf.config.modality == "ct" and clf.manifest["data"]["train_patients"] >= 5
+    assert list(out.glob("nodes/*.npz"))  # the detected nodes are cached for a second run
+    # a CT-only classifier serves a case without PET; a PET/CT one is refused for it, naming the parameter
+    assert check_node_classifier(out / "best.pt", has_pet=False).config.modality == "ct"
+    from node_fixtures import tiny_node_classifier
+
+    petct = tiny_node_classifier(tmp_path / "petct.pt", "petct")
+    with pytest.raises(UsageError, match="--node-classifier .*reads the PET"):
+        check_node_classifier(petct, has_pet=False)
+    # usage errors: exit code 2, no traceback
+    assert main(["train-node-classifier", str(tiny_cohort), "--out", str(tmp_path / "x"), "--modality", "pet"]) == 2
+    assert main(["train-node-classifier", str(tiny_cohort), "--out", str(tmp_path / "y"),
+                 "--node-model", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt" in capsys.readouterr().err

@@ -230,3 +230,23 @@ def test_render_shows_each_node_in_its_station_colour(tmp_path):
     assert max(r, g, b) - min(r, g, b) < 12 and r > 120, (r, g, b)  # no station: light grey
     # radiological convention: 4R (patient right) on the left of the picture
     assert shot["pixels"]["4R"].x < shot["pixels"]["4L"].x
+
+
+def test_node_probabilities_in_the_node_and_station_tables(app):
+    case, node_map = case_with_nodes()
+    r = case.result
+    for i, n in enumerate(r.nodes):
+        n["probability"] = 0.1 + 0.2 * i
+    for st in r.stations:
+        st.node_probability = 0.5 if st.name == "4R" else None
+    nodes = mrml.show_result(app.scene, r, case.stations, node_map=node_map)
+    table = nodes.node_table.GetTable()
+    for row, n in enumerate(r.nodes):
+        assert table.GetValueByName(row, "Probability").ToDouble() == pytest.approx(n["probability"])
+    stations = nodes.table.GetTable()
+    names = [stations.GetValueByName(i, "Station").ToString() for i in range(stations.GetNumberOfRows())]
+    i4r = names.index("4R")
+    top = next(n for n in r.nodes if n["station"] == "4R")
+    assert stations.GetValueByName(i4r, "TopNode").ToString() == str(top["id"])
+    assert stations.GetValueByName(i4r, "NodeProbability").ToDouble() == pytest.approx(0.5)
+    assert stations.GetValueByName(names.index("1L"), "TopNode").ToString() == ""

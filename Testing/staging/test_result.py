@@ -76,13 +76,41 @@ def test_lymph_nodes_round_trip_and_per_station_counts(tmp_path):
     back = CaseResult.read_json(r.write_json(tmp_path / "result.json"))
     assert back == r and back.nodes == r.nodes
     rows = list(csv.DictReader(io.StringIO(r.to_csv())))
-    assert list(rows[0])[-2:] == ["n_nodes", "max_short_axis_mm"]
+    assert list(rows[0])[-4:] == ["n_nodes", "max_short_axis_mm", "top_node", "node_probability"]
     assert (rows[7]["n_nodes"], rows[7]["max_short_axis_mm"]) == ("2", "12.5") and rows[0]["n_nodes"] == "0"
+    assert rows[7]["top_node"] == "1" and rows[7]["node_probability"] == ""  # the largest; no node classifier ran
     line = next(x for x in r.text_table().splitlines() if x.startswith("4R "))
-    assert line.split()[-2:] == ["2", "12.5"]
+    assert line.split()[-3:] == ["2", "12.5", "1"]
     assert r.restage(threshold=0.9).nodes == r.nodes  # re-staging keeps the nodes
     old = r.to_dict()
     del old["nodes"]  # a result written before node detection existed
     assert CaseResult.from_dict(old).nodes is None
     with pytest.raises(LNSError, match="'nodes' must be a list"):
         CaseResult.from_dict({**r.to_dict(), "nodes": {"1": node}})
+
+
+def test_most_suspicious_nodes_and_the_nodes_that_decided_the_stage():
+    probs = {name: 0.05 for name in ("1R", "2R", "4R", "7", "10R")}
+    probs["4R"] = 0.9
+    r = make_case_result("C1", "R", probs, threshold=0.5)
+    r.nodes = [
+        {"id": 1, "station": "4R", "short_axis_mm": 14.0, "probability": 0.40},
+        {"id": 2, "station": "4R", "short_axis_mm": 7.0, "probability": 0.93},
+        {"id": 3, "station": "7", "short_axis_mm": 11.0},
+        {"id": 4, "station": None, "short_axis_mm": 5.0, "probability": 0.99},
+    ]
+    top = r.top_nodes()
+    assert top["4R"]["id"] == 2 and top["7"]["id"] == 3 and set(top) == {"4R", "7"}
+    r.station("4R").node_probability = 0.93
+    r = r.restage()
+    assert r.deciding_stations == ["4R"]
+    assert "Deciding nodes: 4R: node 2 (short axis 7.0 mm, p 0.93)." in r.explanation
+    rows = {row["station"]: row for row in r.table_rows()}
+    assert rows["4R"]["top_node"] == 2 and rows["4R"]["node_probability"] == 0.93 and rows["1R"]["top_node"] is None
+    # without probabilities the largest short axis is the most suspicious node
+    r.nodes = [{k: v for k, v in n.items() if k != "probability"} for n in r.nodes]
+    assert r.top_nodes()["4R"]["id"] == 1
+    assert "node 1 (short axis 14.0 mm)" in r.restage().explanation
+    # without nodes the explanation is the rule set's alone
+    r.nodes = None
+    assert "Deciding nodes" not in r.restage().explanation

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_model(p)
     options.add_atlases(p)
     options.add_map_store(p)
+    options.add_station_method(p)
     p.add_argument("--steps", default=None,
                    help="comma-separated steps among suv,anatomy,stations,assess (default all; the steps they "
                         "depend on are added)")
@@ -87,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                             atlases=args.atlases, steps=args.steps, scheduler=args.scheduler,
                             retry_failed=args.retry_failed, rules=args.rules, progress=report,
                             threads_per_worker=args.threads, pet_is_suv=args.pet_is_suv,
-                            suv_mode=args.suv_mode, registration=registration, map_store=args.cache)
+                            suv_mode=args.suv_mode, registration=registration, map_store=args.cache,
+                            method=args.method, station_model=args.station_model)
     finally:
         close()
     obj = {"out": str(summary.out_dir), "counts": summary.counts, "this_run": summary.this_run,

@@ -27,8 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_out(p)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--strategy", default="ts1,threshold",
-                   help="methods, comma-separated or 'all': ts1, ts2, ts3, threshold (SUVmax), lesion (lesion mask "
-                   "overlap; needs lesion_path) (default ts1,threshold)")
+                   help="methods, comma-separated or 'all': ts1, ts2, ts3, threshold (station SUVmax), lesion (lesion "
+                   "mask overlap; needs lesion_path), nodes-mil (node classifier trained from station labels), fusion "
+                   "(station CNN + node classifier), short-axis (a node's short axis >= 10 mm), node-suvmax (a node's "
+                   "SUVmax >= 2.5), node-combined (either) (default ts1,threshold)")
+    p.add_argument("--modality", choices=["petct", "ct", "both"], default="petct",
+                   help="petct (default), ct (every learned method trained and tested without the PET; methods that "
+                   "need the PET are left out) or both (each learned method twice; the CT-only rows end in -ct)")
+    p.add_argument("--node-model", metavar="CKPT",
+                   help="node segmentation model of the node methods (default: the bundled one)")
+    p.add_argument("--node-epochs", type=options.positive_int, default=20, help="node classifier epochs (default 20)")
+    p.add_argument("--node-patch-spacing", type=options.positive_float, default=2.0,
+                   help="mm per voxel of the 32 mm node patches (default 2)")
+    p.add_argument("--node-pos-weight", type=options.positive_float, default=10.0,
+                   help="weight of a malignant station's term in the node classifier's loss (default 10)")
     p.add_argument("--ablation", action="append", default=[],
                    help="centroid (TS1 on fixed centroid patches), no-pseudo (TS2 without pseudo-label loss), "
                    "rules (TS1 staged with the other rule set), atlases=K (TS1 on maps from K atlases), and the TS1 "
@@ -79,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
         ts23_max_steps=args.ts23_steps, augment=not args.no_augment, lr=args.lr, small=args.small, patch_spacing=args.patch_spacing,
         device=args.device.torch, pet_is_suv=args.pet_is_suv, n_boot=args.bootstrap,
         n_permutations=args.permutations, model=options.classifier_options(args),
-        mil_instances=args.mil_instances)
+        mil_instances=args.mil_instances,
+        modalities=("petct", "ct") if args.modality == "both" else (args.modality,), node_model=args.node_model,
+        node_epochs=args.node_epochs, node_patch_spacing=args.node_patch_spacing,
+        node_pos_weight=args.node_pos_weight)
     show = options.progress_printer(args)
     if args.model:
         res = evaluate_model(args.cohort, args.model, args.out, config, atlases=args.atlases, cache_dir=args.cache,

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train the classifier (TS1/TS2/TS3) on a cohort CSV",
         description="Train on a cohort. Validation rows: the cohort's split column (val/validation; test rows are "
         "left out), else a stratified patient-level 20 %% share. Station maps are cached (OUT/cases or --cache) so "
-        "a second run skips the registration. An interrupted run resumes from OUT/last.pt.",
+        "a second run skips the registration. An interrupted run resumes from OUT/last.pt. With --modality ct the "
+        "station classifier reads the CT alone (a CT-only model: `lnstaging assess` without --pet needs one).",
     )
     p.add_argument("cohort", metavar="COHORT.csv")
     p.add_argument("--strategy", required=True, choices=["ts1", "ts2", "ts3"])
@@ -36,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="data-loading processes that cut the patches while the GPU trains (default 0)")
     options.add_classifier_options(p)
+    options.add_modality(p)
     options.add_map_store(p)
     options.add_atlases(p)
     options.add_rules(p, default=None, help="rule set for validation N-staging (default: the model's)")
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ...training.from_cohort import train_from_cohort
 
     options.check_out(args)
+    model_options = {**options.classifier_options(args), **options.modality_options(args)}
     options.apply_runtime(args)
     res = train_from_cohort(
         args.cohort, args.out, strategy=args.strategy, init=args.init, epochs=args.epochs,
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         pseudo_loss=not args.no_pseudo_loss, max_steps_per_epoch=args.max_steps_per_epoch, small=args.small,
         atlases=args.atlases, rules=args.rules, pet_is_suv=args.pet_is_suv, val_fraction=args.val_fraction,
         device=args.device, progress=options.progress_printer(args), patch_spacing=args.patch_spacing,
-        cache_dir=args.cache, model_options=options.classifier_options(args), amp=args.amp, workers=args.workers)
+        cache_dir=args.cache, model_options=model_options, amp=args.amp, workers=args.workers)
     d = res.to_dict()
     text = (f"{args.strategy}: {res.epochs_run} epochs, best epoch {res.best_epoch} "
             f"(validation {res.best_metric:.3f}), threshold {res.threshold:.2f}\ncheckpoint: {res.checkpoint}")

@@ -1,0 +1,1 @@
+"""Station segmentation network: the mediastinum and the 17 lymph node stations straight from the CT."""
