@@ -198,7 +198,8 @@ def write_report(run, config, split, cohort_csv, model: Path | None = None) -> d
                "![Reliability](figures/reliability.png)", ""]
     cut = _cutoffs(run)
     if cut:
-        md += ["## Cut-offs chosen on the training patients of each fold", "", cut]
+        md += ["## Cut-offs of each fold", "", "SUVmax and lesion overlap: chosen on the training and validation "
+               "patients; probabilities: tuned on the validation patients.", "", cut]
     md += ["## Figures", "", "![Summary](figures/summary.png)", ""]
     for name in run.results:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
