@@ -126,6 +126,14 @@ class WorkingGrid:
         img.SetSpacing(self.spacing)
         return img
 
+    def resample(self, image: sitk.Image, nearest: bool = False, default: float = 0.0) -> np.ndarray:
+        """``image`` on this grid as a (z, y, x) array: linear to float32, or nearest neighbour keeping the pixel
+        type; ``default`` outside the image."""
+        pixel = image.GetPixelID() if nearest else sitk.sitkFloat32
+        out = sitk.Resample(image, self.reference(pixel), sitk.Transform(),
+                            sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, default, pixel)
+        return sitk.GetArrayFromImage(out)
+
     def image(self, array: np.ndarray) -> sitk.Image:
         """A (z, y, x) array of this grid's shape as an image on the grid."""
         if tuple(array.shape) != self.shape:
@@ -188,15 +196,9 @@ def working_grid(box: CropBox, config: NodeDataConfig) -> WorkingGrid:
                        tuple(int(v) for v in want))
 
 
-def _resample(image: sitk.Image, grid: WorkingGrid, interpolator: int, default: float, pixel: int) -> np.ndarray:
-    ref = grid.reference(pixel)
-    out = sitk.Resample(image, ref, sitk.Transform(), interpolator, default, pixel)
-    return sitk.GetArrayFromImage(out)
-
-
 def ct_on_grid(ct: sitk.Image, grid: WorkingGrid, config: NodeDataConfig) -> np.ndarray:
     """The windowed CT (0..1, float32) on the working grid; air outside the CT."""
-    hu = _resample(ct, grid, sitk.sitkLinear, CT_OUTSIDE_HU, sitk.sitkFloat32)
+    hu = grid.resample(ct, default=CT_OUTSIDE_HU)
     return window_ct(hu, config.window)
 
 
@@ -302,8 +304,8 @@ def make_case(case_id: str, ct: sitk.Image, nodes: sitk.Image, config: NodeDataC
     box = node_crop(ct, anatomy, stations, config.margin_mm)
     grid = working_grid(box, config)
     image = ct_on_grid(ct, grid, config)
-    truth = _resample(node_instances(nodes, f"node map of {case_id}"), grid, sitk.sitkNearestNeighbor, 0,
-                      sitk.sitkUInt32).astype(np.int32)
+    truth = grid.resample(sitk.Cast(node_instances(nodes, f"node map of {case_id}"), sitk.sitkUInt32),
+                          nearest=True).astype(np.int32)
     return NodeCase(case_id, patient_id or case_id, image, truth, grid, box, split)
 
 

@@ -29,6 +29,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..errors import InputError, UsageError
+from ..nodes.data import WorkingGrid
+from ..nodes.data import window_ct as window_centre_width
 
 #: Working spacing (x, y, z) in mm.
 STATION_SPACING_MM: tuple[float, float, float] = (4.0, 4.0, 4.0)
@@ -78,33 +80,6 @@ class StationDataConfig:
         return cls(**data)
 
 
-@dataclass
-class Grid:
-    """An axis-aligned grid: ``origin`` (centre of voxel 0, LPS mm), ``spacing`` and ``size`` (x, y, z)."""
-
-    origin: tuple[float, float, float]
-    spacing: tuple[float, float, float]
-    size: tuple[int, int, int]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Array shape (z, y, x)."""
-        return (self.size[2], self.size[1], self.size[0])
-
-    def reference(self, pixel: int = sitk.sitkFloat32) -> sitk.Image:
-        img = sitk.Image([int(s) for s in self.size], pixel)
-        img.SetOrigin(self.origin)
-        img.SetSpacing(self.spacing)
-        return img
-
-    def resample(self, image: sitk.Image, nearest: bool = False, default: float = 0.0) -> np.ndarray:
-        """``image`` on this grid as a (z, y, x) array (linear to float32, or nearest keeping the pixel type)."""
-        pixel = image.GetPixelID() if nearest else sitk.sitkFloat32
-        out = sitk.Resample(image, self.reference(pixel), sitk.Transform(),
-                            sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, default, pixel)
-        return sitk.GetArrayFromImage(out)
-
-
 def _extent(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """World (LPS) bounds of the voxel centres of ``image`` (any direction)."""
     size = np.array(image.GetSize()) - 1
@@ -119,7 +94,7 @@ def lung_box(ct: sitk.Image, margin_mm: float = LUNG_MARGIN_MM) -> tuple[np.ndar
     lo, hi = _extent(ct)
     step = np.full(3, LUNG_SEARCH_MM)
     size = np.maximum(np.floor((hi - lo) / step).astype(int) + 1, 1)
-    coarse = Grid(tuple(lo), tuple(step), tuple(int(s) for s in size)).resample(ct, default=OUTSIDE_HU)
+    coarse = WorkingGrid(tuple(lo), tuple(step), tuple(int(s) for s in size)).resample(ct, default=OUTSIDE_HU)
     body = coarse > BODY_HU
     labels, n = ndimage.label(body)
     found = False
@@ -139,19 +114,19 @@ def lung_box(ct: sitk.Image, margin_mm: float = LUNG_MARGIN_MM) -> tuple[np.ndar
     return lo, hi, found
 
 
-def working_grid(lower: np.ndarray, upper: np.ndarray, config: StationDataConfig, divisor: int) -> Grid:
+def working_grid(lower: np.ndarray, upper: np.ndarray, config: StationDataConfig, divisor: int) -> WorkingGrid:
     """The grid of ``config.spacing`` covering lower..upper, padded (centred) to a multiple of ``divisor``."""
     spacing = np.asarray(config.spacing, float)
     size = np.maximum(np.ceil((np.asarray(upper) - np.asarray(lower)) / spacing - 1e-6).astype(int) + 1, 1)
     want = (np.ceil(size / divisor) * divisor).astype(int)
     origin = np.asarray(lower, float) - (want - size) // 2 * spacing
-    return Grid(tuple(float(v) for v in origin), tuple(float(v) for v in spacing), tuple(int(v) for v in want))
+    return WorkingGrid(tuple(float(v) for v in origin), tuple(float(v) for v in spacing), tuple(int(v) for v in want))
 
 
 def window_ct(hu: np.ndarray, window: Sequence[float] = STATION_WINDOW_HU) -> np.ndarray:
-    """HU -> float32 0..1 over the window (low, high), clipped."""
+    """HU -> float32 0..1 over the window given as (low, high), clipped (the node networks' windowing)."""
     lo, hi = float(window[0]), float(window[1])
-    return np.clip((np.asarray(hu, np.float32) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return window_centre_width(hu, ((lo + hi) / 2.0, hi - lo))
 
 
 @dataclass
@@ -159,7 +134,7 @@ class StationInput:
     """A CT on the network's working grid (windowed, (z, y, x) float32) and how it was made."""
 
     image: np.ndarray
-    grid: Grid
+    grid: WorkingGrid
     lungs_found: bool
 
 
@@ -180,7 +155,7 @@ class StationCase:
     patient_id: str
     image: np.ndarray  # float32 0..1
     labels: np.ndarray  # uint8 0..17
-    grid: Grid
+    grid: WorkingGrid
     split: str | None = None
 
     def fingerprint(self) -> str:

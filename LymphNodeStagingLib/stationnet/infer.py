@@ -26,9 +26,10 @@ from ..mapping.fusion import ABSENT, OK
 from ..mapping.registration import Geometry
 from ..mapping.station_mapping import StationMapping
 from ..mapping.weightmap import station_weight_maps
+from ..nodes.data import WorkingGrid
 from ..runtime import ProgressCallback, reporter
 from ..staging.stations import NUM_STATIONS, STATION_NAMES
-from .data import Grid, prepare_ct
+from .data import prepare_ct
 from .model import StationModel
 from .network import class_probabilities
 
@@ -45,7 +46,7 @@ def predict_probabilities(model: StationModel, image: np.ndarray, device: str = 
         return class_probabilities(model.network(x))[0].float().cpu().numpy()
 
 
-def _output_geometry(ct: sitk.Image, grid: Grid, region: np.ndarray) -> Geometry:
+def _output_geometry(ct: sitk.Image, grid: WorkingGrid, region: np.ndarray) -> Geometry:
     """The crop of the CT grid that covers the region (z, y, x bool on ``grid``) plus OUTPUT_MARGIN_MM."""
     full = Geometry.of(ct)
     idx = np.argwhere(region)
@@ -59,7 +60,7 @@ def _output_geometry(ct: sitk.Image, grid: Grid, region: np.ndarray) -> Geometry
     return full.crop(lo, hi)
 
 
-def _resample_probabilities(probs: np.ndarray, grid: Grid, geom: Geometry, device: str) -> np.ndarray:
+def _resample_probabilities(probs: np.ndarray, grid: WorkingGrid, geom: Geometry, device: str) -> np.ndarray:
     """(18, z, y, x) probabilities of ``grid`` resampled (trilinear) onto ``geom``; outside: background."""
     pts = geom.points().reshape(-1, 3)
     size = np.asarray(grid.size, float)
