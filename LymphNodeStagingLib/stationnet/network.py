@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from ..nodes.networks import ResBlock3d
 from ..staging.stations import NUM_STATIONS
 
 
@@ -66,20 +67,6 @@ class StationNetConfig:
         return cls(channels=(4, 8))
 
 
-class _Res(nn.Module):
-    """conv3-BN-ReLU-conv3-BN + shortcut (1x1x1 conv + BN when the channel count changes), ReLU after the sum."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(),
-                                  nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout))
-        self.shortcut = nn.Identity() if cin == cout else nn.Sequential(nn.Conv3d(cin, cout, 1, bias=False),
-                                                                         nn.BatchNorm3d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
 class StationNetOutput(NamedTuple):
     """Logits of the two heads: mediastinum (B, 1, D, H, W) and stations (B, 17, D, H, W)."""
 
@@ -97,9 +84,9 @@ class StationNet(nn.Module):
         self.down = nn.ModuleList()
         cin = cfg.in_channels
         for c in ch:
-            self.down.append(_Res(cin, c))
+            self.down.append(ResBlock3d(cin, c))
             cin = c
-        self.dec = nn.ModuleList(_Res(ch[lvl + 1] + ch[lvl], ch[lvl]) for lvl in range(len(ch) - 2, -1, -1))
+        self.dec = nn.ModuleList(ResBlock3d(ch[lvl + 1] + ch[lvl], ch[lvl]) for lvl in range(len(ch) - 2, -1, -1))
         self.mediastinum_head = nn.Conv3d(ch[0], 1, 1)
         self.station_head = nn.Conv3d(ch[0], cfg.stations, 1)
 
