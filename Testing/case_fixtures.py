@@ -45,3 +45,17 @@ def phantom_case_files(root: Path, seed: int) -> dict:
                             {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
     mapping = write_truth_mapping(sitk.ReadImage(str(paths["stations"])), root / "mapping")
     return {"paths": paths, "model": str(model), "mapping": str(mapping), "side": patient.truth["tumour_side"]}
+
+
+def ct_only_model(path: Path, seed: int) -> Path:
+    """A seeded, untrained small CT-only station classifier (in_channels 1) saved as a checkpoint."""
+    import torch
+
+    from LymphNodeStagingLib.classifier.checkpoint import save_checkpoint
+    from LymphNodeStagingLib.classifier.model import ModelConfig, build_model
+
+    cfg = ModelConfig.small(32, in_channels=1)
+    torch.manual_seed(seed)
+    return save_checkpoint(path, build_model("station", cfg),
+                           {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
+

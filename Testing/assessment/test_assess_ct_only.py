@@ -13,13 +13,12 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from case_fixtures import phantom_case_files
+from case_fixtures import ct_only_model, phantom_case_files
 from node_fixtures import torch_threads
 
 from LymphNodeStagingLib.assessment.assess import assess_case
 from LymphNodeStagingLib.assessment.process import AssessmentJob, run_assessment_process
-from LymphNodeStagingLib.classifier.checkpoint import file_sha256, save_checkpoint
-from LymphNodeStagingLib.classifier.model import ModelConfig, build_model
+from LymphNodeStagingLib.classifier.checkpoint import file_sha256
 from LymphNodeStagingLib.cli.main import main
 from LymphNodeStagingLib.errors import LNSError, UsageError
 from LymphNodeStagingLib.mapping.station_mapping import read_station_mapping
@@ -32,14 +31,9 @@ from LymphNodeStagingLib.suv.statistics import station_suv_stats, station_volume
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     """The phantom case of ``phantom_case_files`` (its model reads CT and PET) and a CT-only model."""
-    import torch
-
     root = tmp_path_factory.mktemp("assess-ct-only")
     files = phantom_case_files(root, 2718)
-    cfg = ModelConfig.small(32, in_channels=1)
-    torch.manual_seed(1)
-    ct_model = save_checkpoint(root / "ct_model.pt", build_model("station", cfg),
-                               {"kind": "station", "model_config": cfg.to_dict(), "threshold": 0.5})
+    ct_model = ct_only_model(root / "ct_model.pt", seed=1)
     return {**files, "ct_model": str(ct_model), "root": root}
 
 

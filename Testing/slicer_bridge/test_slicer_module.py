@@ -628,3 +628,54 @@ def test_extensions_index_entry_follows_the_catalog_schema_and_the_cmake_metadat
     assert entry["build_dependencies"] == cmake["EXTENSION_DEPENDS"].split()
     assert entry["scm_url"].removesuffix(".git") in cmake["EXTENSION_HOMEPAGE"]
     assert entry["dicom_support_rule"] == "Modality == 'PT'"
+
+
+# --- CT-only mode: no PET volume is accepted, the background assessment runs with the CT alone -----------------
+
+
+@pytest.fixture(scope="module")
+def ct_only_files(tmp_path_factory):
+    """A phantom case (true station map as the mapping) and a seeded random CT-only model."""
+    from case_fixtures import ct_only_model, phantom_case_files
+
+    root = tmp_path_factory.mktemp("slicer-ct-only")
+    case = phantom_case_files(root, 1618)
+    ct_model = ct_only_model(root / "ct_model.pt", seed=2)
+    return {**case, "ct_model": str(ct_model)}
+
+
+def test_background_assessment_of_a_ct_alone(module, ct_only_files):
+    import SimpleITK as sitk
+
+    from LymphNodeStagingLib.slicer import mrml
+
+    scene = headless_slicer.slicer.mrmlScene
+    ct = mrml.volume_node_from_image(scene, sitk.ReadImage(str(ct_only_files["paths"]["ct"])), "PH1618 CT")
+    logic = module.LymphNodeStagingLogic()
+    lines: list[str] = []
+    logic.logCallback = lines.append
+    assert logic.checkInputs(ct, None) == []  # no PET: CT-only mode, nothing to refuse
+    process = logic.startBackgroundProcess(ct, None, ct_only_files["side"], modelPath=ct_only_files["ct_model"],
+                                           device="cpu", stationMapping=ct_only_files["mapping"])
+    assert process.job.pet is None
+    process.wait(timeout=300)
+    logic.finishBackgroundProcess(process)
+    assert logic.result.modality == "ct" and logic.result.inputs["pet"] is None
+    assert all(s.suv_max is None for s in logic.result.stations)
+    assert any(line.startswith("CT only (no PET)") for line in lines)
+    assert logic.nodes.table is not None
+
+
+def test_a_petct_model_without_a_pet_fails_in_the_child_with_the_reason(module, ct_only_files):
+    import SimpleITK as sitk
+
+    from LymphNodeStagingLib.errors import ProcessingError
+    from LymphNodeStagingLib.slicer import mrml
+
+    scene = headless_slicer.slicer.mrmlScene
+    ct = mrml.volume_node_from_image(scene, sitk.ReadImage(str(ct_only_files["paths"]["ct"])), "PH1618 CT")
+    logic = module.LymphNodeStagingLogic()
+    process = logic.startBackgroundProcess(ct, None, ct_only_files["side"], modelPath=ct_only_files["model"],
+                                           device="cpu", stationMapping=ct_only_files["mapping"])
+    with pytest.raises(ProcessingError, match="UsageError: .*reads the PET"):
+        process.wait(timeout=300)
