@@ -509,12 +509,14 @@ def _thresholds(val: Sequence[EvalCase], val_scores: np.ndarray, rules: str) -> 
 
 def predict_nodes_mil(spec: MethodSpec, fold_dir: Path, cases: dict[str, Sequence[EvalCase]], config: EvaluationConfig,
                       progress: ProgressCallback | None) -> tuple:
+    from ..nodes.malignancy import load_node_classifier
     from .node_methods import node_classifier_predictions
 
     result = _train_nodes_mil(spec, fold_dir, cases["train"], cases["validation"], config, progress)
     test, val = cases["test"], cases["validation"]
-    probs, node_p, _, model = node_classifier_predictions(result.checkpoint, test, config.device)
-    thresholds = _thresholds(val, node_classifier_predictions(result.checkpoint, val, config.device)[0], spec.rules)
+    model = load_node_classifier(result.checkpoint, config.device)
+    probs, node_p = node_classifier_predictions(model, test)
+    thresholds = _thresholds(val, node_classifier_predictions(model, val)[0], spec.rules)
     pred = probs >= thresholds["threshold"]
     params = {**thresholds, "calibration": model.calibration.method, "pooling": model.pooling,
               "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "validation": result.metrics}
@@ -526,6 +528,7 @@ def predict_fusion(spec: MethodSpec, fold_dir: Path, cases: dict[str, Sequence[E
     """The logistic fusion of the station CNN, the node classifier and the nodes' measurements (largest short axis;
     largest node SUVmax with the PET) of the same fold, fitted on the validation patients' predictions."""
     from ..nodes.fusion import fit_fusion
+    from ..nodes.malignancy import load_node_classifier
     from .node_methods import node_classifier_predictions
 
     pet = spec.modality == "petct"
@@ -537,12 +540,13 @@ def predict_fusion(spec: MethodSpec, fold_dir: Path, cases: dict[str, Sequence[E
     cnn, nod = spec.fusion_of
     val, test = cases["validation"], cases["test"]
     p_cnn_val = predict_model(fold_dir / cnn / "best.pt", val, spec.rules, config.device)[0]
-    p_nod_val = node_classifier_predictions(fold_dir / nod / "best.pt", val, config.device)[0]
+    p_nod_val = node_classifier_predictions(load_node_classifier(fold_dir / nod / "best.pt", config.device), val)[0]
     has_val = np.array([c.nodes.bag.has_node() for c in val])
     labels = np.array([np.where(c.sample.present, c.sample.station_labels, UNKNOWN) for c in val])
-    fusion = fit_fusion(p_cnn_val, p_nod_val, has_val, labels, **measurements(val))
+    measured_val = measurements(val)
+    fusion = fit_fusion(p_cnn_val, p_nod_val, has_val, labels, **measured_val)
     present_val = np.array([c.sample.present for c in val])
-    fused_val = fusion.predict(p_cnn_val, p_nod_val, has_val, **measurements(val)) * present_val
+    fused_val = fusion.predict(p_cnn_val, p_nod_val, has_val, **measured_val) * present_val
     thresholds = _thresholds(val, fused_val, spec.rules)
     present = np.array([c.sample.present for c in test])
     has = np.array([c.nodes.bag.has_node() for c in test])

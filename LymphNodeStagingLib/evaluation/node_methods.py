@@ -7,7 +7,6 @@ come from ``training.node_cases`` (cached in ``OUT/nodes/``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -44,18 +43,15 @@ def predict_node_rule(rule: str, test: Sequence) -> tuple[np.ndarray, np.ndarray
     return np.array(scores), np.array(preds), node_scores, params
 
 
-def node_classifier_predictions(checkpoint: Path, cases: Sequence, device: str = "cpu") -> tuple[
-        np.ndarray, list[np.ndarray], float, object]:
-    """Calibrated station probabilities (S, 17), calibrated node probabilities, threshold and the loaded model."""
-    from ..nodes.malignancy import load_node_classifier
-
-    model = load_node_classifier(checkpoint, device)
+def node_classifier_predictions(model, cases: Sequence) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Calibrated station probabilities (S, 17) and calibrated node probabilities of the cases from a loaded
+    ``nodes.malignancy.NodeClassifierModel``."""
     probs, node_p = [], []
     for c in cases:
         raw = model.node_probabilities(c.nodes.bag.patches)
         probs.append(model.station_probabilities(raw, c.nodes.bag.node_station, c.sample.present))
         node_p.append(model.calibration.apply(raw) if raw.size else raw)
-    return np.array(probs).reshape(-1, NUM_STATIONS), node_p, model.threshold, model
+    return np.array(probs).reshape(-1, NUM_STATIONS), node_p
 
 
 def node_auc(node_scores: Sequence[np.ndarray], truth: Sequence[np.ndarray | None]) -> tuple[float, int, int]:
